@@ -1,0 +1,459 @@
+"""The LLaMA transformer in Flax NNX: pure maths, no mesh axis named anywhere.
+
+Axis letters used in einsum strings and shape comments:
+  B batch, T query length, S key length, D model dim (`dim`), N query heads,
+  K kv heads, G query heads per kv head (N = K * G), H head dim, F ffn dim,
+  V vocabulary, L layers.
+
+Every parameter carries logical axis names (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`,
+`vocab`, `norm`, `layers`); llama_jax.sharding maps them to mesh axes through the config's
+rules. Activations are constrained with `act_*` names at block boundaries.
+
+The default configuration is LLaMA (RMSNorm, RoPE, SwiGLU, no biases). The variants of the
+original Transformer (LayerNorm, GELU/ReLU MLP, learned or sinusoidal positions) are chosen by
+config for ablations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llama_jax.sharding import constrain
+
+NORMS = ("rms", "layer")
+MLPS = ("swiglu", "gelu", "relu")
+POSITIONS = ("rope", "learned", "sinusoidal", "none")
+REMATS = ("none", "full", "dots", "dots_no_batch")
+ATTENTIONS = ("xla", "cudnn")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama-3.1 frequency-dependent RoPE scaling (HF `rope_type: llama3`)."""
+
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The model schema: `config.model` in configs/base.py is built from these defaults."""
+
+  dim: int = 256
+  n_layers: int = 4
+  n_heads: int = 8
+  n_kv_heads: int = 4
+  ffn_dim: int = 688
+  vocab_size: int = 4096
+  max_seq_len: int = 256
+  norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  tie_embeddings: bool = False
+  norm: str = "rms"
+  mlp: str = "swiglu"
+  position: str = "rope"
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  remat: str = "none"
+  attention: str = "xla"
+
+  def __post_init__(self):
+    if isinstance(self.rope_scaling, dict):
+      object.__setattr__(self, "rope_scaling", _rope_scaling_from_dict(self.rope_scaling))
+    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size",
+                 "max_seq_len"):
+      if int(getattr(self, name)) <= 0:
+        raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+    if self.dim % self.n_heads:
+      raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}; "
+                       "choose n_heads that divides dim")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"model.n_heads={self.n_heads} is not divisible by "
+                       f"model.n_kv_heads={self.n_kv_heads}; n_kv_heads must divide n_heads")
+    if self.position == "rope" and self.head_dim % 2:
+      raise ValueError(f"RoPE needs an even head dim, got dim/n_heads={self.head_dim}")
+    for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("position", POSITIONS),
+                          ("remat", REMATS), ("attention", ATTENTIONS), ("dtype", DTYPES),
+                          ("param_dtype", DTYPES)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.n_heads
+
+  @classmethod
+  def from_dict(cls, d: Any) -> "ModelConfig":
+    """From `config.model` (a ConfigDict or dict); an unknown key is a ValueError naming it."""
+    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"unknown model config key(s) {unknown}; known keys: {sorted(known)}")
+    return cls(**d)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    return d
+
+
+def _rope_scaling_from_dict(d: dict) -> RopeScaling:
+  d = {k: v for k, v in d.items() if k not in ("rope_type", "type")}
+  known = {f.name for f in dataclasses.fields(RopeScaling)}
+  unknown = sorted(set(d) - known)
+  if unknown:
+    raise ValueError(f"unknown model.rope_scaling key(s) {unknown}; known: {sorted(known)}")
+  return RopeScaling(**d)
+
+
+# Published sizes. Llama-2 uses vocab 32000 and rope_theta 1e4; Llama-3 vocab 128256, theta 5e5.
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, vocab_size=512,
+                 max_seq_len=128),
+    "small": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=688, vocab_size=4096,
+                  max_seq_len=256),
+    "llama2_7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008,
+                      vocab_size=32000, max_seq_len=4096, norm_eps=1e-5),
+    "llama2_13b": dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim=13824,
+                       vocab_size=32000, max_seq_len=4096, norm_eps=1e-5),
+    "llama2_70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
+                       vocab_size=32000, max_seq_len=4096, norm_eps=1e-5),
+    "llama3_8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                      vocab_size=128256, max_seq_len=8192, norm_eps=1e-5, rope_theta=500000.0),
+    "llama3_70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
+                       vocab_size=128256, max_seq_len=8192, norm_eps=1e-5,
+                       rope_theta=500000.0),
+}
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+# ---------------------------------------------------------------------------- initialisers
+
+def _normal(std: float, names: tuple[str | None, ...]):
+  return nnx.with_partitioning(nnx.initializers.normal(std), names)
+
+
+def _fan_in(in_axis, out_axis, names, scale: float = 1.0):
+  # Truncated-normal with variance scale/fan_in; fan_in is the product of the input axes.
+  init = nnx.initializers.variance_scaling(scale, "fan_in", "truncated_normal",
+                                           in_axis=in_axis, out_axis=out_axis)
+  return nnx.with_partitioning(init, names)
+
+
+# ---------------------------------------------------------------------------- norms
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale, computed in fp32 (HF LlamaRMSNorm)."""
+
+  def __init__(self, dim: int, eps: float, param_dtype):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
+
+  def __call__(self, x):
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * self.scale[...].astype(jnp.float32)).astype(dtype)
+
+
+class LayerNorm(nnx.Module):
+  """(x - mean) / std * scale + bias, in fp32: the original Transformer's norm."""
+
+  def __init__(self, dim: int, eps: float, param_dtype):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
+    self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=("norm",))
+
+  def __call__(self, x):
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    x = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    return (x * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+            ).astype(dtype)
+
+
+def make_norm(cfg: ModelConfig):
+  cls = RMSNorm if cfg.norm == "rms" else LayerNorm
+  return cls(cfg.dim, cfg.norm_eps, _dtype(cfg.param_dtype))
+
+
+# ---------------------------------------------------------------------------- positions
+
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+  """Inverse frequencies [H/2], with Llama-3.1 scaling when configured (HF `llama3` rope)."""
+  h = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  s = cfg.rope_scaling
+  if s is None:
+    return inv_freq
+  # Wavelengths longer than original_ctx/low_freq_factor are slowed by `factor`, shorter
+  # than original_ctx/high_freq_factor are kept, and the band between is interpolated.
+  low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+  high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  smooth = ((s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+            / (s.high_freq_factor - s.low_freq_factor))
+  interpolated = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+  out = jnp.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+  is_medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+  return jnp.where(is_medium, interpolated, out)
+
+
+def rope_angles(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cos and sin [B, T, H/2] in fp32 for integer positions [B, T]."""
+  angles = positions.astype(jnp.float32)[..., None] * rope_frequencies(cfg)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates x [B, T, heads, H] with HF's half-split layout (pairs (i, i + H/2))."""
+  dtype = x.dtype
+  x = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(dtype)
+
+
+def sinusoidal_embedding(positions: jax.Array, dim: int) -> jax.Array:
+  """Vaswani et al. 2017: sin on even, cos on odd features, wavelengths up to 1e4 * 2pi."""
+  inv = 1.0 / (10000.0 ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv  # [B, T, D/2]
+  return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*positions.shape, dim)
+
+
+# ---------------------------------------------------------------------------- attention
+
+class Attention(nnx.Module):
+  """Grouped-query attention; n_kv_heads == n_heads is MHA, n_kv_heads == 1 is MQA."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, n, k, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    pd = _dtype(cfg.param_dtype)
+    self.wq = nnx.Param(_fan_in(0, (1, 2), ("embed", "heads", "head_dim"))(rngs.params(), (d, n, h), pd))
+    self.wk = nnx.Param(_fan_in(0, (1, 2), ("embed", "kv_heads", "head_dim"))(rngs.params(), (d, k, h), pd))
+    self.wv = nnx.Param(_fan_in(0, (1, 2), ("embed", "kv_heads", "head_dim"))(rngs.params(), (d, k, h), pd))
+    # Residual-branch output scaled by 1/sqrt(2L) (GPT-2) so the residual stream's variance
+    # stays O(1) with depth.
+    self.wo = nnx.Param(_fan_in((0, 1), 2, ("heads", "head_dim", "embed"),
+                                scale=1.0 / (2 * cfg.n_layers))(rngs.params(), (n, h, d), pd))
+
+  def __call__(self, x, rope, mask, segment_ids, cache):
+    cfg = self.cfg
+    dt = x.dtype
+    q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(dt))
+    k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(dt))
+    v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...].astype(dt))
+    if rope is not None:
+      q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
+    k = constrain(k, ("act_batch", "act_seq", "act_kv_heads", None))
+    v = constrain(v, ("act_batch", "act_seq", "act_kv_heads", None))
+
+    if cache is not None:
+      # Write the new keys/values at slot `index` of the cache [B, S, K, H].
+      index = cache["index"]
+      ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 1)
+      cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
+      cache = dict(cache, k=ck, v=cv)
+      k, v = ck.astype(dt), cv.astype(dt)
+
+    # Training: causal, and within one document when packed. Decoding: the cache's slot mask.
+    is_causal = cache is None
+    if cache is None and segment_ids is not None:
+      mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # [B, 1, T, T]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+                                       implementation=cfg.attention)
+    out = jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dt))
+    return out, cache
+
+
+# ---------------------------------------------------------------------------- MLP
+
+class MLP(nnx.Module):
+  """SwiGLU: w_down(silu(x w_gate) * x w_up); or a non-gated GELU/ReLU MLP w_down(act(x w_up))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.kind = cfg.mlp
+    d, f = cfg.dim, cfg.ffn_dim
+    pd = _dtype(cfg.param_dtype)
+    if cfg.mlp == "swiglu":
+      self.w_gate = nnx.Param(_fan_in(0, 1, ("embed", "mlp"))(rngs.params(), (d, f), pd))
+    self.w_up = nnx.Param(_fan_in(0, 1, ("embed", "mlp"))(rngs.params(), (d, f), pd))
+    self.w_down = nnx.Param(_fan_in(0, 1, ("mlp", "embed"),
+                                    scale=1.0 / (2 * cfg.n_layers))(rngs.params(), (f, d), pd))
+
+  def __call__(self, x):
+    dt = x.dtype
+    up = jnp.einsum("BTD,DF->BTF", x, self.w_up[...].astype(dt))
+    if self.kind == "swiglu":
+      gate = jnp.einsum("BTD,DF->BTF", x, self.w_gate[...].astype(dt))
+      h = jax.nn.silu(gate) * up
+    elif self.kind == "gelu":
+      h = jax.nn.gelu(up, approximate=False)
+    else:
+      h = jax.nn.relu(up)
+    h = constrain(h, ("act_batch", "act_seq", "act_mlp"))
+    return jnp.einsum("BTF,FD->BTD", h, self.w_down[...].astype(dt))
+
+
+# ---------------------------------------------------------------------------- block
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = make_norm(cfg)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = make_norm(cfg)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x, rope, mask, segment_ids, cache):
+    h, cache = self.attn(self.attn_norm(x), rope, mask, segment_ids, cache)
+    x = x + h
+    x = x + self.mlp(self.mlp_norm(x))
+    return constrain(x, ("act_batch", "act_seq", "act_embed")), cache
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+# ---------------------------------------------------------------------------- the model
+
+class Llama(nnx.Module):
+  """tokens [B, T] -> logits [B, T, V] (fp32).
+
+  The n_layers blocks are created stacked (every block parameter has a leading `layers` axis)
+  whether or not they are scanned, so scan_layers only changes how the forward pass runs:
+  `jax.lax.scan` over the stack (compile time flat in depth) or a Python loop over slices.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = _dtype(cfg.param_dtype)
+    self.embed = nnx.Param(_normal(0.02, ("vocab", "embed"))(rngs.params(), (cfg.vocab_size, cfg.dim), pd))
+    if cfg.position == "learned":
+      self.pos_embed = nnx.Param(_normal(0.02, (None, "embed"))(rngs.params(), (cfg.max_seq_len, cfg.dim), pd))
+
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_blocks(rngs: nnx.Rngs):
+      return Block(cfg, rngs=rngs)
+
+    self.layers = make_blocks(rngs)
+    self.final_norm = make_norm(cfg)
+    if not cfg.tie_embeddings:
+      self.lm_head = nnx.Param(_fan_in(0, 1, ("embed", "vocab"))(rngs.params(), (cfg.dim, cfg.vocab_size), pd))
+
+  def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None):
+    """Forward pass.
+
+    tokens [B, T] int; positions [B, T] (default 0..T-1); segment_ids [B, T] for packed
+    documents. With `cache` (see `init_cache`) the T new keys/values and their positions are
+    written at slot cache['index']; a query at position p sees every filled slot whose position
+    is <= p (a position of -1 marks padding, seen by nobody), and (logits, cache) is returned
+    with index advanced by T.
+    """
+    cfg = self.cfg
+    dt = _dtype(cfg.dtype)
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)  # [B, T, D]
+    if cfg.position == "learned":
+      x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
+    elif cfg.position == "sinusoidal":
+      x = x + sinusoidal_embedding(positions, cfg.dim).astype(dt)
+    x = constrain(x, ("act_batch", "act_seq", "act_embed"))
+    rope = rope_angles(cfg, positions) if cfg.position == "rope" else None
+    mask = None
+    if cache is not None:
+      slot_pos = jax.lax.dynamic_update_slice_in_dim(
+          cache["pos"], positions.astype(jnp.int32), cache["index"], 1)  # [B, S]
+      mask = ((slot_pos[:, None, None, :] >= 0)
+              & (slot_pos[:, None, None, :] <= positions[:, None, :, None]))  # [B, 1, T, S]
+      cache = dict(cache, pos=slot_pos)
+
+    x, cache = self._run_layers(x, rope, mask, segment_ids, cache)
+
+    x = self.final_norm(x)
+    head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+    logits = jnp.einsum("BTD,DV->BTV", x, head.astype(dt), preferred_element_type=jnp.float32)
+    logits = constrain(logits, ("act_batch", "act_seq", "act_vocab"))
+    return logits if cache is None else (logits, cache)
+
+  def _run_layers(self, x, rope, mask, segment_ids, cache):
+    graphdef, state = nnx.split(self.layers)
+    layer_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+
+    def layer(x, layer_state, kv):
+      block = nnx.merge(graphdef, layer_state)
+      kv = None if kv is None else dict(kv, index=cache["index"])
+      x, kv = block(x, rope, mask, segment_ids, kv)
+      return x, (None if kv is None else {"k": kv["k"], "v": kv["v"]})
+
+    if self.cfg.remat != "none":
+      layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat])
+
+    if self.cfg.scan_layers:
+      def body(x, xs):
+        return layer(x, *xs)
+      x, new_kv = jax.lax.scan(body, x, (state, layer_cache))
+    else:
+      outs = []
+      for i in range(self.cfg.n_layers):
+        sl = jax.tree.map(lambda a: a[i], (state, layer_cache))
+        x, kv = layer(x, *sl)
+        outs.append(kv)
+      new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    if cache is None:
+      return x, None
+    return x, dict(cache, **new_kv, index=cache["index"] + x.shape[1])
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict[str, jax.Array]:
+  """An empty KV cache: k and v [L, B, S, K, H] (kv heads, not query heads), the position held
+  in each slot [B, S] (-1 while empty) and the next slot to write."""
+  dtype = _dtype(cfg.dtype) if dtype is None else dtype
+  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "pos": jnp.full((batch, length), -1, jnp.int32), "index": jnp.zeros((), jnp.int32)}
+
+
+# ---------------------------------------------------------------------------- sizes
+
+def abstract_model(cfg: ModelConfig) -> Llama:
+  """The model's shapes and logical axes, nothing allocated."""
+  return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+
+
+def count_params(cfg: ModelConfig, *, non_embedding: bool = False) -> int:
+  """Parameter count from abstract shapes. non_embedding drops the token embedding and, when
+  untied, the LM head (Kaplan et al.'s N), plus learned position tables."""
+  state = nnx.state(abstract_model(cfg), nnx.Param)
+  total = 0
+  for path, leaf in nnx.to_flat_state(state):
+    if non_embedding and path[0] in ("embed", "lm_head", "pos_embed"):
+      continue
+    total += math.prod(leaf.shape)
+  return total

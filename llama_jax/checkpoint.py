@@ -1,0 +1,115 @@
+"""Orbax checkpoints of the whole train state (params, optimizer state, step) plus the config.
+
+Saves are asynchronous: the step loop goes on while the arrays are written; Orbax only makes a
+step visible once it is complete, so a run killed mid-save leaves the previous checkpoint as
+the newest. A newest checkpoint that is complete on disk but unreadable (truncated, corrupted)
+is skipped with a warning, moved aside (never deleted) and the one before it restored.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from llama_jax import config as config_lib
+
+
+class CheckpointError(RuntimeError):
+  pass
+
+
+class Checkpointer:
+  """DIR/checkpoints/<step>/{state,config}; keeps the newest `keep` steps."""
+
+  def __init__(self, workdir: str, keep: int, *, async_save: bool = True):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.quarantine = os.path.abspath(os.path.join(workdir, "checkpoints_unreadable"))
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True),
+        item_names=("state", "config"),
+    )
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, config: ml_collections.ConfigDict) -> None:
+    if step in self.manager.all_steps():
+      return  # already saved (e.g. final step == a periodic step)
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        config=ocp.args.JsonSave(config.to_dict())), force=True)
+
+  def restore(self, step: int, abstract_state: Any) -> Any:
+    """The state at `step`, laid out as `abstract_state`'s shardings (any mesh shape)."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+    return restored["state"]
+
+  def restore_latest(self, abstract_state: Any, log=print) -> tuple[int, Any] | None:
+    """(step, state) from the newest readable checkpoint, or None when there is none."""
+    for step in reversed(self.steps()):
+      try:
+        return step, self.restore(step, abstract_state)
+      except Exception as e:  # noqa: BLE001 — any read failure means "unreadable"
+        if jax.process_index() == 0:
+          log(f"warning: checkpoint {step} is unreadable ({type(e).__name__}: "
+              f"{str(e).splitlines()[0][:200]}); moved to {self.quarantine}, trying the "
+              "previous one")
+          os.makedirs(self.quarantine, exist_ok=True)
+          shutil.move(os.path.join(self.directory, str(step)),
+                      os.path.join(self.quarantine, f"{step}"))
+        self.manager.reload()
+    return None
+
+  def restore_config(self, step: int | None = None) -> ml_collections.ConfigDict:
+    step = self.manager.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return config_lib.from_dict(restored["config"])
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def restore_params(workdir: str, step: int | None = None):
+  """(model, config, step) from a workdir's newest (or given) checkpoint, params only, on the
+  default device; for generation and evaluation."""
+  from flax import nnx
+  from llama_jax.model import Llama, ModelConfig
+
+  ckpt = Checkpointer(workdir, keep=1_000_000, async_save=False)
+  steps = ckpt.steps()
+  if not steps:
+    raise CheckpointError(f"no checkpoint under {ckpt.directory}; train first with "
+                          f"run_train.py --workdir={workdir}")
+  step = steps[-1] if step is None else step
+  config = ckpt.restore_config(step)
+  model_cfg = ModelConfig.from_dict(config.model)
+  abstract = nnx.eval_shape(lambda: Llama(model_cfg, rngs=nnx.Rngs(0)))
+  graphdef, abs_state = nnx.split(abstract)
+  abs_params = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                     sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+      nnx.to_pure_dict(abs_state))
+  restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+          item={"params": abs_params},
+          restore_args=jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
+                                    {"params": abs_params}),
+          partial_restore=True)))
+  ckpt.close()
+  return nnx.merge(graphdef, restored["state"]["params"]), config, step

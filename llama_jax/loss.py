@@ -1,0 +1,26 @@
+"""Next-token cross-entropy in fp32, with PaLM's optional z-loss."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, z_loss: float = 0.0,
+                  weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """(loss to minimise, mean cross-entropy): logits [B, T, V], targets [B, T].
+
+  z_loss adds z_loss * log(Z)^2 per token (PaLM, Chowdhery et al. 2022), keeping the softmax
+  normaliser near 1 so bf16 logits do not drift. `weights` [B, T] (default all ones) gives a
+  weighted token mean.
+  """
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  nll = log_z - target_logit
+  if weights is None:
+    weights = jnp.ones_like(nll)
+  denom = jnp.maximum(weights.sum(), 1.0)
+  ce = (nll * weights).sum() / denom
+  total = ce + z_loss * (jnp.square(log_z) * weights).sum() / denom if z_loss else ce
+  return total, ce

@@ -1,0 +1,163 @@
+"""FLOPs per token, MFU, and the metric writers (JSONL, TensorBoard, progress bar)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.model import ModelConfig
+
+# ---------------------------------------------------------------------------- FLOPs
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Matmul FLOPs of one forward pass per token, every matmul counted (2 FLOPs per MAC).
+
+  Per layer: q, k, v, o projections 2*D*H*(2N + 2K); attention scores and the weighted sum
+  2 * 2*N*H*T each token attending over the full T (XLA computes the whole T x T block even
+  though half is masked); the MLP 2*D*F times 3 (gated) or 2 matrices. Plus the LM head 2*D*V.
+  Norms, RoPE, softmax and the embedding lookup are not matmuls and are left out.
+  """
+  d, n, k, h, f = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+  projections = 2 * d * h * (2 * n + 2 * k)
+  attention = 2 * 2 * n * h * seq_len
+  mlp = 2 * d * f * (3 if cfg.mlp == "swiglu" else 2)
+  return float(cfg.n_layers * (projections + attention + mlp) + 2 * d * cfg.vocab_size)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token: forward + backward (twice the forward), remat not counted."""
+  return 3.0 * forward_flops_per_token(cfg, seq_len)
+
+
+def kaplan_flops_per_token(non_embedding_params: int) -> float:
+  """Kaplan et al. 2020's C = 6 N per token, N without embeddings."""
+  return 6.0 * non_embedding_params
+
+
+# ---------------------------------------------------------------------------- peak and MFU
+
+# Dense bf16 peak FLOP/s per chip, from the vendors' spec sheets (without sparsity).
+KNOWN_PEAKS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "H800": 989e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+    "V100": 125e12,
+}
+
+
+def measure_cpu_matmul_peak(size: int = 1024, repeats: int = 8) -> float:
+  """FLOP/s of the best of several jitted fp32 [size x size] matmuls on the default device.
+
+  On CPU there is no spec-sheet peak to divide by; the machine's own best matmul rate is the
+  attainable ceiling, so MFU reads as 'fraction of what a big matmul gets here'.
+  """
+  x = jnp.ones((size, size), jnp.float32)
+  # A chain of 4 matmuls per call amortises dispatch overhead.
+  f = jax.jit(lambda a: ((a @ a) @ a @ a) * (1.0 / size**3))
+  f(x).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 3 * 2 * size**3 / best
+
+
+def device_peak_flops(device=None) -> tuple[float, str]:
+  """(peak FLOP/s per device, how it was found).
+
+  On CPU the measured rate is the whole host's (XLA's CPU backend uses every core, and forced
+  host devices share them), so `mfu` divides by processes, not by devices, there."""
+  device = device or jax.devices()[0]
+  kind = getattr(device, "device_kind", "")
+  for name, peak in KNOWN_PEAKS.items():
+    if name.lower() in kind.lower():
+      return peak, f"spec sheet: {name} dense bf16"
+  if device.platform == "cpu":
+    return measure_cpu_matmul_peak(), "measured: best fp32 1024^3 matmul on this CPU"
+  return float("nan"), f"unknown device kind {kind!r}"
+
+
+def mfu(tokens_per_s: float, flops_per_tok: float, peak_per_device: float, n_devices: int) -> float:
+  return tokens_per_s * flops_per_tok / (peak_per_device * n_devices)
+
+
+def peak_units(devices) -> int:
+  """How many times the per-device peak the whole run has: devices, or hosts on CPU."""
+  devices = list(devices)
+  if devices and devices[0].platform == "cpu":
+    return len({d.process_index for d in devices})
+  return len(devices)
+
+
+# ---------------------------------------------------------------------------- writers
+
+
+class MetricsWriter:
+  """One JSON object per line in DIR/metrics.jsonl plus the same scalars in TensorBoard.
+
+  Only process 0 writes (the others get a writer that does nothing), so a multi-host run
+  produces one log."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self._jsonl = None
+    self._tb = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    clean = {k: _to_python(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+    for k, v in clean.items():
+      if isinstance(v, (int, float)):
+        self._tb.add_scalar(k, v, int(step))
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def _to_python(v):
+  if isinstance(v, (np.generic, np.ndarray, jax.Array)):
+    return np.asarray(v).item()
+  return v
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def human(n: float) -> str:
+  """1234567 -> '1.23M'."""
+  for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+    if abs(n) >= scale:
+      return f"{n / scale:.3g}{unit}"
+  return f"{n:.3g}"

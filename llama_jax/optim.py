@@ -1,0 +1,69 @@
+"""The optax chain: learning-rate schedule, AdamW with a weight-decay mask, clipping.
+
+Gradient accumulation is not an optax wrapper here: train_step splits the batch into
+config.optim.grad_accum microbatches and sums their gradients inside the jitted step, so one
+optimizer update sees exactly the large batch's mean gradient.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+
+
+def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to lr over warmup_steps, then the named decay to lr*min_lr_ratio."""
+  if optim.schedule not in SCHEDULES:
+    raise ValueError(f"optim.schedule={optim.schedule!r} is not one of {SCHEDULES}")
+  lr, warmup = optim.lr, min(optim.warmup_steps, total_steps)
+  end = lr * optim.min_lr_ratio
+  decay_steps = max(total_steps - warmup, 1)
+  warm = optax.linear_schedule(0.0, lr, warmup) if warmup else None
+  if optim.schedule == "cosine":
+    main = optax.cosine_decay_schedule(lr, decay_steps, alpha=optim.min_lr_ratio)
+  elif optim.schedule == "linear":
+    main = optax.linear_schedule(lr, end, decay_steps)
+  elif optim.schedule == "constant":
+    main = optax.constant_schedule(lr)
+  else:
+    # Warmup-stable-decay (MiniCPM, Hägele et al. 2024): constant, then the last
+    # decay_fraction of all steps decays linearly to min_lr.
+    cooldown = max(int(round(optim.decay_fraction * total_steps)), 1)
+    stable = max(decay_steps - cooldown, 0)
+    main = optax.join_schedules(
+        [optax.constant_schedule(lr), optax.linear_schedule(lr, end, cooldown)], [stable])
+  if warm is None:
+    return main
+  return optax.join_schedules([warm, main], [warmup])
+
+
+def decay_mask(params, decay_embeddings: bool):
+  """True where weight decay applies: matrices (ndim >= 2 per layer), never norms or biases.
+
+  Stacked block params carry a leading layers axis, so a norm scale [L, D] is still a vector:
+  the test is on the parameter's name, not only its rank.
+  """
+  def wants_decay(path, _):
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    if any(n in ("scale", "bias") for n in names):
+      return False
+    if names and names[0] in ("embed", "pos_embed"):
+      return decay_embeddings
+    return True
+  return jax.tree_util.tree_map_with_path(wants_decay, params)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  if optim.name != "adamw":
+    raise ValueError(f"optim.name={optim.name!r}: only 'adamw' is implemented")
+  schedule = make_schedule(optim, total_steps)
+  parts = []
+  if optim.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(optim.clip_norm))
+  parts.append(optax.adamw(
+      schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
+      mask=lambda p: decay_mask(p, optim.decay_embeddings)))
+  return optax.chain(*parts)

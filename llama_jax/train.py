@@ -1,0 +1,349 @@
+"""The training loop, top to bottom: mesh, data, abstract state, shardings, sharded init, a
+jitted train_step with donated state, eval, logs, checkpoints, a sample at the end.
+
+The step number is the only loop state outside the train state: the data position and the
+learning-rate schedule both derive from it, so a resumed run is bitwise the run that was
+never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from llama_jax import checkpoint as ckpt_lib
+from llama_jax import config as config_lib
+from llama_jax import metrics as metrics_lib
+from llama_jax import sharding
+from llama_jax.loss import cross_entropy
+from llama_jax.model import Llama, ModelConfig
+from llama_jax.optim import make_optimizer, make_schedule
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+# ============================================================================ state
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything derived from the config before any array is allocated."""
+
+  config: ml_collections.ConfigDict
+  model_cfg: ModelConfig
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  graphdef: Any
+  optimizer: optax.GradientTransformation
+  abstract_state: Any      # {'params', 'opt_state', 'step'} of ShapeDtypeStructs
+  state_shardings: Any
+  batch_sharding: jax.sharding.NamedSharding
+
+
+def make_setup(config: ml_collections.ConfigDict, devices=None, log=print) -> Setup:
+  model_cfg = config_lib.validate(config)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.resolve_rules(config, model_cfg, mesh, warn=log)
+  optimizer = make_optimizer(config.optim, config.train.steps)
+
+  # Abstract model -> logical names -> shardings; nothing is allocated yet.
+  abstract_model = nnx.eval_shape(lambda: Llama(model_cfg, rngs=nnx.Rngs(0)))
+  graphdef, abs_vars = nnx.split(abstract_model)
+  param_shardings = nnx.to_pure_dict(sharding.tree_shardings(abs_vars, mesh, rules))
+  abs_params = nnx.to_pure_dict(abs_vars)
+  abs_opt = jax.eval_shape(optimizer.init, abs_params)
+  # Optimizer moments are laid out like the params they track; scalars (counts) replicate.
+  opt_shardings = _like_params(abs_opt, abs_params, param_shardings, mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
+  abstract = {"params": abs_params, "opt_state": abs_opt,
+              "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_shardings)
+  return Setup(config, model_cfg, mesh, rules, graphdef, optimizer, abstract, state_shardings,
+               sharding.batch_sharding(mesh, rules))
+
+
+def _like_params(abs_opt, abs_params, param_shardings, mesh):
+  """Shardings for the optimizer state: any subtree shaped like the params gets theirs."""
+  params_def = jax.tree.structure(abs_params)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def is_params_like(x):
+    try:
+      return jax.tree.structure(x) == params_def
+    except Exception:  # noqa: BLE001
+      return False
+
+  return jax.tree.map(lambda x: param_shardings if is_params_like(x) else replicated,
+                      abs_opt, is_leaf=is_params_like)
+
+
+def init_state(setup: Setup, seed: int):
+  """The train state created directly in its shardings: no device holds the full params."""
+  def init():
+    model = Llama(setup.model_cfg, rngs=nnx.Rngs(seed))
+    params = nnx.to_pure_dict(nnx.state(model))
+    return {"params": params, "opt_state": setup.optimizer.init(params),
+            "step": jnp.zeros((), jnp.int32)}
+  with jax.set_mesh(setup.mesh):
+    return jax.jit(init, out_shardings=setup.state_shardings)()
+
+
+# ============================================================================ steps
+
+
+def make_train_step(setup: Setup) -> Callable:
+  """(state, batch) -> (state, metrics), jitted with donated state.
+
+  With grad_accum = A the [B, T] batch is split into A microbatches of B/A rows (row r goes to
+  microbatch r % A, so each stays evenly split over the batch-sharded devices) and the
+  gradients are averaged in fp32 inside the step: one update sees the large batch's gradient.
+  """
+  config, graphdef = setup.config, setup.graphdef
+  accum, z_loss = config.optim.grad_accum, config.optim.z_loss
+  schedule = make_schedule(config.optim, config.train.steps)
+
+  def loss_fn(params, batch):
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["inputs"], positions=batch.get("positions"),
+                   segment_ids=batch.get("segment_ids"))
+    total, ce = cross_entropy(logits, batch["targets"], z_loss)
+    return total, ce
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state, batch):
+    params = state["params"]
+    if accum == 1:
+      (_, loss), grads = grad_fn(params, batch)
+    else:
+      micro = jax.tree.map(
+          lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+
+      def body(carry, mb):
+        g_sum, l_sum = carry
+        mb = jax.tree.map(lambda x: sharding.constrain(x, ("act_batch", None)), mb)
+        (_, l), g = grad_fn(params, mb)
+        return (jax.tree.map(jnp.add, g_sum, g), l_sum + l), None
+
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+      (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)
+      grads = jax.tree.map(lambda g: g / accum, grads)
+      loss = loss / accum
+    updates, opt_state = setup.optimizer.update(grads, state["opt_state"], params)
+    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+                 "step": state["step"] + 1}
+    stats = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
+    return new_state, stats
+
+  return jax.jit(train_step, in_shardings=(setup.state_shardings, setup.batch_sharding),
+                 out_shardings=(setup.state_shardings, None), donate_argnums=0)
+
+
+def make_eval_step(setup: Setup) -> Callable:
+  graphdef = setup.graphdef
+
+  def eval_step(params, batch):
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["inputs"], positions=batch.get("positions"),
+                   segment_ids=batch.get("segment_ids"))
+    return cross_entropy(logits, batch["targets"])[1]
+
+  return jax.jit(eval_step, in_shardings=(setup.state_shardings["params"], setup.batch_sharding))
+
+
+def evaluate(eval_step, params, eval_loader, n_batches: int) -> float:
+  losses = [eval_step(params, eval_loader.batch(i)) for i in range(n_batches)]
+  return float(np.mean(jax.device_get(losses)))
+
+
+# ============================================================================ the loop
+
+
+class _StopSignal:
+  """SIGTERM / SIGINT set a flag; the loop saves the current step and exits cleanly."""
+
+  def __init__(self):
+    self.received: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: leave the handlers alone
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    self.received = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _check_finite(pending: list[tuple[int, Any]]) -> None:
+  """Raises on the first step whose loss is NaN/Inf among those not yet checked."""
+  for step, loss in pending:
+    value = float(jax.device_get(loss))
+    if not math.isfinite(value):
+      raise NonFiniteLossError(
+          f"loss is {value} at step {step}; stopped before saving it. The last good checkpoint "
+          "is kept: lower optim.lr, raise optim.warmup_steps or set optim.clip_norm, then rerun")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict[str, Any]:
+  """Trains (resuming from DIR/checkpoints if any); returns a summary dict."""
+  is_main = jax.process_index() == 0
+  log = log if is_main else (lambda *a, **k: None)
+
+  # ---- config, mesh, shardings (all checks happen here, before data or params) ----------
+  setup = make_setup(config, log=log)
+  _check_workdir_config(config, workdir)
+  if is_main:
+    config_lib.write(config, workdir)
+  t_cfg = config.train
+
+  with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(setup.rules):
+    # ---- data -------------------------------------------------------------------------
+    from llama_jax.data import make_loaders
+    tokenizer, train_loader, eval_loader = make_loaders(config, setup.batch_sharding)
+    if is_main and hasattr(tokenizer, "save"):
+      tokenizer.save(workdir)
+
+    # ---- state: restore or create sharded -----------------------------------------------
+    checkpointer = ckpt_lib.Checkpointer(workdir, t_cfg.keep_checkpoints)
+    restored = checkpointer.restore_latest(setup.abstract_state, log=log)
+    if restored is not None:
+      start_step, state = restored
+      log(f"resumed from step {start_step} in {checkpointer.directory}")
+    else:
+      start_step, state = 0, init_state(setup, t_cfg.seed)
+
+    train_step = make_train_step(setup)
+    eval_step = make_eval_step(setup)
+    writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    flops_tok = metrics_lib.flops_per_token(setup.model_cfg, config.data.seq_len)
+    peak, peak_source = metrics_lib.device_peak_flops()
+    n_devices = metrics_lib.peak_units(setup.mesh.devices.flat)
+    log(f"model {metrics_lib.human(count_params_pure(state['params']))} params, "
+        f"{flops_tok:.3g} FLOPs/token, peak {peak:.3g} FLOP/s/device ({peak_source}), "
+        f"mesh {dict(setup.mesh.shape)}")
+
+    # ---- loop ---------------------------------------------------------------------------
+    progress = _progress(start_step, t_cfg.steps, is_main)
+    pending: list[tuple[int, Any]] = []
+    last_stats, last_eval = None, None
+    t_last, steps_since = None, 0
+    step = start_step
+    stopped_by = None
+    with _StopSignal() as stop:
+      for step, batch in train_loader.iterate(start_step):
+        if step >= t_cfg.steps:
+          break
+        state, stats = train_step(state, batch)
+        done = step + 1
+        pending.append((done, stats["loss"]))
+        if t_last is None:  # the first step includes compilation: time from its end
+          jax.block_until_ready(stats["loss"])
+          t_last, steps_since = time.perf_counter(), 0
+        else:
+          steps_since += 1
+        progress.update(1)
+
+        at_log = done % t_cfg.log_every == 0 or done == t_cfg.steps
+        at_eval = done % t_cfg.eval_every == 0 or done == t_cfg.steps
+        at_ckpt = done % t_cfg.checkpoint_every == 0 or done == t_cfg.steps
+        if at_log or at_eval or at_ckpt or stop.received:
+          _check_finite(pending)
+          pending.clear()
+        if at_log:
+          stats = jax.device_get(stats)
+          now = time.perf_counter()
+          tps = steps_since * tokens_per_step / max(now - t_last, 1e-9) if steps_since else 0.0
+          t_last, steps_since = now, 0
+          last_stats = {"loss": float(stats["loss"]), "lr": float(stats["lr"]),
+                        "grad_norm": float(stats["grad_norm"]), "tokens_per_s": tps,
+                        "mfu": metrics_lib.mfu(tps, flops_tok, peak, n_devices),
+                        "tokens": done * tokens_per_step}
+          writer.write(done, last_stats)
+          progress.set_postfix(loss=f"{last_stats['loss']:.3f}", tok_s=f"{tps:,.0f}")
+        if at_eval:
+          last_eval = evaluate(eval_step, state["params"], eval_loader, t_cfg.eval_steps)
+          writer.write(done, {"eval_loss": last_eval})
+          log(f"step {done}: eval_loss {last_eval:.4f}")
+          t_last, steps_since = time.perf_counter(), 0  # keep eval time out of tokens/s
+        if at_ckpt or stop.received:
+          checkpointer.save(done, state, config)
+        if stop.received:
+          stopped_by = signal.Signals(stop.received).name
+          break
+      step = int(jax.device_get(state["step"]))
+    progress.close()
+    checkpointer.close()
+    writer.close()
+
+    sample = None
+    if stopped_by is None and step >= t_cfg.steps and t_cfg.sample_tokens > 0:
+      sample = _sample(setup, state["params"], tokenizer, t_cfg)
+      if sample is not None:
+        log("sample:\n" + sample)
+  if stopped_by:
+    log(f"stopped by {stopped_by} at step {step}; checkpoint saved, rerun to resume")
+  return {"step": step, "train": last_stats, "eval_loss": last_eval, "sample": sample,
+          "stopped_by": stopped_by}
+
+
+def count_params_pure(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def _sample(setup: Setup, params, tokenizer, t_cfg) -> str | None:
+  try:
+    from llama_jax.generate import sample_text
+  except ImportError:
+    return None
+  model = nnx.merge(setup.graphdef, jax.device_get(params))
+  return sample_text(model, tokenizer, t_cfg.sample_prompt, max_new_tokens=t_cfg.sample_tokens,
+                     temperature=0.8, top_k=40, seed=t_cfg.seed)
+
+
+def _progress(start: int, total: int, enabled: bool):
+  from tqdm import tqdm
+  return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True,
+              file=sys.stderr)
+
+
+def _check_workdir_config(config, workdir: str) -> None:
+  """A workdir holds one run: resuming with a different model or data is refused, since the
+  checkpoints and metrics would silently mix two experiments."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  new = json.loads(config_lib.to_json(config))
+  for section in ("model", "data"):
+    for key in sorted(set(old.get(section, {})) | set(new[section])):
+      if old.get(section, {}).get(key) != new[section].get(key):
+        raise config_lib.ConfigError(
+            f"{workdir} was trained with {section}.{key}={old.get(section, {}).get(key)!r}, "
+            f"now {new[section].get(key)!r}; use a new --workdir for a different run")

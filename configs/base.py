@@ -57,6 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       files="",              # comma-separated globs, for name='text_files'
       data_dir="",           # tfds data_dir and token caches; '' = ~/tensorflow_datasets
       tokenizer="spm",       # 'spm' (trained on the corpus) | 'byte' | path to tokenizer.model
+      text_feature="text",   # the text feature of a tfds catalog dataset
       seq_len=256,
       batch_size=16,         # global, in sequences
       seed=0,

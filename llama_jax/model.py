@@ -368,8 +368,9 @@ class Llama(nnx.Module):
   def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None):
     """Forward pass.
 
-    tokens [B, T] int; positions [B, T] (default 0..T-1); segment_ids [B, T] for packed
-    documents. With `cache` (see `init_cache`) the T new keys/values and their positions are
+    tokens [B, T] int; positions [B, T] (default 0..T-1, or cache['index'] onward with a cache:
+    a decode step needs explicit positions only when rows are padded); segment_ids [B, T] for
+    packed documents. With `cache` (see `init_cache`) the T new keys/values and their positions are
     written at slot cache['index']; a query at position p sees every filled slot whose position
     is <= p (a position of -1 marks padding, seen by nobody), and (logits, cache) is returned
     with index advanced by T.
@@ -378,7 +379,8 @@ class Llama(nnx.Module):
     dt = _dtype(cfg.dtype)
     b, t = tokens.shape
     if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+      start = 0 if cache is None else cache["index"]
+      positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)  # [B, T, D]
     if cfg.position == "learned":
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)

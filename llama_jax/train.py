@@ -255,51 +255,53 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
     t_last, steps_since = None, 0
     step = start_step
     stopped_by = None
-    with _StopSignal() as stop:
-      for step, batch in train_loader.iterate(start_step):
-        if step >= t_cfg.steps:
-          break
-        state, stats = train_step(state, batch)
-        done = step + 1
-        pending.append((done, stats["loss"]))
-        if t_last is None:  # the first step includes compilation: time from its end
-          jax.block_until_ready(stats["loss"])
-          t_last, steps_since = time.perf_counter(), 0
-        else:
-          steps_since += 1
-        progress.update(1)
+    try:
+      with _StopSignal() as stop:
+        for step, batch in train_loader.iterate(start_step):
+          if step >= t_cfg.steps:
+            break
+          state, stats = train_step(state, batch)
+          done = step + 1
+          pending.append((done, stats["loss"]))
+          if t_last is None:  # the first step includes compilation: time from its end
+            jax.block_until_ready(stats["loss"])
+            t_last, steps_since = time.perf_counter(), 0
+          else:
+            steps_since += 1
+          progress.update(1)
 
-        at_log = done % t_cfg.log_every == 0 or done == t_cfg.steps
-        at_eval = done % t_cfg.eval_every == 0 or done == t_cfg.steps
-        at_ckpt = done % t_cfg.checkpoint_every == 0 or done == t_cfg.steps
-        if at_log or at_eval or at_ckpt or stop.received:
-          _check_finite(pending)
-          pending.clear()
-        if at_log:
-          stats = jax.device_get(stats)
-          now = time.perf_counter()
-          tps = steps_since * tokens_per_step / max(now - t_last, 1e-9) if steps_since else 0.0
-          t_last, steps_since = now, 0
-          last_stats = {"loss": float(stats["loss"]), "lr": float(stats["lr"]),
-                        "grad_norm": float(stats["grad_norm"]), "tokens_per_s": tps,
-                        "mfu": metrics_lib.mfu(tps, flops_tok, peak, n_devices),
-                        "tokens": done * tokens_per_step}
-          writer.write(done, last_stats)
-          progress.set_postfix(loss=f"{last_stats['loss']:.3f}", tok_s=f"{tps:,.0f}")
-        if at_eval:
-          last_eval = evaluate(eval_step, state["params"], eval_loader, t_cfg.eval_steps)
-          writer.write(done, {"eval_loss": last_eval})
-          log(f"step {done}: eval_loss {last_eval:.4f}")
-          t_last, steps_since = time.perf_counter(), 0  # keep eval time out of tokens/s
-        if at_ckpt or stop.received:
-          checkpointer.save(done, state, config)
-        if stop.received:
-          stopped_by = signal.Signals(stop.received).name
-          break
-      step = int(jax.device_get(state["step"]))
-    progress.close()
-    checkpointer.close()
-    writer.close()
+          at_log = done % t_cfg.log_every == 0 or done == t_cfg.steps
+          at_eval = done % t_cfg.eval_every == 0 or done == t_cfg.steps
+          at_ckpt = done % t_cfg.checkpoint_every == 0 or done == t_cfg.steps
+          if at_log or at_eval or at_ckpt or stop.received:
+            _check_finite(pending)
+            pending.clear()
+          if at_log:
+            stats = jax.device_get(stats)
+            now = time.perf_counter()
+            tps = steps_since * tokens_per_step / max(now - t_last, 1e-9) if steps_since else 0.0
+            t_last, steps_since = now, 0
+            last_stats = {"loss": float(stats["loss"]), "lr": float(stats["lr"]),
+                          "grad_norm": float(stats["grad_norm"]), "tokens_per_s": tps,
+                          "mfu": metrics_lib.mfu(tps, flops_tok, peak, n_devices),
+                          "tokens": done * tokens_per_step}
+            writer.write(done, last_stats)
+            progress.set_postfix(loss=f"{last_stats['loss']:.3f}", tok_s=f"{tps:,.0f}")
+          if at_eval:
+            last_eval = evaluate(eval_step, state["params"], eval_loader, t_cfg.eval_steps)
+            writer.write(done, {"eval_loss": last_eval})
+            log(f"step {done}: eval_loss {last_eval:.4f}")
+            t_last, steps_since = time.perf_counter(), 0  # keep eval time out of tokens/s
+          if at_ckpt or stop.received:
+            checkpointer.save(done, state, config)
+          if stop.received:
+            stopped_by = signal.Signals(stop.received).name
+            break
+        step = int(jax.device_get(state["step"]))
+    finally:  # an error (e.g. a NaN) still lets the async saves finish
+      progress.close()
+      checkpointer.close()
+      writer.close()
 
     sample = None
     if stopped_by is None and step >= t_cfg.steps and t_cfg.sample_tokens > 0:
@@ -317,11 +319,10 @@ def count_params_pure(params) -> int:
 
 
 def _sample(setup: Setup, params, tokenizer, t_cfg) -> str | None:
-  try:
-    from llama_jax.generate import sample_text
-  except ImportError:
+  if jax.process_count() > 1:  # sampling would need every process; use llama_jax.generate
     return None
-  model = nnx.merge(setup.graphdef, jax.device_get(params))
+  from llama_jax.generate import sample_text
+  model = nnx.merge(setup.graphdef, params)  # stays sharded on the mesh
   return sample_text(model, tokenizer, t_cfg.sample_prompt, max_new_tokens=t_cfg.sample_tokens,
                      temperature=0.8, top_k=40, seed=t_cfg.seed)
 

@@ -10,3 +10,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Counter-based RNG compiles far faster than threefry on CPU (model init in tests builds many
+# small shapes); tests compare runs against each other, never against threefry's values.
+jax.config.update("jax_default_prng_impl", "unsafe_rbg")

@@ -23,7 +23,7 @@ ARGS = [
     "--config.train.steps=10", "--config.train.log_every=1", "--config.train.eval_every=5",
     "--config.train.eval_steps=1", "--config.train.checkpoint_every=2",
     "--config.train.sample_tokens=0", "--config.mesh.data=2", "--config.mesh.fsdp=2",
-    "--config.mesh.tensor=2", "--config.optim.warmup_steps=2",
+    "--config.mesh.tensor=2", "--config.optim.warmup_steps=2", "--config.train.keep_checkpoints=10",
 ]
 
 
@@ -60,13 +60,21 @@ def _losses(workdir):
   return out
 
 
+def _committed_checkpoints(workdir):
+  """Step directories Orbax has finalised (in-progress saves carry a tmp suffix)."""
+  d = os.path.join(workdir, "checkpoints")
+  return [n for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
+
+
 def _wait_for_step(proc, workdir, step, timeout=300):
+  """Until the run has logged `step` and finalised at least one checkpoint."""
   path = os.path.join(workdir, "metrics.jsonl")
   t0 = time.time()
   while time.time() - t0 < timeout:
     if proc.poll() is not None:
       raise AssertionError("run ended before step %d: %s" % (step, proc.stderr.read()[-2000:]))
-    if os.path.exists(path) and max(_losses(workdir) or [0]) >= step:
+    if (os.path.exists(path) and max(_losses(workdir) or [0]) >= step
+        and _committed_checkpoints(workdir)):
       return
     time.sleep(0.05)
   raise AssertionError("timed out")

@@ -1,0 +1,28 @@
+"""Llama-3-8B (8.03B parameters): the published dimensions, bf16 compute, full remat.
+
+Launch on a pod slice (one command per host; see experiments/ and llama_jax.sweep for
+launchers), with a prepared tfds corpus. Llama 3's own tokenizer is tiktoken-based, not
+SentencePiece: data.tokenizer='spm' trains a 128256-piece BPE on the corpus instead.
+  python run_train.py --config=configs/llama3_8b.py --workdir=gs://BUCKET/llama3_8b \
+    --config.data.name=c4 --config.data.data_dir=gs://BUCKET/tfds
+Check the memory plan first (nothing allocated):
+  python run_train.py --config=configs/llama3_8b.py --dry_run --config.mesh.fsdp=64
+Should reach: Meta trained on 15T tokens and published no loss curve; compare downstream
+evaluations instead.
+Mesh: fsdp=-1.
+"""
+
+from configs import base
+
+
+def get_config(arg=None):
+  config = base.get_config("llama3_8b")
+  config.model.dtype = "bfloat16"
+  config.model.remat = "full"
+  config.data.seq_len = 8192
+  config.data.batch_size = 1024  # 1024 x 8192 tokens per step
+  config.optim.update(dict(lr=3e-4, warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1,
+                           clip_norm=1.0))
+  config.train.update(dict(steps=500_000, log_every=10, eval_every=1000, checkpoint_every=1000))
+  config.mesh.update(dict(data=1, fsdp=-1, tensor=1))
+  return config

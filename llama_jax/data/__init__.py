@@ -1,0 +1,24 @@
+"""Data: corpora (tfds builders), tokenizers, the token cache and the step-indexed loaders.
+
+  tokenizer, train, evaluation = make_loaders(config, batch_sharding)
+  for step, batch in train.iterate(start_step): ...      # batch: {'inputs', 'targets', ...}
+  evaluation.batch(i)                                      # a fixed function of i
+
+Importing this package registers the `python_stdlib` and `text_files` tfds builders.
+"""
+
+from llama_jax.data.cache import TokenFile, token_file
+from llama_jax.data.corpora import (Corpus, PythonStdlib, TextFiles, cache_root, data_root,
+                                    open_corpus, stdlib_files)
+from llama_jax.data.errors import DataError
+from llama_jax.data.loader import (Loader, SyntheticLoader, TokenLoader, make_loaders,
+                                   make_tokenizer, segments)
+from llama_jax.data.tokenizer import (ByteTokenizer, SpmTokenizer, Tokenizer, load_tokenizer,
+                                      tokenizer_from_path, train_spm)
+
+__all__ = [
+    "ByteTokenizer", "Corpus", "DataError", "Loader", "PythonStdlib", "SpmTokenizer",
+    "SyntheticLoader", "TextFiles", "TokenFile", "TokenLoader", "Tokenizer", "cache_root",
+    "data_root", "load_tokenizer", "make_loaders", "make_tokenizer", "open_corpus", "segments",
+    "stdlib_files", "token_file", "tokenizer_from_path", "train_spm",
+]

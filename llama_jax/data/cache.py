@@ -1,0 +1,105 @@
+"""The token cache: each split tokenized once into one flat memory-mapped token file.
+
+  DATA_DIR/llama_jax/tokens/<corpus key>/<tokenizer key>/<split>.<dtype>.bin   the tokens
+  DATA_DIR/llama_jax/tokens/<corpus key>/<tokenizer key>/<split>.json          its sidecar
+
+The stream is BOS doc EOS BOS doc EOS ..., documents in the split's record order; uint16 when
+the vocabulary fits (< 65536 ids), else uint32. The corpus key changes with the corpus's files
+and the tokenizer key with the tokenizer model's bytes, so a changed input builds a new file
+and never reuses a stale one. The sidecar records n_docs, n_tokens and n_bytes (UTF-8 bytes of
+the text) for bits-per-byte: bpb = loss_nats_per_token * n_tokens / n_bytes / ln 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from llama_jax.data import corpora
+from llama_jax.data.tokenizer import Tokenizer
+
+FORMAT = 1  # bump when the stream layout changes
+
+
+@dataclasses.dataclass
+class TokenFile:
+  """A split's token stream (a read-only memmap) and its counts."""
+
+  path: str
+  tokens: np.ndarray   # np.memmap [n_tokens] uint16 | uint32
+  n_docs: int
+  n_tokens: int
+  n_bytes: int
+
+  @property
+  def bytes_per_token(self) -> float:
+    return self.n_bytes / max(1, self.n_tokens)
+
+
+def token_dtype(vocab_size: int):
+  return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+
+
+def _open(path: str, meta: dict) -> TokenFile:
+  n = int(meta["n_tokens"])
+  dtype = np.dtype(meta["dtype"])
+  tokens = (np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n
+            else np.zeros(0, dtype))  # mmap cannot map an empty file
+  return TokenFile(path, tokens, int(meta["n_docs"]), n, int(meta["n_bytes"]))
+
+
+def token_file(corpus: corpora.Corpus, split: str, tokenizer: Tokenizer,
+               root: str) -> TokenFile:
+  """The cached token file of `split`, tokenizing it first if it is not there yet."""
+  dtype = np.dtype(token_dtype(tokenizer.vocab_size))
+  folder = os.path.join(root, "tokens", corpus.key, tokenizer.key)
+  path = os.path.join(folder, f"{split}.{dtype.name}.bin")
+  sidecar = os.path.join(folder, f"{split}.json")
+
+  def cached():
+    if os.path.isfile(sidecar) and os.path.isfile(path):
+      with open(sidecar) as f:
+        meta = json.load(f)
+      if (meta.get("format") == FORMAT
+          and os.path.getsize(path) == meta["n_tokens"] * dtype.itemsize):
+        return meta
+    return None
+
+  meta = cached()
+  if meta is None:
+    with corpora.build_lock(root):
+      meta = cached() or _build(corpus, split, tokenizer, path, sidecar, dtype)
+  return _open(path, meta)
+
+
+def _build(corpus, split, tokenizer, path, sidecar, dtype) -> dict:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  t0 = time.time()
+  n_docs = corpus.num_docs(split)
+  n_tokens = n_bytes = 0
+  tmp = path + f".tmp{os.getpid()}"
+  with open(tmp, "wb") as f, tqdm(total=n_docs, unit="doc", dynamic_ncols=True,
+                                  desc=f"tokenizing {corpus.name} {split}") as bar:
+    for texts in corpus.texts(split, chunk=512):
+      ids = tokenizer.encode_documents(texts, dtype=dtype)
+      f.write(ids.tobytes())
+      n_tokens += len(ids)
+      n_bytes += sum(len(t.encode("utf-8")) for t in texts)
+      bar.update(len(texts))
+      bar.set_postfix(tokens=f"{n_tokens:,}", refresh=False)
+  meta = dict(format=FORMAT, corpus=corpus.key, split=split,
+              tfds_split=corpus.validation_split if split == "validation" else split,
+              tokenizer=tokenizer.key, vocab_size=tokenizer.vocab_size, dtype=dtype.name,
+              n_docs=n_docs, n_tokens=n_tokens, n_bytes=n_bytes,
+              bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+              build_s=round(time.time() - t0, 2))
+  os.replace(tmp, path)
+  with open(sidecar + ".tmp", "w") as f:
+    json.dump(meta, f, indent=1)
+  os.replace(sidecar + ".tmp", sidecar)
+  return meta

@@ -1,0 +1,299 @@
+"""Loaders: the global batch of step s is a pure function of (seed, s).
+
+A split's token stream is cut into non-overlapping windows of seq_len + 1 tokens (window w is
+tokens[w*T : w*T + T + 1], T = seq_len, so consecutive windows share one boundary token and
+every token is a target exactly once per epoch); inputs = w[:-1], targets = w[1:].
+
+Training: the global batch of step s holds the windows at flat positions s*B .. s*B+B-1 of an
+endless sequence of epochs, epoch e being a permutation of all windows drawn by
+np.random.default_rng([seed, e]); a batch that crosses the end of an epoch takes the rest from
+the next epoch's permutation. Resuming at step k, a sweep or a multi-host run therefore see
+exactly the same data with no state but the step.
+
+Evaluation: eval batch i holds windows (i*B + r) mod n_windows, r = 0..B-1: always the same
+order, no shuffle; `num_batches` batches are one pass over the validation split.
+
+Each process gathers only its own rows (a contiguous block of the global batch; with a batch
+sharding, the rows its devices hold) and the global jax.Array is assembled with
+`jax.make_array_from_process_local_data`. `iterate(start_step)` runs a background thread that
+keeps the next few batches ready, so loading stays off the step's critical path.
+
+With data.packing, batches also carry segment_ids and positions [B, T] for document masking:
+segment ids count the documents inside the window from 1 (0 is left free for padding, as in
+MaxText), a new document starting at each BOS; positions restart at 0 there (and at the start
+of the window, which usually cuts a document).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+
+from llama_jax.data import cache, corpora
+from llama_jax.data.errors import DataError
+from llama_jax.data.tokenizer import Tokenizer, load_tokenizer
+
+PREFETCH = 3  # batches kept ready by iterate()
+
+
+def _local_rows(batch_size: int, seq_len: int, sharding, process_index: int,
+                process_count: int) -> tuple[int, int]:
+  """[lo, hi): the rows of the global batch this process loads."""
+  if sharding is not None:
+    try:
+      sharding.shard_shape((batch_size, seq_len))
+    except ValueError:
+      raise DataError(f"data.batch_size={batch_size} does not split evenly over the devices "
+                      f"the batch is sharded on ({sharding.spec}); make it a multiple of "
+                      "mesh.data * mesh.fsdp") from None
+    spans = sorted({(s[0].start or 0, batch_size if s[0].stop is None else s[0].stop)
+                    for s in sharding.addressable_devices_indices_map(
+                        (batch_size, seq_len)).values()})
+    lo, hi = spans[0][0], spans[0][0]
+    for start, stop in spans:
+      if start > hi:
+        raise ValueError(f"this process's devices hold non-contiguous batch rows {spans}; "
+                         "order the mesh so each process owns one block of the batch axis")
+      hi = max(hi, stop)
+    return lo, hi
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+  if batch_size % process_count:
+    raise DataError(f"data.batch_size={batch_size} is not divisible by the {process_count} "
+                    "processes; make it a multiple of the process count")
+  per = batch_size // process_count
+  return process_index * per, (process_index + 1) * per
+
+
+def segments(inputs: np.ndarray, bos_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """segment_ids (from 1) and positions [R, T]: a new document at each BOS in `inputs`."""
+  start = inputs == bos_id
+  start[:, 0] = True
+  segment_ids = np.cumsum(start, axis=1, dtype=np.int32)
+  t = np.arange(inputs.shape[1], dtype=np.int32)
+  first = np.maximum.accumulate(np.where(start, t, 0), axis=1)  # where each document began
+  return segment_ids, (t - first).astype(np.int32)
+
+
+class Loader:
+  """Batches of `batch_size` (global) sequences of `seq_len` tokens, one pure function of step.
+
+  batch(step) -> {'inputs', 'targets'[, 'segment_ids', 'positions']}: int32 [B, T] global
+  jax.Arrays on `sharding`, or, with no sharding, numpy arrays of this process's rows.
+  """
+
+  def __init__(self, *, seq_len: int, batch_size: int, packing: bool = False, sharding=None,
+               process_index: int = 0, process_count: int = 1):
+    self.seq_len, self.batch_size, self.packing = int(seq_len), int(batch_size), bool(packing)
+    self.sharding = sharding
+    self.rows = _local_rows(self.batch_size, self.seq_len, sharding, process_index,
+                            process_count)
+    self.tokens_per_batch = self.batch_size * self.seq_len  # global: 16 x 256 = 4,096
+
+  bytes_per_token: float | None = None  # UTF-8 bytes of text per token of the split
+
+  @property
+  def n_bytes_per_token(self) -> float | None:  # alias: bits_per_byte = nats/token / ln2 / this
+    return self.bytes_per_token
+
+  @property
+  def global_shape(self) -> tuple[int, int]:
+    return (self.batch_size, self.seq_len)
+
+  def _windows(self, step: int) -> np.ndarray:
+    """[rows, T + 1] int32 windows of this process's rows of batch `step`."""
+    raise NotImplementedError
+
+  def local_batch(self, step: int) -> dict[str, np.ndarray]:
+    w = self._windows(int(step))
+    out = {"inputs": np.ascontiguousarray(w[:, :-1]), "targets": np.ascontiguousarray(w[:, 1:])}
+    if self.packing:
+      out["segment_ids"], out["positions"] = self._segments(out["inputs"])
+    return out
+
+  def _segments(self, inputs):
+    return segments(inputs, self.bos_id)
+
+  def batch(self, step: int) -> dict:
+    local = self.local_batch(step)
+    if self.sharding is None:
+      return local
+    return {k: jax.make_array_from_process_local_data(self.sharding, v, self.global_shape)
+            for k, v in local.items()}
+
+  def iterate(self, start_step: int = 0, prefetch: int = PREFETCH) -> Iterator[tuple[int, dict]]:
+    """(step, batch(step)) for step = start_step, start_step + 1, ... with batches made ahead
+    of time by a background thread. Closing the generator stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+    stop = threading.Event()
+
+    def put(item):
+      while not stop.is_set():
+        try:
+          q.put(item, timeout=0.1)
+          return
+        except queue.Full:
+          pass
+
+    def work():
+      step = int(start_step)
+      try:
+        while not stop.is_set():
+          put((step, self.batch(step)))
+          step += 1
+      except BaseException as e:  # handed to the consumer, raised there
+        put((None, e))
+
+    thread = threading.Thread(target=work, name="llama_jax-data-prefetch", daemon=True)
+    thread.start()
+    try:
+      while True:
+        step, item = q.get()
+        if step is None:
+          raise item
+        yield step, item
+    finally:
+      stop.set()
+      thread.join(timeout=5)
+
+
+class TokenLoader(Loader):
+  """Windows of a cached token file: shuffled per epoch (train) or in order (eval)."""
+
+  def __init__(self, tokens: cache.TokenFile, *, seed: int, shuffle: bool, bos_id: int,
+               split: str = "train", **kwargs):
+    super().__init__(**kwargs)
+    self.file, self.split, self.seed, self.shuffle = tokens, split, int(seed), bool(shuffle)
+    self.tokens = tokens.tokens
+    self.bos_id = int(bos_id)
+    self.n_tokens, self.n_bytes, self.n_docs = tokens.n_tokens, tokens.n_bytes, tokens.n_docs
+    self.bytes_per_token = tokens.bytes_per_token  # for bits per byte (see cache.py)
+    self.n_windows = max(0, (self.n_tokens - 1) // self.seq_len)
+    self.num_batches = max(1, self.n_windows // self.batch_size)  # one pass (eval)
+    self._perms: dict[int, np.ndarray] = {}
+    self._lock = threading.Lock()
+
+  def epoch(self, step: int) -> int:
+    return step * self.batch_size // self.n_windows
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    with self._lock:
+      perm = self._perms.get(epoch)
+      if perm is None:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+        perm = perm.astype(np.int32 if self.n_windows < 2**31 else np.int64)
+        while len(self._perms) >= 2:  # the current epoch and the next
+          self._perms.pop(min(self._perms))
+        self._perms[epoch] = perm
+      return perm
+
+  def window_ids(self, step: int) -> np.ndarray:
+    """Global window indices of this process's rows of batch `step`."""
+    j = step * self.batch_size + np.arange(*self.rows, dtype=np.int64)  # flat stream position
+    if not self.shuffle:
+      return j % self.n_windows
+    epochs, pos = np.divmod(j, self.n_windows)
+    ids = np.empty_like(j)
+    for e in np.unique(epochs):
+      m = epochs == e
+      ids[m] = self._permutation(int(e))[pos[m]]
+    return ids
+
+  def _windows(self, step: int) -> np.ndarray:
+    if step < 0:
+      raise ValueError(f"step must be >= 0, got {step}")
+    T = self.seq_len
+    out = np.empty((self.rows[1] - self.rows[0], T + 1), np.int32)
+    for r, w in enumerate(self.window_ids(step)):  # one contiguous read per row
+      out[r] = self.tokens[w * T: w * T + T + 1]
+    return out
+
+
+class SyntheticLoader(Loader):
+  """Uniform random tokens in [0, vocab_size): row r of batch s from rng([seed, split, s, r])."""
+
+  def __init__(self, *, vocab_size: int, seed: int, split: str = "train", **kwargs):
+    super().__init__(**kwargs)
+    self.vocab_size, self.seed, self.split = int(vocab_size), int(seed), split
+    self._stream = 0 if split == "train" else 1
+    self.bytes_per_token = None  # no text: bits per byte is undefined
+    self.num_batches = 1 << 20
+
+  def _windows(self, step: int) -> np.ndarray:
+    return np.stack([
+        np.random.default_rng([self.seed, self._stream, step, r]).integers(
+            0, self.vocab_size, self.seq_len + 1, dtype=np.int32)
+        for r in range(*self.rows)])
+
+  def _segments(self, inputs):  # one document per row
+    return (np.ones_like(inputs),
+            np.broadcast_to(np.arange(inputs.shape[1], dtype=np.int32), inputs.shape).copy())
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+
+def make_tokenizer(config) -> Tokenizer:
+  """The tokenizer of config.data, of exactly config.model.vocab_size ids (trains it once)."""
+  return load_tokenizer(config.data, int(config.model.vocab_size))
+
+
+def _check_config(config):
+  data = config.data
+  for name in ("seq_len", "batch_size"):
+    if int(data[name]) < 1:
+      raise DataError(f"data.{name} must be >= 1, got {data[name]}")
+  if int(data.seed) < 0:
+    raise DataError(f"data.seed must be >= 0, got {data.seed}")
+  max_len = int(config.model.get("max_seq_len", data.seq_len))
+  if int(data.seq_len) > max_len:
+    raise DataError(f"data.seq_len={data.seq_len} exceeds model.max_seq_len={max_len}; "
+                    f"lower data.seq_len or raise model.max_seq_len")
+
+
+def make_loaders(config, batch_sharding=None, process_index: int | None = None,
+                 process_count: int | None = None) -> tuple[Tokenizer, Loader, Loader]:
+  """(tokenizer, train_loader, eval_loader) for config; builds every cache it needs first.
+
+  batch_sharding: a NamedSharding of the [B, T] batch (batch axis over data/fsdp): batches are
+  then global jax.Arrays. Without it batches are numpy arrays of this process's rows
+  (process_index / process_count default to jax's).
+  """
+  _check_config(config)
+  data = config.data
+  tokenizer = make_tokenizer(config)
+  common = dict(
+      seq_len=int(data.seq_len), batch_size=int(data.batch_size), packing=bool(data.packing),
+      sharding=batch_sharding,
+      process_index=jax.process_index() if process_index is None else int(process_index),
+      process_count=jax.process_count() if process_count is None else int(process_count))
+  if data.name == "synthetic":
+    V = int(config.model.vocab_size)
+    return (tokenizer, SyntheticLoader(vocab_size=V, seed=data.seed, split="train", **common),
+            SyntheticLoader(vocab_size=V, seed=data.seed, split="validation", **common))
+
+  corpus = corpora.open_corpus(data)
+  root = corpora.cache_root(data)
+  loaders = []
+  for split, shuffle in (("train", True), ("validation", False)):
+    f = cache.token_file(corpus, split, tokenizer, root)
+    loader = TokenLoader(f, seed=data.seed, shuffle=shuffle, bos_id=tokenizer.bos_id,
+                         split=split, **common)
+    if shuffle and loader.n_windows < loader.batch_size:
+      raise DataError(
+          f"{corpus.name}: the train split has {f.n_tokens} tokens, {loader.n_windows} windows "
+          f"of data.seq_len+1={loader.seq_len + 1}: fewer than one batch of data.batch_size="
+          f"{loader.batch_size}; add text or lower data.seq_len / data.batch_size")
+    if not shuffle and loader.n_windows < 1:
+      raise DataError(
+          f"{corpus.name}: the validation split ({f.n_docs} documents, {f.n_tokens} tokens) "
+          f"is shorter than one window of data.seq_len+1={loader.seq_len + 1} tokens; add "
+          f"documents ({corpora.VALIDATION_FRACTION:.0%} of them by hash, and at least one of "
+          "two or more, go to validation) or lower data.seq_len")
+    loaders.append(loader)
+  return tokenizer, loaders[0], loaders[1]

@@ -1,0 +1,284 @@
+"""Tokenizers: a SentencePiece BPE trained on the corpus like LLaMA's, a saved one, or bytes.
+
+All share one small interface (`Tokenizer`) and the LLaMA id layout:
+  0 <unk>, 1 <s> (BOS), 2 </s> (EOS), then (SentencePiece) the 256 byte-fallback pieces
+  <0x00>..<0xFF> at 3..258 and the learned pieces; no pad id (-1), as LLaMA: batches are
+  packed windows, never padded.
+The byte tokenizer keeps the same layout: byte b is id 3 + b, so its vocab_size is 259
+(set model.vocab_size=259 to use it).
+
+`data.tokenizer`:
+  'spm'   train a BPE of model.vocab_size pieces on (a sample of) the corpus's train split,
+          cached under DATA_DIR/llama_jax/tokenizers/<corpus>-spm<V>-<options hash>/, so it is
+          trained once per (corpus, vocab size, options);
+  'byte'  the byte tokenizer (259 ids);
+  a path  an existing SentencePiece tokenizer.model (or a directory holding one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+
+import numpy as np
+
+from llama_jax.data import corpora
+from llama_jax.data.errors import DataError
+
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+MODEL_FILE = "tokenizer.model"
+BYTE_FILE = "byte_tokenizer.json"  # not tokenizer.json: that name is Hugging Face's format
+
+# LLaMA's trainer options (its tokenizer.model's trainer_spec), with the sample capped so the
+# default corpus trains in a few seconds on 2 cores: ~280k stdlib lines -> ~2 s.
+SPM_OPTIONS = dict(
+    model_type="bpe",
+    byte_fallback=True,               # any byte sequence encodes: no <unk> in practice
+    split_digits=True,                # numbers split into single digits
+    normalization_rule_name="identity",  # text is kept exactly: round trips are exact
+    add_dummy_prefix=False,           # no leading space invented (LLaMA 1/2 added one; code
+                                      # and exact round trips are simpler without)
+    remove_extra_whitespaces=False,   # indentation is meaning in code
+    allow_whitespace_only_pieces=True,  # so '▁▁▁▁' (4-space indent) is one piece
+    character_coverage=0.99995,
+    max_sentence_length=16384,        # bytes; longer lines are cut to this before training
+    unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
+)
+SPM_MAX_SENTENCES = 1_000_000        # lines fed to the trainer at most (~10 s for 32k pieces)
+SPM_MAX_CHARS = 50_000_000           # and characters at most
+
+
+class Tokenizer:
+  """The interface the loader, training loop, generation and evaluation use."""
+
+  vocab_size: int
+  bos_id: int = BOS_ID
+  eos_id: int = EOS_ID
+  path: str | None = None   # the file that defines it (spm model), None for built-ins
+  key: str                  # short id of exactly this tokenizer, for cache file names
+
+  def encode(self, text: str) -> list[int]:
+    raise NotImplementedError
+
+  def decode(self, ids) -> str:
+    raise NotImplementedError
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    return [self.encode(t) for t in texts]
+
+  def encode_documents(self, texts: list[str], dtype=np.int32) -> np.ndarray:
+    """The flat token stream of documents, each as BOS, its tokens, EOS (LLaMA's layout)."""
+    out = []
+    for ids in self.encode_batch(texts):
+      out.append(self.bos_id)
+      out.extend(ids)
+      out.append(self.eos_id)
+    return np.asarray(out, dtype=dtype)
+
+  def save(self, directory: str) -> str:
+    """Writes what reloads this tokenizer into `directory`; returns the file's path."""
+    raise NotImplementedError
+
+  def __repr__(self):
+    return f"{type(self).__name__}(vocab_size={self.vocab_size}, key={self.key!r})"
+
+
+class ByteTokenizer(Tokenizer):
+  """UTF-8 bytes: id = 3 + byte, with <unk>/BOS/EOS = 0/1/2 as in LLaMA; 259 ids.
+
+  `vocab_size` may be larger (ids >= 259 decode to nothing), as for the synthetic corpus whose
+  token ids span the whole model vocabulary.
+  """
+
+  OFFSET = 3
+  SIZE = 256 + OFFSET
+
+  def __init__(self, vocab_size: int = SIZE):
+    if vocab_size < self.SIZE:
+      raise DataError(f"the byte tokenizer needs vocab_size >= {self.SIZE}, got {vocab_size}; "
+                      f"set model.vocab_size={self.SIZE}")
+    self.vocab_size = int(vocab_size)
+    self.key = "byte" if vocab_size == self.SIZE else f"byte{vocab_size}"
+
+  def encode(self, text: str) -> list[int]:
+    return (np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+            + self.OFFSET).tolist()
+
+  def decode(self, ids) -> str:
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    ids = ids[(ids >= self.OFFSET) & (ids < self.SIZE)] - self.OFFSET
+    return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+  def encode_documents(self, texts: list[str], dtype=np.int32) -> np.ndarray:
+    parts = []
+    for t in texts:
+      b = np.frombuffer(t.encode("utf-8"), np.uint8)
+      doc = np.empty(len(b) + 2, dtype)
+      doc[0], doc[-1] = self.bos_id, self.eos_id
+      doc[1:-1] = b
+      doc[1:-1] += self.OFFSET
+      parts.append(doc)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+  def save(self, directory: str) -> str:
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, BYTE_FILE)
+    with open(path, "w") as f:
+      json.dump({"type": "byte", "vocab_size": self.vocab_size}, f)
+    return path
+
+
+class SpmTokenizer(Tokenizer):
+  """A SentencePiece model file (LLaMA 1/2's tokenizer.model, or one trained here)."""
+
+  def __init__(self, path: str):
+    import sentencepiece as spm
+    if os.path.isdir(path):
+      path = os.path.join(path, MODEL_FILE)
+    if not os.path.isfile(path):
+      raise DataError(f"tokenizer file {path} does not exist; set data.tokenizer to a "
+                      "SentencePiece tokenizer.model, 'spm' (train one) or 'byte'")
+    with open(path, "rb") as f:
+      proto = f.read()
+    self._sp = spm.SentencePieceProcessor()
+    try:
+      self._sp.LoadFromSerializedProto(proto)
+    except Exception:  # sentencepiece raises RuntimeError/OSError on a bad proto
+      raise DataError(f"{path} is not a SentencePiece model; set data.tokenizer to a "
+                      "tokenizer.model, 'spm' or 'byte'") from None
+    self.path = os.path.abspath(path)
+    self.vocab_size = self._sp.get_piece_size()
+    self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+    if self.bos_id < 0 or self.eos_id < 0:
+      raise DataError(f"{path} defines no BOS/EOS pieces; documents need both")
+    self.key = "spm-" + hashlib.sha256(proto).hexdigest()[:12]
+    self._threads = max(1, os.cpu_count() or 1)
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    return self._sp.encode(texts, num_threads=self._threads)  # C++ threads, no GIL
+
+  def decode(self, ids) -> str:
+    return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1)])
+
+  def id_to_piece(self, i: int) -> str:
+    return self._sp.id_to_piece(int(i))
+
+  def save(self, directory: str) -> str:
+    os.makedirs(directory, exist_ok=True)
+    dst = os.path.join(directory, MODEL_FILE)
+    if os.path.abspath(dst) != self.path:
+      with open(self.path, "rb") as f, open(dst + ".tmp", "wb") as g:
+        g.write(f.read())
+      os.replace(dst + ".tmp", dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------
+# Training on a corpus
+# ---------------------------------------------------------------------------------------------
+
+def _options_hash(vocab_size: int) -> str:
+  opts = dict(SPM_OPTIONS, vocab_size=vocab_size, max_sentences=SPM_MAX_SENTENCES,
+              max_chars=SPM_MAX_CHARS, sample="lines-v1")
+  return hashlib.sha256(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _training_lines(corpus: corpora.Corpus) -> list[str]:
+  """Non-empty lines of the train split, from documents spread evenly over it, up to the caps.
+
+  Deterministic (record order of the tfds split), so every host trains the same model.
+  """
+  n = corpus.num_docs("train")
+  # Visit documents in an evenly strided order so a capped sample spans the whole split.
+  order = np.arange(n) if n <= 100_000 else np.linspace(0, n - 1, 100_000).astype(np.int64)
+  lines, chars = [], 0
+  cut = SPM_OPTIONS["max_sentence_length"] // 4  # chars; utf-8 is at most 4 bytes per char
+  for texts in corpus.texts("train", order):
+    for t in texts:
+      for line in t.split("\n"):
+        if line:
+          lines.append(line[:cut])
+          chars += min(len(line), cut)
+      if len(lines) >= SPM_MAX_SENTENCES or chars >= SPM_MAX_CHARS:
+        return lines[:SPM_MAX_SENTENCES]
+  return lines
+
+
+def train_spm(corpus: corpora.Corpus, vocab_size: int, out_dir: str) -> str:
+  """Trains the BPE into out_dir/tokenizer.model (atomically) and returns its path."""
+  import sentencepiece as spm
+  t0 = time.time()
+  lines = _training_lines(corpus)
+  if not lines:
+    raise DataError(f"{corpus.name}: the train split has no text to train a tokenizer on")
+  spm.set_random_generator_seed(0)
+  model = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+        input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2,
+        num_threads=max(1, os.cpu_count() or 1), **SPM_OPTIONS)
+  except RuntimeError as e:
+    msg = str(e).strip().splitlines()[-1] if str(e).strip() else "training failed"
+    raise DataError(f"cannot train a {vocab_size}-piece tokenizer on {corpus.name} ({msg}); "
+                    "use more text, a smaller model.vocab_size (>= ~300 for the 259 byte and "
+                    "special pieces) or data.tokenizer='byte'") from None
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, MODEL_FILE)
+  with open(path + ".tmp", "wb") as f:
+    f.write(model.getvalue())
+  with open(os.path.join(out_dir, "info.json"), "w") as f:
+    json.dump(dict(corpus=corpus.key, vocab_size=vocab_size, options=SPM_OPTIONS,
+                   sentences=len(lines), train_s=round(time.time() - t0, 2)), f, indent=1)
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def tokenizer_from_path(path: str) -> Tokenizer:
+  """A saved tokenizer: a tokenizer.model, a byte_tokenizer.json, or a directory holding one
+  (such as a workdir, where training saves its tokenizer)."""
+  path = os.path.expanduser(path)
+  if os.path.isdir(path) and not os.path.isfile(os.path.join(path, MODEL_FILE)):
+    if os.path.isfile(os.path.join(path, BYTE_FILE)):
+      path = os.path.join(path, BYTE_FILE)
+  if path.endswith(".json") and os.path.isfile(path):
+    with open(path) as f:
+      spec = json.load(f)
+    if spec.get("type") != "byte":
+      raise DataError(f"{path} is not a llama_jax byte tokenizer file; set data.tokenizer to "
+                      "a SentencePiece tokenizer.model, 'spm' or 'byte'")
+    return ByteTokenizer(int(spec["vocab_size"]))
+  return SpmTokenizer(path)
+
+
+def load_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
+  """The tokenizer config.data names, of exactly `vocab_size` ids (else DataError)."""
+  kind = str(data_cfg.tokenizer)
+  if data_cfg.name == "synthetic" and kind == "spm":
+    # Random tokens need no trained tokenizer; bytes make prompts and samples printable (a
+    # model vocabulary under 259 ids still gets the full byte table: only decoding uses it).
+    return ByteTokenizer(max(vocab_size, ByteTokenizer.SIZE))
+  if kind == "byte":
+    tok = ByteTokenizer()
+  elif kind == "spm":
+    corpus = corpora.open_corpus(data_cfg)
+    root = corpora.cache_root(data_cfg)
+    out_dir = os.path.join(root, "tokenizers",
+                           f"{corpus.key}-spm{vocab_size}-{_options_hash(vocab_size)}")
+    if not os.path.isfile(os.path.join(out_dir, MODEL_FILE)):
+      with corpora.build_lock(root):
+        if not os.path.isfile(os.path.join(out_dir, MODEL_FILE)):
+          train_spm(corpus, vocab_size, out_dir)
+    tok = SpmTokenizer(out_dir)
+  else:
+    tok = tokenizer_from_path(kind)
+  if tok.vocab_size != vocab_size:
+    raise DataError(f"tokenizer {kind!r} has {tok.vocab_size} ids but model.vocab_size="
+                    f"{vocab_size}; set --config.model.vocab_size={tok.vocab_size}")
+  return tok

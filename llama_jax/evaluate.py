@@ -1,0 +1,127 @@
+"""Held-out loss, perplexity and bits per byte of a trained model.
+
+    python -m llama_jax.evaluate --workdir=DIR [--split=validation] [--max_batches=N] [--step=S]
+
+prints one JSON line: {"loss", "perplexity", "bits_per_byte", "tokens", "batches", ...}.
+
+loss is the mean next-token cross-entropy in nats over every target token evaluated (a token
+mean over all batches, not a mean of batch means); perplexity = exp(loss). Bits per byte
+divides the same total by ln 2 and by the UTF-8 bytes of the text those tokens stand for, so
+it compares models with different tokenizers:
+
+    bits_per_byte = loss * tokens / ln(2) / bytes
+
+The bytes come from the split's statistics (`loader.bytes_per_token`, n_bytes / n_tokens of
+the whole tokenized split: BOS/EOS are tokens of no bytes) or, when the loader has none, from
+decoding the evaluated target tokens with the tokenizer and counting their UTF-8 bytes; with
+neither (synthetic data) bits_per_byte is null.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from llama_jax.loss import cross_entropy
+from llama_jax.model import Llama
+
+
+@jax.jit(static_argnums=0)
+def _batch_nll(graphdef, params, batch):
+  """(summed next-token NLL in nats, number of target tokens) of one batch."""
+  model = nnx.merge(graphdef, params)
+  logits = model(batch["inputs"], positions=batch.get("positions"),
+                 segment_ids=batch.get("segment_ids"))
+  _, mean = cross_entropy(logits, batch["targets"])
+  return mean * batch["targets"].size, batch["targets"].size
+
+
+def _decoded_bytes(tokenizer, targets: np.ndarray) -> int:
+  return sum(len(tokenizer.decode(row.tolist()).encode("utf-8")) for row in targets)
+
+
+def evaluate(model: Llama, loader, n_batches: int | None = None, *,
+             tokenizer=None) -> dict[str, Any]:
+  """Evaluates eval batches 0 .. n_batches-1 of `loader` (capped at one pass over the split,
+  `loader.num_batches`, when the loader knows it; None = one pass).
+
+  Returns {'loss', 'perplexity', 'bits_per_byte', 'tokens', 'bytes', 'batches',
+  'bytes_source'}; bits_per_byte (and bytes) are None when neither the loader's
+  bytes_per_token nor a tokenizer gives the byte count."""
+  passes = getattr(loader, "num_batches", None)
+  if n_batches is None:
+    if passes is None:
+      raise ValueError("the loader has no num_batches: give n_batches")
+    n_batches = passes
+  elif passes is not None:
+    n_batches = min(n_batches, passes)
+  if n_batches < 1:
+    raise ValueError(f"n_batches must be >= 1, got {n_batches}")
+  graphdef, params = nnx.split(model)
+  bytes_per_token = getattr(loader, "bytes_per_token", None)
+  decode = bytes_per_token is None and tokenizer is not None
+  total, tokens, n_bytes = 0.0, 0, 0
+  for i in range(n_batches):
+    batch = loader.batch(i)
+    nll, count = jax.device_get(_batch_nll(graphdef, params, batch))
+    total += float(nll)
+    tokens += int(count)
+    if decode:
+      n_bytes += _decoded_bytes(tokenizer, np.asarray(jax.device_get(batch["targets"])))
+  loss = total / tokens
+  if bytes_per_token is not None:
+    n_bytes, source = tokens * float(bytes_per_token), "split"
+  elif decode:
+    source = "decoded"
+  else:
+    n_bytes, source = None, None
+  bpb = total / math.log(2) / n_bytes if n_bytes else None
+  return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": bpb, "tokens": tokens,
+          "bytes": n_bytes, "batches": n_batches, "bytes_source": source}
+
+
+# ---------------------------------------------------------------------------- CLI
+
+def main(argv):
+  del argv
+  from absl import flags
+  f = flags.FLAGS
+  from llama_jax.checkpoint import restore_params
+  from llama_jax.data import make_loaders
+
+  try:
+    model, config, step = restore_params(f.workdir, f.step)
+    tokenizer, train_loader, eval_loader = make_loaders(config)
+    loader = {"validation": eval_loader, "train": train_loader}[f.split]
+    n_batches = f.max_batches or None  # one pass over the split
+    if n_batches is None and config.data.name == "synthetic":  # endless: the run's eval size
+      n_batches = int(config.train.eval_steps)
+    result = evaluate(model, loader, n_batches, tokenizer=tokenizer)
+  except Exception as e:  # noqa: BLE001 — user-fixable errors as one line, no traceback
+    if isinstance(e, ValueError) or type(e).__name__ in ("CheckpointError", "DataError"):
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+    raise
+  print(json.dumps({**result, "split": f.split, "step": int(step),
+                    "seq_len": int(config.data.seq_len), "workdir": f.workdir}))
+
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string("workdir", None, "A llama_jax run directory.", required=True)
+  flags.DEFINE_enum("split", "validation", ["validation", "train"], "The split to evaluate.")
+  flags.DEFINE_integer("max_batches", 0, "At most this many batches (0 = one pass over the "
+                       "split; train.eval_steps for synthetic data).")
+  flags.DEFINE_integer("step", None, "The checkpoint step (default: the newest).")
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)

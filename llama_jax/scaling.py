@@ -1,0 +1,568 @@
+"""Compute-optimal scaling: IsoFLOP fits (Chinchilla approach 2) with bootstrap intervals, plots.
+
+    python -m llama_jax.scaling DIR [--out experiments/results/scaling_isoflop]
+        [--loss eval|train] [--bootstrap 1000] [--seed 0]
+
+reads DIR/results.csv (written by `python -m llama_jax.sweep`) and writes OUT/results.csv (the
+runs, with a `used` column), OUT/report.md, OUT/isoflop.png and OUT/optimal.png.
+
+The method (Hoffmann et al. 2022, "approach 2"). Runs are grouped by compute budget C (the
+`budget` column when the sweep tagged one, else runs whose FLOPs agree within 0.05 decades).
+Within a budget the final loss is fitted by a parabola in log10 N; its vertex is N*(C), and it
+must lie inside the budget's range of N (an edge minimum means the grid missed the optimum: it is
+reported and left out of the exponent fit). Then log10 N* = a log10 C + const and
+log10 D* = b log10 C + const by least squares over budgets. 95% intervals: percentile bootstrap,
+resampling runs with replacement within each budget and refitting everything (seeded numpy).
+
+D*(C). Every run of a budget spent the same C, so its tokens D = C / flops_per_token(shape).
+D* is read off the runs themselves: log10 D interpolated (piecewise linear, extrapolated at the
+ends) at log10 N*, i.e. D* = C / flops_per_token of the interpolated shape, using the exact
+FLOPs per token (attention and LM head included) rather than 6N. At these small sizes 6N and the
+real cost differ by large factors (the LM head is most of the compute, the embedding table none
+of it), so C / (6 N*) would not be the token count an optimal run actually sees.
+
+Two conventions are fitted from the same runs:
+  exact   N = all parameters (embeddings included, as Chinchilla counts), C = exact FLOPs.
+  kaplan  N = non-embedding parameters, C = 6 N D (Kaplan et al. 2020). Runs of one budget share
+          the exact C, not 6 N D, so each budget's optimum is taken at its N*_nonembed with the
+          interpolated D* and C = 6 N* D* at that point.
+Kaplan's counting at small scale is the main reason its exponent (0.73) differs from
+Chinchilla's (~0.5) (Pearce & Song 2024, "Reconciling Kaplan and Chinchilla scaling laws").
+
+Shapes: `model_shape(dim, n_layers)` gives LLaMA-style heads and ffn_dim for a width and depth,
+`param_count(shape)` counts parameters without building anything (equal to
+llama_jax.model.count_params), and `shape_for_params(target)` finds a shape of a given size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import os
+import sys
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from llama_jax.model import ModelConfig
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT = os.path.join(REPO_ROOT, "experiments", "results", "scaling_isoflop")
+
+# Published exponents (N* ∝ C^a, D* ∝ C^b) for the report.
+REFERENCES = (
+    ("Chinchilla approach 1 (Hoffmann et al. 2022)", 0.50, 0.50),
+    ("Chinchilla approach 2, IsoFLOP (Hoffmann et al. 2022)", 0.49, 0.51),
+    ("Chinchilla approach 3, parametric (Hoffmann et al. 2022)", 0.46, 0.54),
+    ("Kaplan et al. 2020 (non-embedding N, C = 6ND)", 0.73, 0.27),
+)
+
+# ---------------------------------------------------------------------------- shapes
+
+
+def _default_head_dim(dim: int) -> int:
+  # Small widths get small heads so there are still several of them (RoPE needs it even).
+  target = 8 if dim <= 32 else 16 if dim <= 96 else 32 if dim <= 384 else 64 if dim <= 2048 else 128
+  while dim % target:
+    target //= 2
+  return max(target, 1)
+
+
+def model_shape(dim: int, n_layers: int, *, head_dim: int | None = None,
+                n_kv_heads: int | None = None, mlp: str = "swiglu",
+                multiple_of: int = 8) -> dict[str, int]:
+  """A LLaMA-style shape: n_heads = dim / head_dim, GQA with 2 query heads per kv head when the
+  head count is even, ffn_dim = 8/3 dim (gated) or 4 dim rounded up to `multiple_of`."""
+  head_dim = head_dim or _default_head_dim(dim)
+  if dim % head_dim:
+    raise ValueError(f"dim={dim} is not a multiple of head_dim={head_dim}")
+  n_heads = dim // head_dim
+  if n_kv_heads is None:
+    n_kv_heads = n_heads // 2 if n_heads % 2 == 0 else n_heads
+  ffn = 8 * dim / 3 if mlp == "swiglu" else 4 * dim
+  ffn_dim = int(math.ceil(ffn / multiple_of) * multiple_of)
+  return dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+              ffn_dim=ffn_dim)
+
+
+def _as_model_config(shape: Mapping[str, Any] | ModelConfig) -> ModelConfig:
+  if isinstance(shape, ModelConfig):
+    return shape
+  fields = {k.removeprefix("model."): v for k, v in dict(shape).items()}
+  return ModelConfig(**fields)
+
+
+def param_count(shape: Mapping[str, Any] | ModelConfig, *, non_embedding: bool = False) -> int:
+  """Parameters of a model config (or a dict of its fields, `model.` prefixes allowed, the rest
+  ModelConfig's defaults), from the shapes in llama_jax.model: no arrays built.
+
+  non_embedding drops the token embedding, the LM head when untied and learned positions
+  (Kaplan's N), like llama_jax.model.count_params."""
+  c = _as_model_config(shape)
+  d, h = c.dim, c.head_dim
+  attention = d * c.n_heads * h + 2 * d * c.n_kv_heads * h + c.n_heads * h * d
+  mlp = (3 if c.mlp == "swiglu" else 2) * d * c.ffn_dim
+  norm = (1 if c.norm == "rms" else 2) * d
+  total = c.n_layers * (attention + mlp + 2 * norm) + norm
+  if not non_embedding:
+    total += c.vocab_size * d * (1 if c.tie_embeddings else 2)
+    if c.position == "learned":
+      total += c.max_seq_len * d
+  return total
+
+
+def shape_for_params(target: float, *, non_embedding: bool = False, aspect_ratio: float = 32.0,
+                     tolerance: float = 0.05, dims: Iterable[int] | None = None,
+                     max_layers: int = 128, **model_fields) -> dict[str, int]:
+  """The model_shape() whose parameter count is closest to `target` (within `tolerance`
+  relative, the one whose dim / n_layers is closest to `aspect_ratio`). model_fields are other
+  ModelConfig fields that change the count (vocab_size, mlp, norm, tie_embeddings, ...)."""
+  dims = list(dims) if dims is not None else list(range(16, 1024, 8)) + list(range(1024, 16385, 64))
+  mlp = model_fields.get("mlp", "swiglu")
+  best, best_key = None, None
+  for dim in dims:
+    try:
+      one, two = (param_count({**model_fields, **model_shape(dim, n, mlp=mlp)},
+                              non_embedding=non_embedding) for n in (1, 2))
+    except ValueError:  # a width no valid head layout fits
+      continue
+    per_layer = two - one
+    fixed = one - per_layer
+    est = (target - fixed) / per_layer
+    for n_layers in sorted({max(1, math.floor(est)), max(1, math.ceil(est))}):
+      if n_layers > max_layers:
+        continue
+      n = fixed + per_layer * n_layers
+      miss = abs(math.log(n / target))
+      aspect = abs(math.log(dim / n_layers / aspect_ratio))
+      key = (0, aspect, miss) if miss <= tolerance else (1, miss, aspect)
+      if best_key is None or key < best_key:
+        best, best_key = model_shape(dim, n_layers, mlp=mlp), key
+  if best is None:
+    raise ValueError(f"no shape for {target:g} parameters")
+  return best
+
+
+# ---------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class Point:
+  """One finished run, in the variables of one convention (logs are base 10)."""
+  name: str
+  group: float      # the budget it belongs to (nominal C)
+  log_n: float
+  log_d: float
+  log_c: float
+  loss: float
+
+
+CONVENTIONS = {
+    # name: (N column, C column, description)
+    "exact": ("params", "flops", "N = all parameters, C = exact training FLOPs"),
+    "kaplan": ("non_embedding_params", "kaplan_flops",
+               "N = non-embedding parameters, C = 6 N D"),
+}
+
+
+def budget_groups(rows: Sequence[Mapping[str, Any]], *, budget_key: str = "budget",
+                  flops_key: str = "flops", tolerance_decades: float = 0.05) -> list[float]:
+  """The budget of each row: its `budget` value, else the geometric mean of a cluster of rows
+  whose FLOPs agree within tolerance_decades."""
+  if rows and all(_finite(r.get(budget_key)) for r in rows):
+    return [float(r[budget_key]) for r in rows]
+  logs = np.log10([float(r[flops_key]) for r in rows])
+  order = np.argsort(logs)
+  groups = np.empty(len(rows))
+  start = 0
+  for i in range(1, len(order) + 1):
+    if i == len(order) or logs[order[i]] - logs[order[start]] > tolerance_decades:
+      members = order[start:i]
+      groups[members] = 10 ** logs[members].mean()
+      start = i
+  return [float(g) for g in groups]
+
+
+def _finite(v: Any) -> bool:
+  try:
+    return math.isfinite(float(v))
+  except (TypeError, ValueError):
+    return False
+
+
+def points_from_rows(rows: Sequence[Mapping[str, Any]], convention: str = "exact", *,
+                     loss_key: str = "loss", budget_key: str = "budget") -> list[Point]:
+  """Rows with N / tokens / FLOPs / loss columns (results.csv names) -> Points of a convention."""
+  n_key, c_key, _ = CONVENTIONS[convention]
+  groups = budget_groups(rows, budget_key=budget_key)
+  return [Point(name=str(r.get("name", i)), group=g, log_n=math.log10(float(r[n_key])),
+                log_d=math.log10(float(r["tokens"])), log_c=math.log10(float(r[c_key])),
+                loss=float(r[loss_key]))
+          for i, (r, g) in enumerate(zip(rows, groups))]
+
+
+# ---------------------------------------------------------------------------- fits
+
+
+@dataclasses.dataclass
+class BudgetFit:
+  budget: float
+  n_runs: int
+  log_n_range: tuple[float, float]
+  coeffs: tuple[float, float, float]   # loss = c2 x^2 + c1 x + c0, x = log10 N
+  log_n_opt: float
+  log_d_opt: float
+  log_c_opt: float
+  loss_opt: float
+  valid: bool                          # the parabola opens upwards (has a minimum)
+  interior: bool                       # ... and its vertex lies inside the runs' N range
+
+  @property
+  def n_opt(self) -> float:
+    return 10 ** self.log_n_opt
+
+  @property
+  def d_opt(self) -> float:
+    return 10 ** self.log_d_opt
+
+  @property
+  def c_opt(self) -> float:
+    return 10 ** self.log_c_opt
+
+
+def _interp(x: float, xs: np.ndarray, ys: np.ndarray) -> float:
+  """Piecewise-linear y(x) through (xs, ys) (repeated xs averaged), extended linearly."""
+  ux = np.unique(xs)
+  uy = np.array([ys[xs == u].mean() for u in ux])
+  if len(ux) == 1:
+    return float(uy[0])
+  if x <= ux[0]:
+    i = 0
+  elif x >= ux[-1]:
+    i = len(ux) - 2
+  else:
+    i = int(np.searchsorted(ux, x)) - 1
+  t = (x - ux[i]) / (ux[i + 1] - ux[i])
+  return float(uy[i] + t * (uy[i + 1] - uy[i]))
+
+
+def fit_budget(points: Sequence[Point], convention: str = "exact") -> BudgetFit:
+  """The parabola of loss in log10 N for one budget, and the optimum read off it."""
+  x = np.array([p.log_n for p in points])
+  y = np.array([p.loss for p in points])
+  logd = np.array([p.log_d for p in points])
+  logc = np.array([p.log_c for p in points])
+  budget = points[0].group
+  if len(np.unique(x)) < 3:
+    raise ValueError(f"budget {budget:.3g}: a parabola needs >= 3 distinct sizes, "
+                     f"got {len(np.unique(x))}")
+  c2, c1, c0 = np.polyfit(x, y, 2)
+  valid = bool(c2 > 0)
+  x_opt = float(-c1 / (2 * c2)) if valid else float(x[np.argmin(y)])
+  log_d = _interp(x_opt, x, logd)
+  if convention == "kaplan":
+    log_c = math.log10(6) + x_opt + log_d
+  else:
+    log_c = _interp(x_opt, x, logc)
+  return BudgetFit(
+      budget=budget, n_runs=len(points), log_n_range=(float(x.min()), float(x.max())),
+      coeffs=(float(c2), float(c1), float(c0)), log_n_opt=x_opt, log_d_opt=log_d,
+      log_c_opt=log_c, loss_opt=float(np.polyval([c2, c1, c0], x_opt)), valid=valid,
+      interior=valid and bool(x.min() < x_opt < x.max()))
+
+
+@dataclasses.dataclass
+class PowerLaw:
+  """log10 y = exponent * log10 C + intercept, with a bootstrap interval on the exponent."""
+  exponent: float
+  intercept: float
+  ci: tuple[float, float]
+
+  def __call__(self, c):
+    return 10 ** (self.exponent * np.log10(c) + self.intercept)
+
+
+@dataclasses.dataclass
+class IsoFLOPFit:
+  convention: str
+  budgets: list[BudgetFit]
+  used: list[float]                    # budgets entering the exponent fits
+  n_opt: PowerLaw                      # N* ∝ C^a
+  d_opt: PowerLaw                      # D* ∝ C^b
+  n_bootstrap: int
+  n_bootstrap_used: int
+  notes: list[str]
+
+  @property
+  def a(self) -> float:
+    return self.n_opt.exponent
+
+  @property
+  def b(self) -> float:
+    return self.d_opt.exponent
+
+
+def _group(points: Sequence[Point]) -> dict[float, list[Point]]:
+  groups: dict[float, list[Point]] = {}
+  for p in points:
+    groups.setdefault(p.group, []).append(p)
+  return dict(sorted(groups.items()))
+
+
+def _line(fits: Sequence[BudgetFit]) -> tuple[float, float, float, float]:
+  c = np.array([f.log_c_opt for f in fits])
+  n = np.array([f.log_n_opt for f in fits])
+  d = np.array([f.log_d_opt for f in fits])
+  a, a0 = np.polyfit(c, n, 1)
+  b, b0 = np.polyfit(c, d, 1)
+  return float(a), float(a0), float(b), float(b0)
+
+
+def fit_isoflop(points: Sequence[Point], *, convention: str = "exact", bootstrap: int = 1000,
+                seed: int = 0, require_interior: bool = True) -> IsoFLOPFit:
+  """Per-budget parabolas, then the power laws N*(C), D*(C) with 95% bootstrap intervals."""
+  groups = _group(points)
+  notes: list[str] = []
+  for budget, g in list(groups.items()):
+    if len({p.log_n for p in g}) < 3:
+      notes.append(f"budget {budget:.3g}: only {len({p.log_n for p in g})} distinct sizes "
+                   "finished (a parabola needs 3); left out")
+      del groups[budget]
+  fits = [fit_budget(g, convention) for g in groups.values()]
+  for f in fits:
+    if not f.valid:
+      notes.append(f"budget {f.budget:.3g}: loss is not convex in log N (no minimum); left out")
+    elif not f.interior:
+      notes.append(f"budget {f.budget:.3g}: minimum N*={f.n_opt:.3g} lies outside the runs' "
+                   f"N range [{10 ** f.log_n_range[0]:.3g}, {10 ** f.log_n_range[1]:.3g}]; "
+                   "extend the grid" + ("; left out" if require_interior else ""))
+  used = [f for f in fits if (f.interior if require_interior else f.valid)]
+  if len(used) < 2 and require_interior:
+    used = [f for f in fits if f.valid]
+    notes.append("fewer than 2 budgets have an interior minimum: edge minima used anyway")
+  if len(used) < 2:
+    raise ValueError(f"need >= 2 budgets with a minimum, got {len(used)} of {len(fits)}")
+  a, a0, b, b0 = _line(used)
+
+  # Bootstrap: resample runs within each used budget, refit parabolas and lines.
+  rng = np.random.default_rng(seed)
+  used_groups = [groups[f.budget] for f in used]
+  samples = []
+  for _ in range(bootstrap):
+    refits = []
+    for g in used_groups:
+      for _attempt in range(100):
+        pick = [g[i] for i in rng.integers(0, len(g), len(g))]
+        if len({p.log_n for p in pick}) >= 3:
+          break
+      else:
+        pick = g
+      bf = fit_budget(pick, convention)
+      if not bf.valid:
+        break
+      refits.append(bf)
+    else:
+      samples.append(_line(refits))
+  samples = np.array(samples).reshape(-1, 4)
+  if len(samples) < max(10, bootstrap // 2) and bootstrap:
+    notes.append(f"only {len(samples)} of {bootstrap} bootstrap resamples had a minimum in "
+                 "every budget: intervals are unreliable")
+
+  def ci(col: int) -> tuple[float, float]:
+    if not len(samples):
+      return (math.nan, math.nan)
+    lo, hi = np.percentile(samples[:, col], [2.5, 97.5])
+    return (float(lo), float(hi))
+
+  return IsoFLOPFit(convention=convention, budgets=fits, used=[f.budget for f in used],
+                    n_opt=PowerLaw(a, a0, ci(0)), d_opt=PowerLaw(b, b0, ci(2)),
+                    n_bootstrap=bootstrap, n_bootstrap_used=len(samples), notes=notes)
+
+
+# ---------------------------------------------------------------------------- plots
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def plot_isoflop(fit: IsoFLOPFit, points: Sequence[Point], path: str) -> None:
+  """Loss against N for each budget, the fitted parabolas and their minima."""
+  plt = _pyplot()
+  groups = _group(points)
+  fig, ax = plt.subplots(figsize=(7, 4.8))
+  colors = plt.cm.viridis(np.linspace(0, 0.9, len(fit.budgets)))
+  for color, f in zip(colors, fit.budgets):
+    g = groups[f.budget]
+    ax.scatter([10 ** p.log_n for p in g], [p.loss for p in g], color=color, s=18,
+               label=f"C = {f.budget:.2g}")
+    lo, hi = f.log_n_range
+    xs = np.linspace(lo - 0.1, hi + 0.1, 100)
+    ax.plot(10 ** xs, np.polyval(f.coeffs, xs), color=color, lw=1)
+    if f.valid:
+      ax.scatter([f.n_opt], [f.loss_opt], color=color, marker="*", s=150,
+                 edgecolor="black" if f.interior else "red", linewidth=0.8, zorder=3)
+  ax.set_xscale("log")
+  ax.set_xlabel("parameters N" + (" (non-embedding)" if fit.convention == "kaplan" else ""))
+  ax.set_ylabel("final loss")
+  ax.set_title("IsoFLOP curves (stars: fitted minima; red edge: not interior)")
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3, which="both")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_optimal(fits: Sequence[IsoFLOPFit], path: str) -> None:
+  """N*(C) and D*(C) of each convention, log-log, with the fitted power laws."""
+  plt = _pyplot()
+  fig, axes = plt.subplots(len(fits), 2, figsize=(10, 4 * len(fits)), squeeze=False)
+  for row, fit in zip(axes, fits):
+    for ax, law, what, attr in ((row[0], fit.n_opt, "N*", "n_opt"),
+                                (row[1], fit.d_opt, "D*", "d_opt")):
+      used = [f for f in fit.budgets if f.budget in fit.used]
+      rest = [f for f in fit.budgets if f.valid and f.budget not in fit.used]
+      ax.scatter([f.c_opt for f in used], [getattr(f, attr) for f in used], color="C0",
+                 label="budget minima")
+      if rest:
+        ax.scatter([f.c_opt for f in rest], [getattr(f, attr) for f in rest], color="red",
+                   marker="x", label="edge minima (left out)")
+      cs = np.array([f.c_opt for f in fit.budgets if f.valid])
+      grid = np.logspace(np.log10(cs.min()) - 0.2, np.log10(cs.max()) + 0.2, 50)
+      lo, hi = law.ci
+      ax.plot(grid, law(grid), color="C0",
+              label=f"{what} ∝ C^{law.exponent:.3f} [{lo:.2f}, {hi:.2f}]")
+      ax.set_xscale("log")
+      ax.set_yscale("log")
+      ax.set_xlabel("C (exact FLOPs)" if fit.convention == "exact" else "C = 6ND")
+      kind = ("non-embedding parameters" if fit.convention == "kaplan" else "parameters") \
+          if what == "N*" else "tokens"
+      ax.set_ylabel(f"{what} ({kind})")
+      ax.set_title(f"{fit.convention} convention")
+      ax.legend(fontsize=8)
+      ax.grid(alpha=0.3, which="both")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def _fmt_ci(law: PowerLaw) -> str:
+  lo, hi = law.ci
+  return f"{law.exponent:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def report_markdown(fits: Sequence[IsoFLOPFit], *, source: str = "", n_runs: int | None = None,
+                    loss: str = "eval", dropped: Sequence[str] = ()) -> str:
+  lines = ["# IsoFLOP scaling (Chinchilla approach 2)", ""]
+  if source:
+    lines.append(f"Source: `{source}`" + (f", {n_runs} runs used" if n_runs is not None else "")
+                 + f", final {'validation' if loss == 'eval' else 'training'} loss.")
+  if dropped:
+    lines.append(f"Left out (not finished or no loss): {', '.join(dropped)}.")
+  lines.append("")
+  for fit in fits:
+    lines += [f"## Per-budget minima, {fit.convention} convention "
+              f"({CONVENTIONS[fit.convention][2]})", "",
+              "| C (budget) | runs | N range | N* | D* | D*/N* | C at optimum | loss* | minimum |",
+              "|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+    for f in fit.budgets:
+      where = ("interior" if f.interior else "edge" if f.valid else "none (concave)")
+      lines.append(
+          f"| {f.budget:.3g} | {f.n_runs} | {10 ** f.log_n_range[0]:.3g} – "
+          f"{10 ** f.log_n_range[1]:.3g} | {f.n_opt:.4g} | {f.d_opt:.4g} | "
+          f"{f.d_opt / f.n_opt:.3g} | {f.c_opt:.3g} | {f.loss_opt:.4f} | {where} |")
+    lines.append("")
+  lines += ["## Exponents", "",
+            f"N* ∝ C^a and D* ∝ C^b, least squares over budgets; 95% percentile bootstrap "
+            f"intervals from resampling runs within each budget.", "",
+            "| convention | a (N*) | b (D*) | a + b | budgets used | bootstrap resamples |",
+            "|---|---|---|---:|---:|---:|"]
+  for fit in fits:
+    lines.append(f"| {fit.convention} | {_fmt_ci(fit.n_opt)} | {_fmt_ci(fit.d_opt)} | "
+                 f"{fit.a + fit.b:.3f} | {len(fit.used)} | {fit.n_bootstrap_used}/"
+                 f"{fit.n_bootstrap} |")
+  lines += ["", "## Against published results", "",
+            "| reference | a | b | " + " | ".join(f"a inside {f.convention} CI" for f in fits)
+            + " |", "|---|---:|---:|" + "---|" * len(fits)]
+  for name, a, b in REFERENCES:
+    inside = ["yes" if f.n_opt.ci[0] <= a <= f.n_opt.ci[1] else "no" for f in fits]
+    lines.append(f"| {name} | {a:.2f} | {b:.2f} | " + " | ".join(inside) + " |")
+  lines += ["",
+            "Chinchilla counts all parameters; Kaplan counts non-embedding parameters and "
+            "C = 6ND. At small scale the embedding table is a large share of N, which pulls the "
+            "non-embedding exponent up towards Kaplan's 0.73 (Pearce & Song 2024). a + b = 1 "
+            "holds exactly only when C ∝ N D.", ""]
+  notes = [n for f in fits for n in (f"{f.convention}: {x}" for x in f.notes)]
+  if notes:
+    lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- from a sweep
+
+
+def analyze(results: str, out_dir: str = DEFAULT_OUT, *, loss: str = "eval",
+            bootstrap: int = 1000, seed: int = 0) -> dict[str, IsoFLOPFit]:
+  """results.csv (or the sweep directory holding it) -> OUT/{results.csv, report.md,
+  isoflop.png, optimal.png}; returns the fits by convention."""
+  from llama_jax.sweep import read_results
+  path = os.path.join(results, "results.csv") if os.path.isdir(results) else results
+  rows = read_results(path)
+  loss_key = "final_eval_loss" if loss == "eval" else "final_loss"
+  used, dropped = [], []
+  for r in rows:
+    ok = r.get("status", "done") == "done" and _finite(r.get(loss_key))
+    r["used"] = "true" if ok else "false"
+    (used if ok else dropped).append(r)
+  if not used:
+    raise ValueError(f"{path}: no finished run with a {loss_key}")
+  for r in used:
+    r["loss"] = float(r[loss_key])
+  fits = {}
+  points = {}
+  for conv in CONVENTIONS:
+    points[conv] = points_from_rows(used, conv)
+    fits[conv] = fit_isoflop(points[conv], convention=conv, bootstrap=bootstrap, seed=seed)
+
+  os.makedirs(out_dir, exist_ok=True)
+  columns = list(rows[0].keys())
+  with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
+  plot_isoflop(fits["exact"], points["exact"], os.path.join(out_dir, "isoflop.png"))
+  plot_optimal(list(fits.values()), os.path.join(out_dir, "optimal.png"))
+  with open(os.path.join(out_dir, "report.md"), "w") as f:
+    f.write(report_markdown(list(fits.values()), source=path, n_runs=len(used), loss=loss,
+                            dropped=[str(r.get("name")) for r in dropped]))
+  return fits
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m llama_jax.scaling",
+                              description="IsoFLOP fit of a scaling sweep's results.csv")
+  p.add_argument("results", help="sweep workdir holding results.csv, or the csv itself")
+  p.add_argument("--out", default=DEFAULT_OUT)
+  p.add_argument("--loss", choices=("eval", "train"), default="eval")
+  p.add_argument("--bootstrap", type=int, default=1000)
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args(argv)
+  fits = analyze(args.results, args.out, loss=args.loss, bootstrap=args.bootstrap,
+                 seed=args.seed)
+  for conv, fit in fits.items():
+    print(f"{conv}: a = {_fmt_ci(fit.n_opt)}, b = {_fmt_ci(fit.d_opt)}")
+  print(f"wrote {args.out}/{{results.csv,report.md,isoflop.png,optimal.png}}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,438 @@
+"""llama_jax.sweep: expansion and checks, the local runner (skip / resume / parallel) with a fake
+trainer, results.csv, and the TPU / SLURM scripts executed against fake gcloud / srun."""
+
+import json
+import os
+import shlex
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from llama_jax import sweep
+from llama_jax.metrics import flops_per_token
+from llama_jax.model import ModelConfig, count_params
+
+# A trainer stand-in: logs steps to metrics.jsonl like run_train (resuming after the last logged
+# step), writes config.json and calls.txt, can crash at FAKE_CRASH_AT and sleep FAKE_SLEEP.
+FAKE_TRAIN = textwrap.dedent("""
+    import json, os, sys, time
+    args = dict(a.split("=", 1) for a in sys.argv[1:])
+    workdir = args["--workdir"]
+    steps = int(args.get("--config.train.steps", 1000))
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "metrics.jsonl")
+    done = 0
+    if os.path.exists(path):
+        done = max(json.loads(l)["step"] for l in open(path) if l.strip())
+    t0 = time.time()
+    with open(os.path.join(workdir, "calls.txt"), "a") as f:
+        f.write(json.dumps({"start": t0, "from": done, "pid": os.getpid(),
+                            "argv": sys.argv[1:]}) + "\\n")
+    json.dump({k: v for k, v in args.items()}, open(os.path.join(workdir, "config.json"), "w"))
+    time.sleep(float(os.environ.get("FAKE_SLEEP", 0)))
+    crash = int(os.environ.get("FAKE_CRASH_AT", 10**9))
+    with open(path, "a") as f:
+        for step in range(done + 1, steps + 1):
+            f.write(json.dumps({"step": step, "loss": 5.0 / step, "lr": 1e-3, "grad_norm": 1.0,
+                                "tokens_per_s": 1.0, "mfu": 0.1}) + "\\n")
+            if step == steps:
+                f.write(json.dumps({"step": step, "eval_loss": 6.0 / step}) + "\\n")
+            if step == crash:
+                print("crashing at", step); sys.exit(3)
+    with open(os.path.join(workdir, "calls.txt"), "a") as f:
+        f.write(json.dumps({"end": time.time()}) + "\\n")
+    print("trained", steps)
+""")
+
+EXPERIMENT = textwrap.dedent('''
+    """A small test sweep."""
+    CONFIG = "configs/base.py:tiny"
+    BASE = {"data.seq_len": 32, "model.max_seq_len": 32, "train.steps": 6}
+
+    def sweep(add):
+      for pos in ("rope", "learned"):
+        for seed in (0, 1):
+          add(name=f"{pos}_s{seed}", tags={"budget": 1e9},
+              **{"model.position": pos}, train__seed=seed)
+''')
+
+
+@pytest.fixture
+def fake(tmp_path):
+  path = tmp_path / "fake_train.py"
+  path.write_text(FAKE_TRAIN)
+  return [sys.executable, str(path)]
+
+
+def write_experiment(tmp_path, text=EXPERIMENT, name="exp.py"):
+  path = tmp_path / name
+  path.write_text(textwrap.dedent(text))
+  return str(path)
+
+
+def quiet(_msg):
+  pass
+
+
+# ---------------------------------------------------------------------------- expansion
+
+
+def test_expand_names_overrides_and_command(tmp_path):
+  runs = sweep.expand(write_experiment(tmp_path), str(tmp_path / "out"))
+  assert [r.name for r in runs] == ["rope_s0", "rope_s1", "learned_s0", "learned_s1"]
+  r = runs[2]
+  # BASE first, then the run's own keys; the double-underscore spelling becomes dotted.
+  assert r.overrides == {"data.seq_len": 32, "model.max_seq_len": 32, "train.steps": 6,
+                         "model.position": "learned", "train.seed": 0}
+  assert r.config.model.position == "learned" and r.config.train.seed == 0
+  assert r.config.model.dim == 64  # from get_config("tiny")
+  assert r.tags == {"budget": 1e9}
+  assert r.workdir == str(tmp_path / "out" / "learned_s0")
+  args = r.train_args()
+  assert args[0] == f"--config={os.path.join(sweep.REPO_ROOT, 'configs/base.py')}:tiny"
+  assert args[1] == f"--workdir={tmp_path / 'out' / 'learned_s0'}"
+  assert args[2:] == ["--config.data.seq_len=32", "--config.model.max_seq_len=32",
+                      "--config.train.steps=6", "--config.model.position=learned",
+                      "--config.train.seed=0"]
+
+
+def test_format_value_round_trips_through_config_flags_parsers():
+  assert sweep.format_value(True) == "true"
+  assert sweep.format_value(3e-3) == "0.003"
+  assert sweep.format_value(7) == "7"
+  assert sweep.format_value("def f(x): 'a b'") == "def f(x): 'a b'"
+  assert sweep.format_value((("embed", "fsdp"),)) == "(('embed', 'fsdp'),)"
+
+
+@pytest.mark.parametrize("body, message", [
+    ('add(name="a", **{"model.dim": 32}); add(name="a", **{"model.dim": 64})',
+     "duplicate run name"),
+    ('add(name="a", **{"model.dimm": 32})', "did you mean model.dim"),
+    ('add(name="a", **{"trian.steps": 3})', "unknown config key 'trian.steps'"),
+    ('add(name="a", **{"train.steps": "many"})', "train.steps"),
+    ('add(name="a", **{"model": 3})', "is a section"),
+    ('add(name="a", **{"model.n_heads": 5})', "not divisible"),
+    ('add(name="a", **{"model.mlp": "swish"})', "model.mlp"),
+    ('add(name="a b")', "run name"),
+    ('add(name="../x")', "run name"),
+    ('add(**{"model.dim": 32})', "needs name"),
+    ('add(name="a", model__dim=32, **{"model.dim": 64})', "given twice"),
+    ('pass', "added no runs"),
+])
+def test_expand_rejects_mistakes_before_running(tmp_path, body, message):
+  path = write_experiment(tmp_path, f'CONFIG = "configs/base.py:tiny"\ndef sweep(add):\n  {body}\n')
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    sweep.expand(path, str(tmp_path / "out"))
+
+
+def test_only_and_extra(tmp_path):
+  path = write_experiment(tmp_path)
+  runs = sweep.expand(path, str(tmp_path), only=["learned_s1"], extra={"train.steps": 2})
+  assert [r.name for r in runs] == ["learned_s1"]
+  assert runs[0].config.train.steps == 2
+  assert [r.name for r in sweep.expand(path, str(tmp_path), only=["*_s0"])] == [
+      "rope_s0", "learned_s0"]
+  with pytest.raises(ValueError, match="not in the sweep"):
+    sweep.expand(path, str(tmp_path), only=["nope"])
+
+
+# ---------------------------------------------------------------------------- local runner
+
+
+def test_skips_finished_and_resumes_interrupted_runs(tmp_path, fake, monkeypatch):
+  out = tmp_path / "out"
+  runs = sweep.expand(write_experiment(tmp_path), str(out))
+
+  # 1st pass: every run dies at step 3.
+  monkeypatch.setenv("FAKE_CRASH_AT", "3")
+  statuses = sweep.run_local(runs, train_cmd=fake, print_fn=quiet)
+  assert set(statuses.values()) == {"failed"}
+  assert all(r.status() == "failed" and not (out / r.name / "DONE").exists() for r in runs)
+
+  # A run finished elsewhere (no DONE, metrics reach train.steps) counts as finished.
+  finished = out / "learned_s1" / "metrics.jsonl"
+  with open(finished, "a") as f:
+    for step in range(4, 7):
+      f.write(json.dumps({"step": step, "loss": 1.0}) + "\n")
+
+  # 2nd pass: the others resume from step 3 and finish; learned_s1 is not started again.
+  monkeypatch.delenv("FAKE_CRASH_AT")
+  statuses = sweep.run_local(runs, train_cmd=fake, print_fn=quiet)
+  assert statuses == {r.name: "done" for r in runs}
+  for r in runs:
+    calls = [json.loads(l) for l in open(out / r.name / "calls.txt")]
+    starts = [c for c in calls if "start" in c]
+    assert [c["from"] for c in starts] == ([0] if r.name == "learned_s1" else [0, 3])
+    steps = [m["step"] for m in sweep.read_jsonl(out / r.name / "metrics.jsonl") if "loss" in m]
+    assert steps == [1, 2, 3, 4, 5, 6]  # resumed, not restarted
+  for name in ("rope_s0", "rope_s1", "learned_s0"):
+    assert (out / name / "DONE").exists()
+    record = json.load(open(out / name / "sweep.json"))
+    assert [a["returncode"] for a in record["attempts"]] == [3, 0]
+    assert [a["resumed_from_step"] for a in record["attempts"]] == [-1, 3]
+    assert record["wall_s"] == pytest.approx(sum(a["wall_s"] for a in record["attempts"]))
+    log = open(out / name / "log.txt").read()
+    assert "crashing at 3" in log and "trained 6" in log and log.count("===== ") == 2
+
+  # 3rd pass: nothing to do, the trainer is not called.
+  sizes = {r.name: os.path.getsize(out / r.name / "calls.txt") for r in runs}
+  assert sweep.run_local(runs, train_cmd=fake, print_fn=quiet) == {r.name: "done" for r in runs}
+  assert sizes == {r.name: os.path.getsize(out / r.name / "calls.txt") for r in runs}
+
+  # More steps than DONE records: the run is unfinished again and continues from step 6.
+  longer = sweep.expand(write_experiment(tmp_path), str(out), only=["rope_s0"],
+                        extra={"train.steps": 8})
+  assert longer[0].status() == "incomplete"
+  messages = []
+  assert sweep.run_local(longer, train_cmd=fake, print_fn=messages.append) == {"rope_s0": "done"}
+  assert any("other overrides" in m for m in messages)
+  assert json.loads(open(out / "rope_s0" / "calls.txt").readlines()[-2])["from"] == 6
+
+
+def test_parallel_bounds_concurrent_runs(tmp_path, fake, monkeypatch):
+  monkeypatch.setenv("FAKE_SLEEP", "0.4")
+  runs = sweep.expand(write_experiment(tmp_path), str(tmp_path / "out"))
+  sweep.run_local(runs, parallel=2, train_cmd=fake, print_fn=quiet)
+  spans = []
+  for r in runs:
+    calls = [json.loads(l) for l in open(tmp_path / "out" / r.name / "calls.txt")]
+    spans.append((calls[0]["start"], calls[-1]["end"]))
+  most = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+  assert most == 2
+
+
+def test_results_csv(tmp_path, fake):
+  out = tmp_path / "out"
+  runs = sweep.expand(write_experiment(tmp_path), str(out))
+  sweep.run_local(runs[:3], train_cmd=fake, print_fn=quiet)
+  rows = sweep.collect_results(runs, str(out / "results.csv"))
+  back = sweep.read_results(str(out / "results.csv"))
+  header = open(out / "results.csv").readline().strip().split(",")
+  assert header == ["name", "data.seq_len", "model.max_seq_len", "train.steps", "model.position",
+                    "train.seed", "budget", "params", "non_embedding_params", "tokens", "flops",
+                    "kaplan_flops", "steps", "final_step", "final_loss", "final_eval_loss",
+                    "wall_s", "status"]
+  assert [r["status"] for r in back] == ["done", "done", "done", "pending"]
+  for run, row in zip(runs, back):
+    cfg = ModelConfig.from_dict(run.config.model)
+    tokens = 6 * run.config.data.batch_size * 32
+    assert row["tokens"] == tokens
+    assert row["params"] == count_params(cfg)
+    assert row["non_embedding_params"] == count_params(cfg, non_embedding=True)
+    assert row["flops"] == pytest.approx(flops_per_token(cfg, 32) * tokens)
+    assert row["kaplan_flops"] == pytest.approx(6 * row["non_embedding_params"] * tokens)
+    assert row["model.position"] == run.config.model.position
+    assert row["budget"] == 1e9
+  assert back[0]["final_loss"] == pytest.approx(5.0 / 6)
+  assert back[0]["final_eval_loss"] == pytest.approx(1.0)
+  assert back[0]["final_step"] == 6 and back[0]["wall_s"] > 0
+  assert back[1]["params"] == back[0]["params"] < back[2]["params"]  # learned positions add a table
+  assert rows[3]["status"] == "pending"
+
+
+def test_cli_runs_collects_and_dry(tmp_path, fake, monkeypatch, capsys):
+  path = write_experiment(tmp_path)
+  out = tmp_path / "out"
+  monkeypatch.setenv(sweep.TRAIN_CMD_ENV, shlex.join(fake))
+  assert sweep.main([path, "--workdir", str(out), "--dry"]) == 0
+  listing = capsys.readouterr().out
+  assert listing.count("[pending]") == 4 and "4 run(s)" in listing
+  assert "--workdir=" + str(out / "rope_s1") in listing
+  assert not out.exists()
+
+  assert sweep.main([path, "--workdir", str(out), "--parallel", "2", "--only", "rope_s0",
+                     "learned_s0", "--set", "train.steps=4"]) == 0
+  rows = sweep.read_results(str(out / "results.csv"))
+  assert [(r["name"], r["steps"], r["status"]) for r in rows] == [
+      ("rope_s0", 4, "done"), ("learned_s0", 4, "done")]
+  assert sweep.main([path, "--workdir", str(out), "--collect"]) == 0
+  assert len(sweep.read_results(str(out / "results.csv"))) == 4
+  assert sweep.main([path, "--workdir", str(out), "--set", "train.stepz=4"]) == 2
+  assert "did you mean train.steps" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- cluster scripts
+
+# A value that needs quoting at two levels (the local shell and the remote one).
+TRICKY = textwrap.dedent('''
+    CONFIG = "configs/base.py:tiny"
+    def sweep(add):
+      add(name="plain", **{"model.dim": 96, "train.steps": 7})
+      add(name="quoted", train__steps=7,
+          **{"train.sample_prompt": "def f(x): return 'a b' $HOME \\"q\\" ;"})
+      add(name="flag", **{"model.tie_embeddings": True, "optim.lr": 1e-3})
+''')
+
+
+def fake_bin(tmp_path, name):
+  """An executable `name` that appends its argv (JSON) to calls_<name>.jsonl."""
+  bindir = tmp_path / "bin"
+  bindir.mkdir(exist_ok=True)
+  exe = bindir / name
+  exe.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                 f"open({str(tmp_path / f'calls_{name}.jsonl')!r}, 'a').write("
+                 "json.dumps(sys.argv[1:]) + '\\n')\n")
+  exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+  return bindir
+
+
+def test_tpu_script_runs_every_run_on_all_workers_with_exact_argv(tmp_path):
+  runs = sweep.expand(write_experiment(tmp_path, TRICKY), "gs://bucket/sweep")
+  assert runs[1].workdir == "gs://bucket/sweep/quoted"
+  text = sweep.tpu_script(runs, experiment="exp.py", remote_dir="code/llama jax")
+  script = tmp_path / "launch_tpu.sh"
+  script.write_text(text)
+  assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+  bindir = fake_bin(tmp_path, "gcloud")
+  env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", TPU_NAME="pod-1", ZONE="z-1")
+  env.pop("PROJECT", None)
+  res = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+  assert res.returncode == 0, res.stderr
+  calls = [json.loads(l) for l in open(tmp_path / "calls_gcloud.jsonl")]
+  assert len(calls) == len(runs)
+  for run, argv in zip(runs, calls):
+    assert argv[:6] == ["compute", "tpus", "tpu-vm", "ssh", "pod-1", "--zone=z-1"]
+    assert "--worker=all" in argv
+    command = [a for a in argv if a.startswith("--command=")]
+    assert len(command) == 1
+    words = shlex.split(command[0].removeprefix("--command="))  # what the remote shell sees
+    assert words[:4] == ["cd", "code/llama jax", "&&", "python"]
+    assert words[4] == "run_train.py"
+    assert words[5:] == run.train_args(config_file="configs/base.py:tiny")
+  assert "--config.train.sample_prompt=def f(x): return 'a b' $HOME \"q\" ;" in \
+      shlex.split(calls[1][-1].removeprefix("--command="))
+  assert "--config.model.tie_embeddings=true" in calls[2][-1]
+
+  # Without TPU_NAME it refuses to start; PROJECT is passed when set.
+  env.pop("TPU_NAME")
+  assert subprocess.run(["bash", str(script)], env=env, capture_output=True).returncode != 0
+  env.update(TPU_NAME="pod-1", PROJECT="proj")
+  subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True)
+  calls = [json.loads(l) for l in open(tmp_path / "calls_gcloud.jsonl")]
+  assert "--project=proj" in calls[-1]
+
+
+def test_slurm_script_array_tasks_run_exact_argv(tmp_path):
+  out = tmp_path / "sweep out"
+  runs = sweep.expand(write_experiment(tmp_path, TRICKY), str(out))
+  text = sweep.slurm_script(runs, experiment="experiments/exp.py", nodes=4, parallel=2,
+                            log_dir=str(tmp_path), sbatch_options=["--gpus-per-node=8"])
+  script = tmp_path / "launch_slurm.sh"
+  script.write_text(text)
+  sbatch = [l.removeprefix("#SBATCH ") for l in text.splitlines() if l.startswith("#SBATCH")]
+  assert sbatch == ["--job-name=exp", "--nodes=4", "--ntasks-per-node=1",
+                    "--array=0-2%2", f"--output={tmp_path}/exp-%A_%a.out",
+                    "--gpus-per-node=8"]
+  assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+  bindir = fake_bin(tmp_path, "srun")
+  for i in range(len(runs)):
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", SLURM_ARRAY_TASK_ID=str(i))
+    subprocess.run(["bash", str(script)], env=env, check=True)
+  calls = [json.loads(l) for l in open(tmp_path / "calls_srun.jsonl")]
+  assert calls == [["python", "run_train.py"] + r.train_args(config_file="configs/base.py:tiny")
+                   for r in runs]
+  assert calls[0][3] == f"--workdir={out}/plain"  # a path with a space survives
+  env["SLURM_ARRAY_TASK_ID"] = "3"
+  assert subprocess.run(["bash", str(script)], env=env, capture_output=True).returncode != 0
+
+
+def test_cli_writes_launch_scripts(tmp_path, capsys):
+  path = write_experiment(tmp_path)
+  out = tmp_path / "out"
+  assert sweep.main([path, "--workdir", str(out), "--launcher", "slurm", "--nodes", "2"]) == 0
+  written = capsys.readouterr().out.strip()
+  assert written == str(out / "launch_slurm.sh") and os.access(written, os.X_OK)
+  assert "#SBATCH --nodes=2" in open(written).read()
+  os.makedirs(out / "rope_s1")
+  open(out / "rope_s1" / "DONE", "w").write('{"steps": 6}')  # finished runs are left out
+  assert sweep.main([path, "--workdir", str(out), "--launcher", "slurm"]) == 0
+  text = open(capsys.readouterr().out.strip()).read()
+  assert "#SBATCH --array=0-2" in text and "rope_s1" not in text and "rope_s0" in text
+  target = tmp_path / "tpu.sh"
+  assert sweep.main([path, "--workdir", "gs://b/x", "--launcher", "tpu",
+                     "--script", str(target)]) == 0
+  text = target.read_text()
+  assert text.count("gcloud compute tpus tpu-vm ssh") == 4
+  assert "--workdir=gs://b/x/learned_s1" in text
+
+
+# ---------------------------------------------------------------------------- experiments
+
+
+def test_ablations_are_at_equal_compute():
+  runs = sweep.expand("experiments/ablations.py", "/tmp/unused")
+  by = {r.name: r for r in runs}
+  assert len(runs) >= 12 and {r.config.train.seed for r in runs} >= {0, 1}
+  assert {r.config.model.position for r in runs} == {"rope", "learned", "sinusoidal"}
+  assert {r.config.model.mlp for r in runs} == {"swiglu", "gelu", "relu"}
+  assert {r.config.model.norm for r in runs} == {"rms", "layer"}
+  flops = {r.sizes()["flops"] for r in runs}
+  assert len(flops) == 1  # same exact FLOPs for every variant
+  assert by["mlp_gelu_s0"].sizes()["params"] == by["baseline_s0"].sizes()["params"] == \
+      by["mlp_relu_s0"].sizes()["params"]
+
+
+def test_ablation_summary_and_plot(tmp_path):
+  sys.path.insert(0, os.path.join(sweep.REPO_ROOT, "experiments"))
+  try:
+    import ablations
+  finally:
+    sys.path.pop(0)
+  rows = []
+  for variant in ("baseline", "mlp_gelu"):
+    for seed, loss in ((0, 3.0), (1, 3.2)):
+      loss += 0.1 if variant == "mlp_gelu" else 0.0
+      name = f"{variant}_s{seed}"
+      rows.append({"name": name, "variant": variant, "factor": "x", "train.seed": seed,
+                   "params": 100, "final_eval_loss": loss, "status": "done"})
+      os.makedirs(tmp_path / name)
+      with open(tmp_path / name / "metrics.jsonl", "w") as f:
+        for step in (100, 200):
+          f.write(json.dumps({"step": step, "eval_loss": loss + 1 / step}) + "\n")
+  rows.append({"name": "x", "variant": "norm_layer", "factor": "norm", "train.seed": 0,
+               "params": 1, "final_eval_loss": float("nan"), "status": "failed"})
+  import csv
+  with open(tmp_path / "results.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+  table = ablations.analyze(str(tmp_path), str(tmp_path / "res"))
+  assert [t["variant"] for t in table] == ["baseline", "mlp_gelu"]
+  assert table[0]["mean"] == pytest.approx(3.1) and table[0]["std"] == pytest.approx(0.1414, 1e-3)
+  assert table[1]["delta"] == pytest.approx(0.1) and table[1]["delta_std"] == pytest.approx(0)
+  report = open(tmp_path / "res" / "report.md").read()
+  assert "| mlp_gelu |" in report and "+0.1000" in report
+  assert open(tmp_path / "res" / "ablations.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sigterm_stops_the_runs_and_leaves_them_resumable(tmp_path, fake):
+  out = tmp_path / "out"
+  env = dict(os.environ, FAKE_SLEEP="60", **{sweep.TRAIN_CMD_ENV: shlex.join(fake)})
+  proc = subprocess.Popen([sys.executable, "-m", "llama_jax.sweep", write_experiment(tmp_path),
+                           "--workdir", str(out), "--parallel", "2"], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 60
+    while time.time() < deadline and not all(
+        (out / n / "calls.txt").exists() for n in ("rope_s0", "rope_s1")):
+      time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 130 and "resume" in err
+  rows = {r["name"]: r["status"] for r in sweep.read_results(str(out / "results.csv"))}
+  assert rows == {"rope_s0": "incomplete", "rope_s1": "incomplete", "learned_s0": "pending",
+                  "learned_s1": "pending"}
+  for name in ("rope_s0", "rope_s1"):
+    attempt = json.load(open(out / name / "sweep.json"))["attempts"][-1]
+    assert attempt["interrupted"] and attempt["returncode"] != 0
+    pid = json.loads(open(out / name / "calls.txt").readline())["pid"]
+    with pytest.raises(ProcessLookupError):  # the trainer was stopped, not orphaned
+      os.kill(pid, 0)

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.")
@@ -72,6 +72,7 @@ def _mesh_devices(config) -> int:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax and tfds log every file at INFO
   config = _CONFIG.value
   if _DRY_RUN.value:
     # Fake as many CPU devices as the mesh needs; must happen before jax starts a backend.

@@ -96,3 +96,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.sharding_rules = SHARDING_RULES
   return config
+
+
+def published_size(size: str, *, seq_len: int, tensor: int = 1) -> ml_collections.ConfigDict:
+  """The shared recipe of the named-size presets (llama2_7b.py, ...): bf16 compute with fp32
+  params, full remat, 1024 sequences per step, AdamW 3e-4 with 2000 warmup steps as in the
+  LLaMA papers, fsdp over every device not used for tensor parallelism."""
+  config = get_config(size)
+  config.model.dtype = "bfloat16"
+  config.model.remat = "full"
+  config.data.seq_len = seq_len
+  config.data.batch_size = 1024
+  config.optim.update(dict(lr=3e-4, warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1,
+                           clip_norm=1.0))
+  config.train.update(dict(steps=500_000, log_every=10, eval_every=1000, checkpoint_every=1000))
+  config.mesh.update(dict(data=1, fsdp=-1, tensor=tensor))
+  return config

@@ -16,13 +16,4 @@ from configs import base
 
 
 def get_config(arg=None):
-  config = base.get_config("llama3_8b")
-  config.model.dtype = "bfloat16"
-  config.model.remat = "full"
-  config.data.seq_len = 8192
-  config.data.batch_size = 1024  # 1024 x 8192 tokens per step
-  config.optim.update(dict(lr=3e-4, warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1,
-                           clip_norm=1.0))
-  config.train.update(dict(steps=500_000, log_every=10, eval_every=1000, checkpoint_every=1000))
-  config.mesh.update(dict(data=1, fsdp=-1, tensor=1))
-  return config
+  return base.published_size("llama3_8b", seq_len=8192)

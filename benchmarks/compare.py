@@ -1,0 +1,132 @@
+"""llama_jax's train step against the reference implementations, side by side: one JSON line.
+
+  python benchmarks/compare.py --config=configs/cpu_bench.py:B [--steps=10]
+
+The same shapes go through transformers' PyTorch `LlamaForCausalLM` (fp32, SDPA attention,
+torch.optim.AdamW, every CPU thread) and, where the installed transformers still ships it,
+`FlaxLlamaForCausalLM` (optax AdamW, jitted). Each reference is optional: when it is missing,
+its entry says why instead of a number. Runs are sequential, so they never share cores.
+"""
+
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/cpu_bench.py:A", "Config file.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per implementation.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first.")
+
+
+def _hf_config(m, transformers):
+  return transformers.LlamaConfig(
+      vocab_size=m.vocab_size, hidden_size=m.dim, intermediate_size=m.ffn_dim,
+      num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
+      num_key_value_heads=m.n_kv_heads, max_position_embeddings=m.max_seq_len,
+      rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings)
+
+
+def _timed(step, steps, warmup):
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def torch_llama(config, steps, warmup) -> dict:
+  try:
+    import torch
+    import transformers
+  except ImportError as e:
+    return {"error": f"not installed ({e.name}); pip install -r requirements-test.txt"}
+  torch.set_num_threads(os.cpu_count())
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(_hf_config(config.model, transformers)).float()
+  model.config._attn_implementation = "sdpa"
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+  b, t = config.data.batch_size, config.data.seq_len
+  tokens = torch.randint(0, config.model.vocab_size, (b, t))
+
+  def step():
+    loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+  step_s = _timed(step, steps, warmup)
+  return {"tokens_per_s": round(b * t / step_s, 1), "step_s": round(step_s, 5),
+          "version": f"torch {torch.__version__}, transformers {transformers.__version__}",
+          "threads": torch.get_num_threads()}
+
+
+def flax_llama(config, steps, warmup) -> dict:
+  try:
+    import transformers
+    from transformers import FlaxLlamaForCausalLM
+  except ImportError:
+    import transformers
+    return {"error": f"transformers {transformers.__version__} has no FlaxLlamaForCausalLM "
+                     "(removed in v5); pip install 'transformers<5' flax to compare with it"}
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  model = FlaxLlamaForCausalLM(_hf_config(config.model, transformers), seed=0)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4))
+  params = model.params
+  opt_state = tx.init(params)
+  b, t = config.data.batch_size, config.data.seq_len
+  tokens = jax.random.randint(jax.random.key(0), (b, t + 1), 0, config.model.vocab_size)
+
+  @jax.jit
+  def train_step(params, opt_state, tokens):
+    def loss_fn(p):
+      logits = model(tokens[:, :-1], params=p).logits
+      return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  state = [params, opt_state]
+
+  def step():
+    state[0], state[1], loss = train_step(state[0], state[1], tokens)
+    loss.block_until_ready()
+
+  step_s = _timed(step, steps, warmup)
+  return {"tokens_per_s": round(b * t / step_s, 1), "step_s": round(step_s, 5),
+          "version": f"transformers {transformers.__version__}"}
+
+
+def main(argv):
+  del argv
+  from benchmarks.train_step import benchmark
+  config = _CONFIG.value
+  ours = benchmark(config, _STEPS.value, _WARMUP.value)
+  refs = {"pytorch_llama": torch_llama(config, _STEPS.value, _WARMUP.value),
+          "flax_llama": flax_llama(config, _STEPS.value, _WARMUP.value)}
+  out = {"llama_jax": {k: ours[k] for k in ("tokens_per_s", "step_s", "mfu", "peak_flops",
+                                             "flops_per_token", "compile_s")}}
+  for name, ref in refs.items():
+    out[name] = ref
+    if "tokens_per_s" in ref:
+      out[f"speedup_vs_{name}"] = round(ours["tokens_per_s"] / ref["tokens_per_s"], 3)
+      out[name]["mfu"] = round(ref["tokens_per_s"] * ours["flops_per_token"]
+                               / ours["peak_flops"], 4)
+  out["shape"] = {"batch": ours["batch"], "seq_len": ours["seq_len"], **ours["model"]}
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,91 @@
+"""Train-step throughput and MFU: one JSON line.
+
+  python benchmarks/train_step.py --config=configs/default.py [--config.x=y ...] [--steps=10]
+
+Takes run_train.py's flags; data is synthetic (the batch is built once, so only the step is
+timed). Reports the median step time over --steps steps after --warmup steps, tokens/s, exact
+FLOPs per token (llama_jax.metrics), MFU against the device's peak and how that peak was found,
+compile time and per-device memory from XLA's memory analysis.
+"""
+
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+
+
+def benchmark(config, steps: int, warmup: int) -> dict:
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from llama_jax import metrics, train
+
+  config.data.name = "synthetic"
+  setup = train.make_setup(config)
+  b, t = config.data.batch_size, config.data.seq_len
+  with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(setup.rules):
+    state = train.init_state(setup, seed=0)
+    step_fn = train.make_train_step(setup)
+    x = np.random.default_rng(0).integers(0, config.model.vocab_size, (b, t + 1), np.int32)
+    batch = {"inputs": x[:, :-1], "targets": x[:, 1:]}
+    batch = {k: jax.device_put(v, setup.batch_sharding) for k, v in batch.items()}
+
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
+      state, stats = compiled(state, batch)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      state, stats = compiled(state, batch)
+      jax.block_until_ready(state)
+      times.append(time.perf_counter() - t0)
+
+  step_s = statistics.median(times)
+  tokens_per_s = b * t / step_s
+  flops_tok = metrics.flops_per_token(setup.model_cfg, t)
+  peak, source = metrics.device_peak_flops()
+  units = metrics.peak_units(setup.mesh.devices.flat)
+  mem = compiled.memory_analysis()
+  return {
+      "tokens_per_s": round(tokens_per_s, 1),
+      "step_s": round(step_s, 5),
+      "step_s_min": round(min(times), 5),
+      "flops_per_token": flops_tok,
+      "mfu": round(metrics.mfu(tokens_per_s, flops_tok, peak, units), 4),
+      "peak_flops": peak,
+      "peak_source": source,
+      "compile_s": round(compile_s, 2),
+      "temp_bytes_per_device": int(getattr(mem, "temp_size_in_bytes", -1)) if mem else -1,
+      "arg_bytes_per_device": int(getattr(mem, "argument_size_in_bytes", -1)) if mem else -1,
+      "loss": float(stats["loss"]),
+      "params": train.count_params_pure(state["params"]),
+      "devices": setup.mesh.size,
+      "device_kind": jax.devices()[0].device_kind,
+      "model": {k: config.model[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads",
+                                             "ffn_dim", "vocab_size", "dtype", "remat",
+                                             "scan_layers", "attention")},
+      "batch": b, "seq_len": t,
+  }
+
+
+def main(argv):
+  del argv
+  print(json.dumps(benchmark(_CONFIG.value, _STEPS.value, _WARMUP.value)))
+
+
+if __name__ == "__main__":
+  app.run(main)

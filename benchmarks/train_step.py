@@ -19,10 +19,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-
 
 def benchmark(config, steps: int, warmup: int) -> dict:
   import jax
@@ -88,4 +84,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags only when run as a script: benchmarks/compare.py imports `benchmark` with its own.
+  _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.")
+  _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
+  _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
   app.run(main)

@@ -1,6 +1,7 @@
 """The reference CPU benchmark shapes of docs/PERFORMANCE.md (`:A` or `:B`).
 
   python benchmarks/train_step.py --config=configs/cpu_bench.py:B
+  (or python run_train.py --config=configs/cpu_bench.py:B --workdir=/tmp/bench_b on random tokens)
   python benchmarks/compare.py --config=configs/cpu_bench.py:B
 
 A: dim 256, 4 layers, 8 heads / 4 kv heads, ffn 688, vocab 4096, 8 x 256 tokens per step.

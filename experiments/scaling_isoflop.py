@@ -52,7 +52,7 @@ BATCH = 8
 # The default corpus's SentencePiece BPE is trained with model.vocab_size pieces, so this one
 # number also picks the tokenizer. A smaller vocabulary (1024) shrinks the embeddings' share of
 # N and the LM head's share of the FLOPs; the budgets' windows would then need re-centring.
-VOCAB = 4096
+VOCAB = 259  # the byte tokenizer (data.tokenizer='byte')
 TOKENS_PER_STEP = SEQ_LEN * BATCH  # 8 seqs * 128 tokens = 1,024 tokens / step
 
 # (dim, n_layers): widths ~1.5x apart, depth growing slowly (dim / n_layers 8 .. 48). The first
@@ -61,11 +61,12 @@ LADDER = [(8, 1), (16, 1), (24, 1), (32, 2), (48, 2), (64, 3), (96, 3), (128, 4)
           (256, 4)]
 
 # Budget -> index of its first LADDER rung (5 rungs each). 10^0.5 apart: 2e11 * 10^1.5 = 6.3e12.
-BUDGETS = {2e11: 1, 6.32e11: 2, 2e12: 3, 6.32e12: 4}
+BUDGETS = {1e11: 0, 3.16e11: 1, 1e12: 2, 3.16e12: 3}
 SIZES_PER_BUDGET = 5
 
 BASE = {
     "model.vocab_size": VOCAB,
+    "data.tokenizer": "byte",
     "data.seq_len": SEQ_LEN,
     "data.batch_size": BATCH,
     "model.max_seq_len": SEQ_LEN,

@@ -255,6 +255,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
     t_last, steps_since = None, 0
     step = start_step
     stopped_by = None
+    if start_step == 0:  # the starting loss, so every curve shows how far training took it
+      last_eval = evaluate(eval_step, state["params"], eval_loader, t_cfg.eval_steps)
+      writer.write(0, {"eval_loss": last_eval})
+      log(f"step 0: eval_loss {last_eval:.4f}")
     try:
       with _StopSignal() as stop:
         for step, batch in train_loader.iterate(start_step):

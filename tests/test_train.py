@@ -138,7 +138,7 @@ def test_train_in_process_writes_metrics_and_checkpoints(tmp_path):
   assert [l["step"] for l in steps] == [1, 2, 3, 4, 5, 6]
   for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
     assert all(np.isfinite(l[key]) for l in steps), key
-  assert [l["step"] for l in lines if "eval_loss" in l] == [3, 6]
+  assert [l["step"] for l in lines if "eval_loss" in l] == [0, 3, 6]
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
   assert json.load(open(tmp_path / "config.json"))["model"]["dim"] == 48
   assert summary["step"] == 6 and np.isfinite(summary["eval_loss"])

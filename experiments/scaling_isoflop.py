@@ -4,42 +4,33 @@ Question: at a fixed training compute C, which model size N minimises the final 
 loss, and how do the optimal N*(C) and tokens D*(C) grow with C? Chinchilla (Hoffmann et al.
 2022) finds N* ∝ C^0.49 and D* ∝ C^0.51 (approach 2); Kaplan et al. (2020) N* ∝ C^0.73.
 
-Grid: 4 budgets, half a decade apart, 2e11 .. 6.3e12 FLOPs (1.5 decades), each trained with the
-5 consecutive sizes of LADDER that sit around its expected optimum (one rung up per half
-decade), 20 runs in all. C is counted exactly with llama_jax.metrics.flops_per_token (attention
-and the LM head included); each run's steps = round(C / (flops_per_token * 8 * 128)), so the
-runs of a budget spend the same compute to within rounding. Every run: seq 128, batch 8 (1024
-tokens / step), AdamW at the default lr with a cosine schedule fitted to its own length (5%
-warmup, decay to 10% at train.steps), one evaluation at the end over 16 batches. Sizes go from
-dim 16 / 1 layer (134k parameters, 3k of them outside the embeddings: the 4096-piece vocabulary
-dominates at this scale) to dim 192 / 4 layers (3.2M); every run has >= 70 steps.
+Grid: 4 budgets, half a decade apart, 1e11 .. 3.16e12 FLOPs (1.5 decades), each trained with the
+5 consecutive sizes of LADDER around its optimum (one rung up per half decade), 20 runs in all.
+C is counted exactly with llama_jax.metrics.flops_per_token (attention and the LM head
+included); each run's steps = round(C / (flops_per_token * 8 * 128)), so the runs of a budget
+spend the same compute to within rounding. Every run: the byte tokenizer (259 ids), seq 128,
+batch 8 (1024 tokens / step), AdamW at the default lr with a cosine schedule fitted to its own
+length (5% warmup, decay to 10% at train.steps), one evaluation at the end over 16 batches.
+Sizes go from dim 8 / 1 layer (5.0k parameters) to dim 128 / 4 layers (0.79M).
 
-Cost: sum of budgets x 5 = 4.6e13 FLOPs. A jitted train step measured on the 2 shared CPU cores
-of the dev machine reached 8 GFLOP/s (dim 16), 11 (dim 64) and 35 (dim 128); at 15-30 GFLOP/s
-the grid is 25-50 min of compute, plus ~20 compilations and the per-step overhead of ~16k
-steps: about an hour with --parallel 1 (parallel runs only share the same 2 cores).
+Why bytes: a first pilot with the corpus's 4096-piece BPE put the embeddings at 79-98% of N
+and the LM head at most of the FLOPs for every model this compute can train, and the cheapest
+budget's loss fell monotonically towards the smallest model (no interior minimum). With 259
+byte ids the transformer blocks are most of N and of the FLOPs, as in the large-scale studies.
 
-Launch (from the repository root), then fit:
+Cost: sum of budgets x 5 = 2.3e13 FLOPs: about 45 minutes on 2 CPU cores including ~20
+compilations. Launch (from the repository root), then fit:
 
   python -m llama_jax.sweep experiments/scaling_isoflop.py --workdir /tmp/isoflop --dry
   python -m llama_jax.sweep experiments/scaling_isoflop.py --workdir /tmp/isoflop
   python -m llama_jax.scaling /tmp/isoflop     # -> experiments/results/scaling_isoflop/
 
-An interrupted sweep is resumed by the same command. Where the optimum sits is the open question
-at this scale: the 4096-piece vocabulary makes the embeddings most of N and the LM head most of
-the FLOPs of the small models, and Chinchilla's own L(N, D) would put the optimum of the lowest
-budgets below dim 16. So pilot the cheapest budget first (~2 min) and look at its IsoFLOP curve:
+An interrupted sweep is resumed by the same command. If a budget's minimum lands on the edge of
+its 5 sizes, the report says so and leaves it out of the exponent fit: move that budget's
+window in BUDGETS one rung and rerun; finished runs are skipped, so only the new sizes train.
 
-  python -m llama_jax.sweep experiments/scaling_isoflop.py --workdir /tmp/isoflop --only 'C2e11_*'
-  python -m llama_jax.sweep experiments/scaling_isoflop.py --workdir /tmp/isoflop --collect
-  python -m llama_jax.scaling /tmp/isoflop --out /tmp/isoflop_pilot
+Result: see experiments/results/scaling_isoflop/report.md.
 
-If a budget's minimum lands on the edge of its 5 sizes, the report says so and leaves it out of
-the exponent fit: move that budget's window in BUDGETS one rung (LADDER has a spare at each
-end) and rerun; finished runs are skipped, so only the new sizes train.
-
-Result: not run yet.
-"""
 
 from llama_jax.metrics import flops_per_token
 from llama_jax.model import ModelConfig
@@ -49,9 +40,6 @@ CONFIG = "configs/default.py"
 
 SEQ_LEN = 128
 BATCH = 8
-# The default corpus's SentencePiece BPE is trained with model.vocab_size pieces, so this one
-# number also picks the tokenizer. A smaller vocabulary (1024) shrinks the embeddings' share of
-# N and the LM head's share of the FLOPs; the budgets' windows would then need re-centring.
 VOCAB = 259  # the byte tokenizer (data.tokenizer='byte')
 TOKENS_PER_STEP = SEQ_LEN * BATCH  # 8 seqs * 128 tokens = 1,024 tokens / step
 
@@ -60,7 +48,7 @@ TOKENS_PER_STEP = SEQ_LEN * BATCH  # 8 seqs * 128 tokens = 1,024 tokens / step
 LADDER = [(8, 1), (16, 1), (24, 1), (32, 2), (48, 2), (64, 3), (96, 3), (128, 4), (192, 4),
           (256, 4)]
 
-# Budget -> index of its first LADDER rung (5 rungs each). 10^0.5 apart: 2e11 * 10^1.5 = 6.3e12.
+# Budget -> index of its first LADDER rung (5 rungs each). 10^0.5 apart: 1e11 * 10^1.5 = 3.16e12.
 BUDGETS = {1e11: 0, 3.16e11: 1, 1e12: 2, 3.16e12: 3}
 SIZES_PER_BUDGET = 5
 

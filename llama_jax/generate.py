@@ -35,8 +35,6 @@ and each step's draw is independent of the others.
 from __future__ import annotations
 
 import functools
-import os
-import sys
 from typing import Any, Callable, Sequence
 
 import jax
@@ -44,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llama_jax.hf_tokenizer import HFDirTokenizer  # noqa: F401 (re-exported: it lived here)
 from llama_jax.model import Llama, init_cache
 
 PAD_MULTIPLE = 16  # prompt lengths are padded up to this, so nearby lengths share a compile
@@ -371,169 +370,9 @@ def sample_text(model: Llama, tokenizer, prompt: str, *, max_new_tokens: int,
   return prompt + stream.text()
 
 
-# ---------------------------------------------------------------------------- tokenizers
-
-class HFDirTokenizer:
-  """The tokenizer of a Hugging Face model directory: tokenizer.model (SentencePiece) or
-  tokenizer.json (the `tokenizers` library), with BOS/EOS ids from its config files."""
-
-  def __init__(self, path: str):
-    spm_path = os.path.join(path, "tokenizer.model")
-    json_path = os.path.join(path, "tokenizer.json")
-    ids = _special_ids(path)
-    if os.path.exists(spm_path):
-      import sentencepiece as spm
-      self._sp = spm.SentencePieceProcessor(model_file=spm_path)
-      self._encode = lambda s: self._sp.encode(s)
-      self._decode = lambda t: self._sp.decode(list(t))
-      self.vocab_size = self._sp.get_piece_size()
-      bos, eos = self._sp.bos_id(), self._sp.eos_id()
-    elif os.path.exists(json_path):
-      try:
-        import tokenizers
-      except ImportError as e:
-        raise ValueError(f"{path} has only tokenizer.json, which needs the `tokenizers` "
-                         "library: pip install tokenizers") from e
-      self._tok = tokenizers.Tokenizer.from_file(json_path)
-      self._encode = lambda s: self._tok.encode(s, add_special_tokens=False).ids
-      self._decode = lambda t: self._tok.decode(list(t), skip_special_tokens=True)
-      self.vocab_size = self._tok.get_vocab_size()
-      bos, eos = None, None
-    else:
-      raise ValueError(f"{path} has neither tokenizer.model nor tokenizer.json")
-    self.bos_id = ids.get("bos", bos)
-    self.eos_id = ids.get("eos", eos)
-
-  def encode(self, text: str) -> list[int]:
-    return list(self._encode(text))
-
-  def decode(self, tokens: Sequence[int]) -> str:
-    return self._decode([int(t) for t in tokens])
-
-
-def _special_ids(path: str) -> dict[str, Any]:
-  """bos/eos ids from generation_config.json, then config.json (eos may be a list)."""
-  import json
-  out: dict[str, Any] = {}
-  for name in ("config.json", "generation_config.json"):  # the later file wins
-    file = os.path.join(path, name)
-    if not os.path.exists(file):
-      continue
-    with open(file) as f:
-      c = json.load(f)
-    for key in ("bos", "eos"):
-      v = c.get(f"{key}_token_id")
-      if v is not None:
-        out[key] = v
-  return out
-
-
-# ---------------------------------------------------------------------------- CLI
-
-def _load(workdir: str | None, hf_dir: str | None, step: int | None, dtype: str | None):
-  if bool(workdir) == bool(hf_dir):
-    raise ValueError("give exactly one of --workdir (a llama_jax run) or --hf_dir "
-                     "(a Hugging Face Llama directory)")
-  if hf_dir:
-    from llama_jax.hf import load_hf
-    model, _ = load_hf(hf_dir, dtype=dtype, param_dtype=dtype)
-    return model, HFDirTokenizer(hf_dir)
-  from llama_jax import data
-  from llama_jax.checkpoint import restore_params
-  model, config, step = restore_params(workdir, step)
-  print(f"restored step {step} from {workdir}", file=sys.stderr)
-  # Training saves its tokenizer in the workdir; without it, rebuild it from config.data.
-  saved = any(os.path.isfile(os.path.join(workdir, name))
-              for name in ("tokenizer.model", "byte_tokenizer.json"))
-  tokenizer = data.tokenizer_from_path(workdir) if saved else data.make_tokenizer(config)
-  return model, tokenizer
-
-
-def _complete(model, tokenizer, prompts: list[str], flags_, out=sys.stdout) -> list[str]:
-  """Samples a completion for each prompt; one prompt streams its text as it is produced."""
-  encoded = [encode_prompt(tokenizer, p) for p in prompts]
-  eos = _eos(tokenizer)
-  kw = dict(max_new_tokens=flags_["max_new_tokens"], temperature=flags_["temperature"],
-            top_k=flags_["top_k"], top_p=flags_["top_p"], seed=flags_["seed"], eos_id=eos)
-  if len(prompts) == 1:
-    stream = TextStream(tokenizer, encoded[0])
-    out.write(prompts[0])
-    out.flush()
-
-    def callback(tokens):
-      if tokens[0] >= 0 and tokens[0] != eos:
-        out.write(stream.push(tokens[0]))
-        out.flush()
-
-    new = generate(model, encoded, callback=callback, **kw)
-    stream.tokens = _strip_eos(new[0], eos)
-    out.write(stream.text()[len(stream.emitted):] + "\n")
-    out.flush()
-    return [prompts[0] + stream.text()]
-  texts = []
-  for p, toks, new in zip(prompts, encoded, generate(model, encoded, **kw)):
-    stream = TextStream(tokenizer, toks)
-    stream.tokens = _strip_eos(new, eos)
-    texts.append(p + stream.text())
-  for i, t in enumerate(texts):
-    out.write(f"--- [{i}]\n{t}\n")
-  out.flush()
-  return texts
-
-
-def main(argv):
-  del argv
-  from absl import flags
-  f = flags.FLAGS
-  try:
-    model, tokenizer = _load(f.workdir, f.hf_dir, f.step, f.dtype)
-    settings = {k: f[k].value for k in ("max_new_tokens", "temperature", "top_k", "top_p",
-                                         "seed")}
-    if not f.prompt and not f.interactive:
-      raise ValueError("give --prompt=TEXT (repeatable) or --interactive")
-    if f.prompt:
-      _complete(model, tokenizer, list(f.prompt), settings)
-    if f.interactive:
-      while True:
-        try:
-          prompt = input("> ")
-        except EOFError:
-          break
-        if not prompt.strip():
-          continue
-        try:
-          _complete(model, tokenizer, [prompt], settings)
-        except ValueError as e:
-          print(f"error: {e}", file=sys.stderr)
-        settings["seed"] += 1  # a new draw for the next prompt
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  except Exception as e:  # noqa: BLE001 — the user-fixable errors of the loaders: one line
-    if type(e).__name__ in ("CheckpointError", "ConfigError", "DataError"):
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(1)
-    raise
-
-
-def _define_flags():
-  from absl import flags
-  flags.DEFINE_string("workdir", None, "A llama_jax run directory (newest checkpoint is used).")
-  flags.DEFINE_integer("step", None, "With --workdir: the checkpoint step (default newest).")
-  flags.DEFINE_string("hf_dir", None, "A Hugging Face Llama directory (config.json, "
-                      "*.safetensors, tokenizer.model or tokenizer.json).")
-  flags.DEFINE_string("dtype", None, "With --hf_dir: compute and parameter dtype "
-                      "(float32, bfloat16); default float32.")
-  flags.DEFINE_multi_string("prompt", [], "A prompt; repeat for a batch.")
-  flags.DEFINE_bool("interactive", False, "Read prompts from stdin, one per line.")
-  flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt.")
-  flags.DEFINE_float("temperature", 0.8, "0 = greedy.")
-  flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
-  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
-  flags.DEFINE_integer("seed", 0, "Sampling seed.")
-
-
-if __name__ == "__main__":
-  from absl import app
-  _define_flags()
-  app.run(main)
+if __name__ == "__main__":  # the command line lives in llama_jax.generate_cli
+  from absl import app, flags
+  from llama_jax import generate_cli
+  generate_cli._define_flags()
+  flags.adopt_module_key_flags(generate_cli)  # --help lists its flags as this program's
+  app.run(generate_cli.main)

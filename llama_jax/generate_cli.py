@@ -1,0 +1,124 @@
+"""The command line of llama_jax.generate: sampling from a llama_jax run or a Hugging Face
+Llama directory, one prompt streamed as it is produced, a batch of prompts, or --interactive.
+
+    python -m llama_jax.generate --workdir=DIR --prompt="def " [--prompt=...] [--interactive]
+    python -m llama_jax.generate --hf_dir=path/to/Llama-3.2-1B --prompt="The capital of France"
+        [--max_new_tokens=128 --temperature=0.8 --top_k=0 --top_p=1.0 --seed=0]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from llama_jax.generate import TextStream, _eos, _strip_eos, encode_prompt, generate
+from llama_jax.hf_tokenizer import HFDirTokenizer
+
+
+def _load(workdir: str | None, hf_dir: str | None, step: int | None, dtype: str | None):
+  if bool(workdir) == bool(hf_dir):
+    raise ValueError("give exactly one of --workdir (a llama_jax run) or --hf_dir "
+                     "(a Hugging Face Llama directory)")
+  if hf_dir:
+    from llama_jax.hf import load_hf
+    model, _ = load_hf(hf_dir, dtype=dtype, param_dtype=dtype)
+    return model, HFDirTokenizer(hf_dir)
+  from llama_jax import data
+  from llama_jax.checkpoint import restore_params
+  model, config, step = restore_params(workdir, step)
+  print(f"restored step {step} from {workdir}", file=sys.stderr)
+  # Training saves its tokenizer in the workdir; without it, rebuild it from config.data.
+  saved = any(os.path.isfile(os.path.join(workdir, name))
+              for name in ("tokenizer.model", "byte_tokenizer.json"))
+  tokenizer = data.tokenizer_from_path(workdir) if saved else data.make_tokenizer(config)
+  return model, tokenizer
+
+
+def _complete(model, tokenizer, prompts: list[str], flags_, out=sys.stdout) -> list[str]:
+  """Samples a completion for each prompt; one prompt streams its text as it is produced."""
+  encoded = [encode_prompt(tokenizer, p) for p in prompts]
+  eos = _eos(tokenizer)
+  kw = dict(max_new_tokens=flags_["max_new_tokens"], temperature=flags_["temperature"],
+            top_k=flags_["top_k"], top_p=flags_["top_p"], seed=flags_["seed"], eos_id=eos)
+  if len(prompts) == 1:
+    stream = TextStream(tokenizer, encoded[0])
+    out.write(prompts[0])
+    out.flush()
+
+    def callback(tokens):
+      if tokens[0] >= 0 and tokens[0] != eos:
+        out.write(stream.push(tokens[0]))
+        out.flush()
+
+    new = generate(model, encoded, callback=callback, **kw)
+    stream.tokens = _strip_eos(new[0], eos)
+    out.write(stream.text()[len(stream.emitted):] + "\n")
+    out.flush()
+    return [prompts[0] + stream.text()]
+  texts = []
+  for p, toks, new in zip(prompts, encoded, generate(model, encoded, **kw)):
+    stream = TextStream(tokenizer, toks)
+    stream.tokens = _strip_eos(new, eos)
+    texts.append(p + stream.text())
+  for i, t in enumerate(texts):
+    out.write(f"--- [{i}]\n{t}\n")
+  out.flush()
+  return texts
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  f = flags.FLAGS
+  try:
+    model, tokenizer = _load(f.workdir, f.hf_dir, f.step, f.dtype)
+    settings = {k: f[k].value for k in ("max_new_tokens", "temperature", "top_k", "top_p",
+                                         "seed")}
+    if not f.prompt and not f.interactive:
+      raise ValueError("give --prompt=TEXT (repeatable) or --interactive")
+    if f.prompt:
+      _complete(model, tokenizer, list(f.prompt), settings)
+    if f.interactive:
+      while True:
+        try:
+          prompt = input("> ")
+        except EOFError:
+          break
+        if not prompt.strip():
+          continue
+        try:
+          _complete(model, tokenizer, [prompt], settings)
+        except ValueError as e:
+          print(f"error: {e}", file=sys.stderr)
+        settings["seed"] += 1  # a new draw for the next prompt
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  except Exception as e:  # noqa: BLE001 — the user-fixable errors of the loaders: one line
+    if type(e).__name__ in ("CheckpointError", "ConfigError", "DataError"):
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+    raise
+
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string("workdir", None, "A llama_jax run directory (newest checkpoint is used).")
+  flags.DEFINE_integer("step", None, "With --workdir: the checkpoint step (default newest).")
+  flags.DEFINE_string("hf_dir", None, "A Hugging Face Llama directory (config.json, "
+                      "*.safetensors, tokenizer.model or tokenizer.json).")
+  flags.DEFINE_string("dtype", None, "With --hf_dir: compute and parameter dtype "
+                      "(float32, bfloat16); default float32.")
+  flags.DEFINE_multi_string("prompt", [], "A prompt; repeat for a batch.")
+  flags.DEFINE_bool("interactive", False, "Read prompts from stdin, one per line.")
+  flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt.")
+  flags.DEFINE_float("temperature", 0.8, "0 = greedy.")
+  flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)

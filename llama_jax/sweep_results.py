@@ -1,0 +1,87 @@
+"""A sweep's results.csv: one row per run (overrides, tags, sizes, final losses, wall time,
+status), written by collect_results and read back, numbers typed, by read_results.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from typing import Any, Sequence
+
+from llama_jax.sweep_config import get_value
+from llama_jax.sweep_run import Run, final_value, last_step
+
+
+def result_row(run: Run) -> dict[str, Any]:
+  metrics = run.metrics()
+  sizes = run.sizes()
+  row: dict[str, Any] = {"name": run.name}
+  row.update(run.overrides)
+  row.update(run.tags)
+  row.update(sizes)
+  row.update(
+      steps=run.steps,
+      final_step=last_step(metrics) if metrics else "",
+      final_loss=final_value(metrics, "loss"),
+      final_eval_loss=final_value(metrics, "eval_loss"),
+      wall_s=run.record().get("wall_s", ""),
+      status=run.status(),
+  )
+  return row
+
+
+_SIZE_COLUMNS = ["params", "non_embedding_params", "tokens", "flops", "kaplan_flops", "steps",
+                 "final_step", "final_loss", "final_eval_loss", "wall_s", "status"]
+
+
+def collect_results(runs: Sequence[Run], path: str) -> list[dict[str, Any]]:
+  """Writes results.csv (one row per run) and returns the rows. Columns: name, every config key
+  some run overrides (each run's resolved value), tags, sizes, final losses, wall_s, status."""
+  rows = [result_row(r) for r in runs]
+  override_keys = list(dict.fromkeys(k for r in runs for k in r.overrides))
+  tag_keys = [k for k in dict.fromkeys(k for r in runs for k in r.tags) if k not in override_keys]
+  columns = ["name"] + override_keys + tag_keys
+  for run, row in zip(runs, rows):  # a key another run overrides: this run's resolved value
+    for k in override_keys:
+      row.setdefault(k, get_value(run.config, k))
+  columns += [c for c in _SIZE_COLUMNS if c not in columns]
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=columns, restval="")
+    w.writeheader()
+    for row in rows:
+      w.writerow({k: _csv_value(v) for k, v in row.items()})
+  return rows
+
+
+def _csv_value(v: Any) -> Any:
+  if isinstance(v, bool):
+    return "true" if v else "false"
+  if isinstance(v, float):
+    return "" if math.isnan(v) else repr(v)
+  if isinstance(v, (tuple, list, dict)):
+    return json.dumps(v)
+  return v
+
+
+def read_results(path: str) -> list[dict[str, Any]]:
+  """results.csv back as dicts, numbers as int / float (empty cells as nan)."""
+  with open(path, newline="") as f:
+    rows = list(csv.DictReader(f))
+  return [{k: _parse_cell(v) for k, v in row.items()} for row in rows]
+
+
+def _parse_cell(v: str) -> Any:
+  if v is None:
+    return None
+  if v == "":
+    return math.nan
+  for cast in (int, float):
+    try:
+      return cast(v)
+    except ValueError:
+      pass
+  return v
+

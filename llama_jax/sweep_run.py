@@ -1,0 +1,139 @@
+"""One run of a sweep: its name, overrides and resolved config, its sizes (params, tokens,
+FLOPs), its run_train.py arguments, and its state on disk (metrics.jsonl, sweep.json, DONE).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from typing import Any
+
+import ml_collections
+
+from llama_jax.sweep_config import format_value
+
+STATUSES = ("done", "incomplete", "failed", "pending")
+
+
+@dataclasses.dataclass
+class Run:
+  """One point of a sweep: a name, its overrides (BASE first), the resolved config."""
+
+  name: str
+  overrides: dict[str, Any]
+  config: ml_collections.ConfigDict
+  workdir: str
+  config_file: str           # 'path.py[:arg]', the path absolute
+  tags: dict[str, Any] = dataclasses.field(default_factory=dict)
+  _sizes: dict[str, float] | None = dataclasses.field(default=None, repr=False)
+
+  # -- sizes
+  @property
+  def model_config(self):
+    from llama_jax.model import ModelConfig
+    return ModelConfig.from_dict(self.config.model)
+
+  def sizes(self) -> dict[str, float]:
+    """params, non-embedding params, tokens, exact and Kaplan FLOPs (cached)."""
+    if self._sizes is None:
+      from llama_jax.metrics import flops_per_token, kaplan_flops_per_token
+      cfg = self.model_config
+      seq_len = int(self.config.data.seq_len)
+      tokens = int(self.config.train.steps) * int(self.config.data.batch_size) * seq_len
+      non_embed = _count_params(cfg, True)
+      self._sizes = dict(
+          params=_count_params(cfg, False),
+          non_embedding_params=non_embed,
+          tokens=tokens,
+          flops=flops_per_token(cfg, seq_len) * tokens,
+          kaplan_flops=kaplan_flops_per_token(non_embed) * tokens,
+      )
+    return self._sizes
+
+  # -- command
+  def train_args(self, *, config_file: str | None = None, workdir: str | None = None) -> list[str]:
+    """run_train.py's arguments (no program): --config, --workdir, one --config.k=v each."""
+    args = [f"--config={config_file or self.config_file}",
+            f"--workdir={workdir or self.workdir}"]
+    args += [f"--config.{k}={format_value(v)}" for k, v in self.overrides.items()]
+    return args
+
+  # -- state on disk
+  @property
+  def steps(self) -> int:
+    return int(self.config.train.steps)
+
+  def metrics(self) -> list[dict[str, Any]]:
+    return read_jsonl(os.path.join(self.workdir, "metrics.jsonl"))
+
+  def record(self) -> dict[str, Any]:
+    path = os.path.join(self.workdir, "sweep.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        return json.load(f)
+    return {}
+
+  def is_finished(self, metrics: list[dict[str, Any]] | None = None) -> bool:
+    """DONE written for at least train.steps, or metrics.jsonl reaching train.steps."""
+    done = os.path.join(self.workdir, "DONE")
+    if os.path.exists(done):
+      try:
+        with open(done) as f:
+          if int(json.load(f)["steps"]) >= self.steps:
+            return True
+      except (ValueError, KeyError, TypeError):  # a DONE without steps (made by hand): trusted
+        return True
+    metrics = self.metrics() if metrics is None else metrics
+    return last_step(metrics) >= self.steps
+
+  def status(self) -> str:
+    metrics = self.metrics()
+    if self.is_finished(metrics):
+      return "done"
+    attempts = self.record().get("attempts", [])
+    if (attempts and attempts[-1].get("returncode") not in (0, None)
+        and not attempts[-1].get("interrupted")):
+      return "failed"
+    if metrics or attempts:
+      return "incomplete"
+    return "pending"
+
+
+@functools.lru_cache(maxsize=None)
+def _count_params(cfg, non_embedding: bool) -> int:
+  """llama_jax.model.count_params, once per distinct shape (it traces the model)."""
+  from llama_jax.model import count_params
+  return count_params(cfg, non_embedding=non_embedding)
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """Lines of a JSONL file; a torn last line (a killed writer) is ignored."""
+  if not os.path.exists(path):
+    return []
+  out = []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return out
+
+
+def last_step(metrics: list[dict[str, Any]]) -> int:
+  return max((int(m["step"]) for m in metrics if "step" in m), default=-1)
+
+
+def final_value(metrics: list[dict[str, Any]], key: str) -> float:
+  """The value of `key` at the largest step that logged it (nan if never logged)."""
+  best_step, value = -math.inf, math.nan
+  for m in metrics:
+    if key in m and m[key] is not None and m.get("step", 0) >= best_step:
+      best_step, value = m.get("step", 0), float(m[key])
+  return value

@@ -239,6 +239,22 @@ def sinusoidal_embedding(positions: jax.Array, dim: int) -> jax.Array:
 
 # ---------------------------------------------------------------------------- attention
 
+def attend(q, k, v, mask, is_causal: bool, implementation: str):
+  """softmax(q k^T / sqrt(H)) v, [B, T, N, H] x [B, S, K, H] -> [B, T, N, H].
+
+  The `xla` path is rematerialised: its backward recomputes the [B, N, T, S] scores from q, k, v
+  instead of saving them per layer (what flash attention does). Saved, the scores of every
+  layer are stacked by the layer scan and copied back out in the backward pass; on CPU those
+  copies cost more than the recomputation (docs/PERFORMANCE.md). cuDNN keeps its own residuals.
+  """
+  def core(q, k, v, mask):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+                                        implementation=implementation)
+  if implementation == "xla":
+    core = jax.checkpoint(core)
+  return core(q, k, v, mask)
+
+
 class Attention(nnx.Module):
   """Grouped-query attention; n_kv_heads == n_heads is MHA, n_kv_heads == 1 is MQA."""
 
@@ -278,8 +294,7 @@ class Attention(nnx.Module):
     is_causal = cache is None
     if cache is None and segment_ids is not None:
       mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # [B, 1, T, T]
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
-                                       implementation=cfg.attention)
+    out = attend(q, k, v, mask, is_causal, cfg.attention)
     out = jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dt))
     return out, cache
 

@@ -5,7 +5,8 @@ loss, and how do the optimal N*(C) and tokens D*(C) grow with C? Chinchilla (Hof
 2022) finds N* ∝ C^0.49 and D* ∝ C^0.51 (approach 2); Kaplan et al. (2020) N* ∝ C^0.73.
 
 Grid: 4 budgets, half a decade apart, 1e11 .. 3.16e12 FLOPs (1.5 decades), each trained with the
-5 consecutive sizes of LADDER around its optimum (one rung up per half decade), 20 runs in all.
+5 consecutive sizes of LADDER around its optimum (one rung up per half decade), with 2 seeds
+for the two cheapest budgets (SEEDS), 30 runs in all.
 C is counted exactly with llama_jax.metrics.flops_per_token (attention and the LM head
 included); each run's steps = round(C / (flops_per_token * 8 * 128)), so the runs of a budget
 spend the same compute to within rounding. Every run: the byte tokenizer (259 ids), seq 128,
@@ -18,8 +19,7 @@ and the LM head at most of the FLOPs for every model this compute can train, and
 budget's loss fell monotonically towards the smallest model (no interior minimum). With 259
 byte ids the transformer blocks are most of N and of the FLOPs, as in the large-scale studies.
 
-Cost: sum of budgets x 5 = 2.3e13 FLOPs: about 45 minutes on 2 CPU cores including ~20
-compilations. Launch (from the repository root), then fit:
+Cost: 2.5e13 FLOPs: about 50 minutes on 2 CPU cores including the ~30 compilations. Launch (from the repository root), then fit:
 
   python -m llama_jax.sweep experiments/scaling_isoflop.py --workdir /tmp/isoflop --dry
   python -m llama_jax.sweep experiments/scaling_isoflop.py --workdir /tmp/isoflop
@@ -30,7 +30,7 @@ its 5 sizes, the report says so and leaves it out of the exponent fit: move that
 window in BUDGETS one rung and rerun; finished runs are skipped, so only the new sizes train.
 
 Result: see experiments/results/scaling_isoflop/report.md.
-
+"""
 
 from llama_jax.metrics import flops_per_token
 from llama_jax.model import ModelConfig
@@ -51,6 +51,10 @@ LADDER = [(8, 1), (16, 1), (24, 1), (32, 2), (48, 2), (64, 3), (96, 3), (128, 4)
 # Budget -> index of its first LADDER rung (5 rungs each). 10^0.5 apart: 1e11 * 10^1.5 = 3.16e12.
 BUDGETS = {1e11: 0, 3.16e11: 1, 1e12: 2, 3.16e12: 3}
 SIZES_PER_BUDGET = 5
+# Seeds (train.seed and data.seed) per budget. The two cheapest budgets train each model for
+# the fewest tokens and have the noisiest final losses; a second seed there costs 9% of the
+# grid's FLOPs, against 91% for a second seed of the two larger budgets.
+SEEDS = {1e11: (0, 1), 3.16e11: (0, 1), 1e12: (0,), 3.16e12: (0,)}
 
 BASE = {
     "model.vocab_size": VOCAB,
@@ -76,12 +80,17 @@ def steps_for(budget: float, dim: int, n_layers: int) -> int:
 def sweep(add):
   for budget, start in BUDGETS.items():
     for dim, n_layers in LADDER[start:start + SIZES_PER_BUDGET]:
-      steps = steps_for(budget, dim, n_layers)
-      add(name=f"C{budget:.2g}_d{dim}L{n_layers}".replace("+", ""),
-          tags={"budget": budget},
-          **{f"model.{k}": v for k, v in shape(dim, n_layers).items()},
-          **{"train.steps": steps,
-             "optim.warmup_steps": max(1, round(0.05 * steps)),
-             "train.eval_every": steps,            # evaluate once, at the end
-             "train.checkpoint_every": max(50, steps // 4),
-             "train.log_every": max(1, min(10, steps // 20))})
+      for seed in SEEDS[budget]:
+        _add_run(add, budget, dim, n_layers, seed)
+
+
+def _add_run(add, budget, dim, n_layers, seed):
+  steps = steps_for(budget, dim, n_layers)
+  name = f"C{budget:.2g}_d{dim}L{n_layers}".replace("+", "") + (f"_s{seed}" if seed else "")
+  add(name=name, tags={"budget": budget},
+      **{f"model.{k}": v for k, v in shape(dim, n_layers).items()},
+      **{"train.seed": seed, "data.seed": seed, "train.steps": steps,
+         "optim.warmup_steps": max(1, round(0.05 * steps)),
+         "train.eval_every": steps,            # evaluate once, at the end
+         "train.checkpoint_every": max(50, steps // 4),
+         "train.log_every": max(1, min(10, steps // 20))})

@@ -294,6 +294,7 @@ class IsoFLOPFit:
   n_bootstrap: int
   n_bootstrap_used: int
   notes: list[str]
+  bootstrap_method: str = "residual"
 
   @property
   def a(self) -> float:
@@ -320,9 +321,43 @@ def _line(fits: Sequence[BudgetFit]) -> tuple[float, float, float, float]:
   return float(a), float(a0), float(b), float(b0)
 
 
+BOOTSTRAP_METHODS = ("residual", "runs")
+
+
+def _run_resample(fit: BudgetFit, g: Sequence[Point], rng) -> list[Point]:
+  """The budget's runs drawn with replacement (>= 3 distinct sizes, so a parabola exists)."""
+  for _attempt in range(100):
+    pick = [g[i] for i in rng.integers(0, len(g), len(g))]
+    if len({p.log_n for p in pick}) >= 3:
+      return pick
+  return list(g)
+
+
+def _residual_resample(fit: BudgetFit, g: Sequence[Point], rng) -> list[Point]:
+  """The same sizes, with the parabola's residuals redrawn with replacement.
+
+  Residuals are inflated by sqrt(n / (n - 3)) (a parabola has 3 parameters), the usual
+  correction for the variance a least-squares fit absorbs."""
+  x = np.array([p.log_n for p in g])
+  fitted = np.polyval(fit.coeffs, x)
+  resid = np.array([p.loss for p in g]) - fitted
+  n = len(g)
+  resid = resid * math.sqrt(n / max(n - 3, 1))
+  new_loss = fitted + rng.choice(resid, size=n, replace=True)
+  return [dataclasses.replace(p, loss=float(l)) for p, l in zip(g, new_loss)]
+
+
 def fit_isoflop(points: Sequence[Point], *, convention: str = "exact", bootstrap: int = 1000,
-                seed: int = 0, require_interior: bool = True) -> IsoFLOPFit:
-  """Per-budget parabolas, then the power laws N*(C), D*(C) with 95% bootstrap intervals."""
+                seed: int = 0, require_interior: bool = True,
+                bootstrap_method: str = "residual") -> IsoFLOPFit:
+  """Per-budget parabolas, then the power laws N*(C), D*(C) with 95% bootstrap intervals.
+
+  bootstrap_method 'residual' (default) keeps each budget's designed sizes and redraws the
+  parabola's residuals: the fixed-design bootstrap, right for a grid chosen in advance.
+  'runs' redraws whole runs; with 5 runs a budget, many draws keep only 3 distinct sizes and
+  the refitted parabola is then barely determined, which inflates the interval."""
+  if bootstrap_method not in BOOTSTRAP_METHODS:
+    raise ValueError(f"bootstrap_method={bootstrap_method!r} is not one of {BOOTSTRAP_METHODS}")
   groups = _group(points)
   notes: list[str] = []
   for budget, g in list(groups.items()):
@@ -346,20 +381,14 @@ def fit_isoflop(points: Sequence[Point], *, convention: str = "exact", bootstrap
     raise ValueError(f"need >= 2 budgets with a minimum, got {len(used)} of {len(fits)}")
   a, a0, b, b0 = _line(used)
 
-  # Bootstrap: resample runs within each used budget, refit parabolas and lines.
   rng = np.random.default_rng(seed)
   used_groups = [groups[f.budget] for f in used]
+  draw = _residual_resample if bootstrap_method == "residual" else _run_resample
   samples = []
   for _ in range(bootstrap):
     refits = []
-    for g in used_groups:
-      for _attempt in range(100):
-        pick = [g[i] for i in rng.integers(0, len(g), len(g))]
-        if len({p.log_n for p in pick}) >= 3:
-          break
-      else:
-        pick = g
-      bf = fit_budget(pick, convention)
+    for fit, g in zip(used, used_groups):
+      bf = fit_budget(draw(fit, g, rng), convention)
       if not bf.valid:
         break
       refits.append(bf)
@@ -378,7 +407,8 @@ def fit_isoflop(points: Sequence[Point], *, convention: str = "exact", bootstrap
 
   return IsoFLOPFit(convention=convention, budgets=fits, used=[f.budget for f in used],
                     n_opt=PowerLaw(a, a0, ci(0)), d_opt=PowerLaw(b, b0, ci(2)),
-                    n_bootstrap=bootstrap, n_bootstrap_used=len(samples), notes=notes)
+                    n_bootstrap=bootstrap, n_bootstrap_used=len(samples), notes=notes,
+                    bootstrap_method=bootstrap_method)
 
 
 # ---------------------------------------------------------------------------- plots
@@ -459,8 +489,16 @@ def _fmt_ci(law: PowerLaw) -> str:
   return f"{law.exponent:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+_METHOD_TEXT = {
+    "residual": "redrawing each budget's parabola residuals at its fixed sizes (residual "
+                "bootstrap, residuals inflated by sqrt(n/(n-3)))",
+    "runs": "resampling whole runs within each budget",
+}
+
+
 def report_markdown(fits: Sequence[IsoFLOPFit], *, source: str = "", n_runs: int | None = None,
-                    loss: str = "eval", dropped: Sequence[str] = ()) -> str:
+                    loss: str = "eval", dropped: Sequence[str] = (),
+                    alternates: Sequence[IsoFLOPFit] = ()) -> str:
   lines = ["# IsoFLOP scaling (Chinchilla approach 2)", ""]
   if source:
     lines.append(f"Source: `{source}`" + (f", {n_runs} runs used" if n_runs is not None else "")
@@ -482,13 +520,21 @@ def report_markdown(fits: Sequence[IsoFLOPFit], *, source: str = "", n_runs: int
     lines.append("")
   lines += ["## Exponents", "",
             f"N* ∝ C^a and D* ∝ C^b, least squares over budgets; 95% percentile bootstrap "
-            f"intervals from resampling runs within each budget.", "",
+            f"intervals from {_METHOD_TEXT[fits[0].bootstrap_method]}.", "",
             "| convention | a (N*) | b (D*) | a + b | budgets used | bootstrap resamples |",
             "|---|---|---|---:|---:|---:|"]
   for fit in fits:
     lines.append(f"| {fit.convention} | {_fmt_ci(fit.n_opt)} | {_fmt_ci(fit.d_opt)} | "
                  f"{fit.a + fit.b:.3f} | {len(fit.used)} | {fit.n_bootstrap_used}/"
                  f"{fit.n_bootstrap} |")
+  if alternates:
+    lines += ["", "The same exponents with intervals from "
+              f"{_METHOD_TEXT[alternates[0].bootstrap_method]} (with 5 runs a budget many draws "
+              "keep 3 distinct sizes, which leaves the refitted parabola barely determined):", "",
+              "| convention | a (N*) | b (D*) | bootstrap resamples |", "|---|---|---|---:|"]
+    for fit in alternates:
+      lines.append(f"| {fit.convention} | {_fmt_ci(fit.n_opt)} | {_fmt_ci(fit.d_opt)} | "
+                   f"{fit.n_bootstrap_used}/{fit.n_bootstrap} |")
   lines += ["", "## Against published results", "",
             "| reference | a | b | " + " | ".join(f"a inside {f.convention} CI" for f in fits)
             + " |", "|---|---:|---:|" + "---|" * len(fits)]
@@ -510,7 +556,8 @@ def report_markdown(fits: Sequence[IsoFLOPFit], *, source: str = "", n_runs: int
 
 
 def analyze(results: str, out_dir: str = DEFAULT_OUT, *, loss: str = "eval",
-            bootstrap: int = 1000, seed: int = 0) -> dict[str, IsoFLOPFit]:
+            bootstrap: int = 1000, seed: int = 0,
+            bootstrap_method: str = "residual") -> dict[str, IsoFLOPFit]:
   """results.csv (or the sweep directory holding it) -> OUT/{results.csv, report.md,
   isoflop.png, optimal.png}; returns the fits by convention."""
   from llama_jax.sweep import read_results
@@ -526,11 +573,14 @@ def analyze(results: str, out_dir: str = DEFAULT_OUT, *, loss: str = "eval",
     raise ValueError(f"{path}: no finished run with a {loss_key}")
   for r in used:
     r["loss"] = float(r[loss_key])
-  fits = {}
-  points = {}
+  fits, alternates, points = {}, [], {}
+  other = next(m for m in BOOTSTRAP_METHODS if m != bootstrap_method)
   for conv in CONVENTIONS:
     points[conv] = points_from_rows(used, conv)
-    fits[conv] = fit_isoflop(points[conv], convention=conv, bootstrap=bootstrap, seed=seed)
+    fits[conv] = fit_isoflop(points[conv], convention=conv, bootstrap=bootstrap, seed=seed,
+                             bootstrap_method=bootstrap_method)
+    alternates.append(fit_isoflop(points[conv], convention=conv, bootstrap=bootstrap, seed=seed,
+                                  bootstrap_method=other))
 
   os.makedirs(out_dir, exist_ok=True)
   columns = list(rows[0].keys())
@@ -543,7 +593,8 @@ def analyze(results: str, out_dir: str = DEFAULT_OUT, *, loss: str = "eval",
   plot_optimal(list(fits.values()), os.path.join(out_dir, "optimal.png"))
   with open(os.path.join(out_dir, "report.md"), "w") as f:
     f.write(report_markdown(list(fits.values()), source=path, n_runs=len(used), loss=loss,
-                            dropped=[str(r.get("name")) for r in dropped]))
+                            dropped=[str(r.get("name")) for r in dropped],
+                            alternates=alternates))
   return fits
 
 
@@ -555,9 +606,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--loss", choices=("eval", "train"), default="eval")
   p.add_argument("--bootstrap", type=int, default=1000)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--bootstrap_method", choices=BOOTSTRAP_METHODS, default="residual")
   args = p.parse_args(argv)
   fits = analyze(args.results, args.out, loss=args.loss, bootstrap=args.bootstrap,
-                 seed=args.seed)
+                 seed=args.seed, bootstrap_method=args.bootstrap_method)
   for conv, fit in fits.items():
     print(f"{conv}: a = {_fmt_ci(fit.n_opt)}, b = {_fmt_ci(fit.d_opt)}")
   print(f"wrote {args.out}/{{results.csv,report.md,isoflop.png,optimal.png}}")

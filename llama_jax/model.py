@@ -400,7 +400,9 @@ class Llama(nnx.Module):
     if cfg.position == "learned":
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
     elif cfg.position == "sinusoidal":
-      x = x + sinusoidal_embedding(positions, cfg.dim).astype(dt)
+      # Vaswani et al. 2017, sec. 3.4: token embeddings are scaled by sqrt(dim) before the
+      # unit-amplitude sinusoids are added; unscaled, our 0.02-std embeddings would be swamped.
+      x = x * math.sqrt(cfg.dim) + sinusoidal_embedding(positions, cfg.dim).astype(dt)
     x = constrain(x, ("act_batch", "act_seq", "act_embed"))
     rope = rope_angles(cfg, positions) if cfg.position == "rope" else None
     mask = None

@@ -162,12 +162,12 @@ class Point:
 CONVENTIONS = {
     # name: (N column, C column, description)
     "exact": ("params", "flops", "N = all parameters, C = exact training FLOPs"),
-    "kaplan": ("non_embedding_params", "kaplan_flops",
+    "kaplan": ("nonembedding_params", "kaplan_flops",
                "N = non-embedding parameters, C = 6 N D"),
 }
 
 
-def budget_groups(rows: Sequence[Mapping[str, Any]], *, budget_key: str = "budget",
+def budget_groups(rows: Sequence[Mapping[str, Any]], *, budget_key: str = "flops_budget",
                   flops_key: str = "flops", tolerance_decades: float = 0.05) -> list[float]:
   """The budget of each row: its `budget` value, else the geometric mean of a cluster of rows
   whose FLOPs agree within tolerance_decades."""
@@ -193,7 +193,7 @@ def _finite(v: Any) -> bool:
 
 
 def points_from_rows(rows: Sequence[Mapping[str, Any]], convention: str = "exact", *,
-                     loss_key: str = "loss", budget_key: str = "budget") -> list[Point]:
+                     loss_key: str = "loss", budget_key: str = "flops_budget") -> list[Point]:
   """Rows with N / tokens / FLOPs / loss columns (results.csv names) -> Points of a convention."""
   n_key, c_key, _ = CONVENTIONS[convention]
   groups = budget_groups(rows, budget_key=budget_key)
@@ -529,7 +529,7 @@ def report_markdown(fits: Sequence[IsoFLOPFit], *, source: str = "", n_runs: int
                  f"{fit.n_bootstrap} |")
   if alternates:
     lines += ["", "The same exponents with intervals from "
-              f"{_METHOD_TEXT[alternates[0].bootstrap_method]} (with 5 runs a budget many draws "
+              f"{_METHOD_TEXT[alternates[0].bootstrap_method]} (with 5 sizes a budget many draws "
               "keep 3 distinct sizes, which leaves the refitted parabola barely determined):", "",
               "| convention | a (N*) | b (D*) | bootstrap resamples |", "|---|---|---|---:|"]
     for fit in alternates:

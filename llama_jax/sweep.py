@@ -216,7 +216,7 @@ def dry_listing(runs: Sequence[Run], train_cmd: Sequence[str]) -> str:
     total += s["flops"]
     total_kaplan += s["kaplan_flops"]
     out.write(f"{run.name}  [{run.status()}]  params={_fmt_count(s['params'])} "
-              f"non_embed={_fmt_count(s['non_embedding_params'])} steps={run.steps} "
+              f"non_embed={_fmt_count(s['nonembedding_params'])} steps={run.steps} "
               f"tokens={_fmt_count(s['tokens'])} flops={s['flops']:.3g} "
               f"kaplan_flops={s['kaplan_flops']:.3g}\n")
     out.write(f"  {shlex.join(list(train_cmd) + run.train_args())}\n")

@@ -46,7 +46,7 @@ class Run:
       non_embed = _count_params(cfg, True)
       self._sizes = dict(
           params=_count_params(cfg, False),
-          non_embedding_params=non_embed,
+          nonembedding_params=non_embed,
           tokens=tokens,
           flops=flops_per_token(cfg, seq_len) * tokens,
           kaplan_flops=kaplan_flops_per_token(non_embed) * tokens,

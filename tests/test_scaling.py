@@ -28,8 +28,8 @@ def chinchilla_rows(budgets=(1e18, 1e19, 1e20, 1e21), noise=0.005, seed=1, half_
     for n in ladder[np.abs(np.log10(ladder / n_opt)) <= half_width]:
       d = c / (6 * n)
       loss = E + A / n**ALPHA + B / d**BETA + rng.normal(0, noise)
-      rows.append(dict(name=f"C{c:.0e}_N{n:.3g}", budget=c, params=n,
-                       non_embedding_params=0.8 * n, tokens=d, flops=c,
+      rows.append(dict(name=f"C{c:.0e}_N{n:.3g}", flops_budget=c, params=n,
+                       nonembedding_params=0.8 * n, tokens=d, flops=c,
                        kaplan_flops=6 * 0.8 * n * d, loss=loss))
   return rows
 
@@ -92,7 +92,7 @@ def test_kaplan_convention_and_grouping_without_budget_column():
   rows = chinchilla_rows(noise=0.0)
   for i, r in enumerate(rows):
     r["flops"] *= 1 + 0.003 * (i % 3)  # steps rounding: budgets not exact
-    del r["budget"]
+    del r["flops_budget"]
   points = scaling.points_from_rows(rows, "kaplan")
   assert len({p.group for p in points}) == 4
   fit = scaling.fit_isoflop(points, convention="kaplan", bootstrap=50)
@@ -106,12 +106,12 @@ def test_edge_minimum_is_flagged_and_left_out():
   rows = chinchilla_rows(budgets=(1e18, 1e19, 1e20, 1e21), noise=0.0)
   # The largest budget only gets models far below its optimum: minimum at the edge.
   n_opt = G * (1e21 / 6) ** A_TRUE
-  rows = [r for r in rows if r["budget"] != 1e21]
+  rows = [r for r in rows if r["flops_budget"] != 1e21]
   for n in n_opt * np.logspace(-1.6, -1.0, 5):
-    rows.append(dict(name=f"edge{n:.3g}", budget=1e21, params=n, non_embedding_params=n,
+    rows.append(dict(name=f"edge{n:.3g}", flops_budget=1e21, params=n, nonembedding_params=n,
                      tokens=1e21 / (6 * n), flops=1e21, kaplan_flops=1e21,
                      loss=E + A / n**ALPHA + B / (1e21 / (6 * n))**BETA))
-  rows += [dict(rows[0], budget=1e22, params=p, flops=1e22) for p in (1e9, 2e9)]  # too few
+  rows += [dict(rows[0], flops_budget=1e22, params=p, flops=1e22) for p in (1e9, 2e9)]  # too few
   fit = scaling.fit_isoflop(scaling.points_from_rows(rows), bootstrap=20)
   assert any("1e+22: only 2 distinct sizes" in n for n in fit.notes)
   edge = [f for f in fit.budgets if f.budget == 1e21][0]
@@ -152,7 +152,7 @@ def test_isoflop_sweep_grid():
   runs = sweep.expand("experiments/scaling_isoflop.py", "/tmp/unused")
   budgets = {}
   for r in runs:
-    budgets.setdefault(r.tags["budget"], []).append(r)
+    budgets.setdefault(r.tags["flops_budget"], []).append(r)
   assert len(budgets) >= 4 and math.log10(max(budgets) / min(budgets)) >= 1.5 - 1e-3
   for budget, group in budgets.items():
     assert len({r.config.model.dim for r in group}) >= 5

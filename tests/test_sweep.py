@@ -214,7 +214,7 @@ def test_results_csv(tmp_path, fake):
   back = sweep.read_results(str(out / "results.csv"))
   header = open(out / "results.csv").readline().strip().split(",")
   assert header == ["name", "data.seq_len", "model.max_seq_len", "train.steps", "model.position",
-                    "train.seed", "budget", "params", "non_embedding_params", "tokens", "flops",
+                    "train.seed", "budget", "params", "nonembedding_params", "tokens", "flops",
                     "kaplan_flops", "steps", "final_step", "final_loss", "final_eval_loss",
                     "wall_s", "status"]
   assert [r["status"] for r in back] == ["done", "done", "done", "pending"]
@@ -223,9 +223,9 @@ def test_results_csv(tmp_path, fake):
     tokens = 6 * run.config.data.batch_size * 32
     assert row["tokens"] == tokens
     assert row["params"] == count_params(cfg)
-    assert row["non_embedding_params"] == count_params(cfg, non_embedding=True)
+    assert row["nonembedding_params"] == count_params(cfg, non_embedding=True)
     assert row["flops"] == pytest.approx(flops_per_token(cfg, 32) * tokens)
-    assert row["kaplan_flops"] == pytest.approx(6 * row["non_embedding_params"] * tokens)
+    assert row["kaplan_flops"] == pytest.approx(6 * row["nonembedding_params"] * tokens)
     assert row["model.position"] == run.config.model.position
     assert row["budget"] == 1e9
   assert back[0]["final_loss"] == pytest.approx(5.0 / 6)

@@ -146,7 +146,7 @@ def trained_workdir(tmp_path_factory):
 def _run(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
-                        cwd=REPO, env=env, timeout=180)
+                        cwd=REPO, env=env, timeout=600)
 
 
 def test_cli_evaluate_and_generate_on_workdir(trained_workdir):

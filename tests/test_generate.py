@@ -305,7 +305,7 @@ def test_cli_hf_dir(tmp_path):
   cmd = [sys.executable, "-m", "llama_jax.generate", f"--hf_dir={tmp_path}",
          "--prompt=the lazy", "--max_new_tokens=6", "--temperature=0"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+  r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
 
   from llama_jax.hf import load_hf
@@ -318,6 +318,6 @@ def test_cli_hf_dir(tmp_path):
   assert r.stdout == "the lazy" + tok.decode([t for t in new if t != 2]) + "\n"
 
   bad = subprocess.run(cmd[:4] + ["--prompt=x", "--max_new_tokens=100"], capture_output=True,
-                       text=True, cwd=REPO, env=env, timeout=120)
+                       text=True, cwd=REPO, env=env, timeout=600)
   assert bad.returncode == 1 and "max_seq_len=32" in bad.stderr
   assert "Traceback" not in bad.stderr

@@ -122,7 +122,7 @@ def test_sigterm_saves_the_current_step_and_resume_is_exact(reference, tmp_path)
   proc = _start(str(tmp_path))
   _wait_for_step(proc, str(tmp_path), 3)
   proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=120)
+  out, err = proc.communicate(timeout=600)
   assert proc.returncode == 0, err[-2000:]
   assert "stopped by SIGTERM at step" in out + err
   stopped = int((out + err).split("stopped by SIGTERM at step ")[1].split(";")[0])

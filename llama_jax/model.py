@@ -32,6 +32,7 @@ POSITIONS = ("rope", "learned", "sinusoidal", "none")
 REMATS = ("none", "full", "dots", "dots_no_batch")
 ATTENTIONS = ("xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
+EMBED_STD = 0.02  # token embedding init (HF's initializer_range)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,7 +367,7 @@ class Llama(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     pd = _dtype(cfg.param_dtype)
-    self.embed = nnx.Param(_normal(0.02, ("vocab", "embed"))(rngs.params(), (cfg.vocab_size, cfg.dim), pd))
+    self.embed = nnx.Param(_normal(EMBED_STD, ("vocab", "embed"))(rngs.params(), (cfg.vocab_size, cfg.dim), pd))
     if cfg.position == "learned":
       self.pos_embed = nnx.Param(_normal(0.02, (None, "embed"))(rngs.params(), (cfg.max_seq_len, cfg.dim), pd))
 
@@ -400,9 +401,10 @@ class Llama(nnx.Module):
     if cfg.position == "learned":
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
     elif cfg.position == "sinusoidal":
-      # Vaswani et al. 2017, sec. 3.4: token embeddings are scaled by sqrt(dim) before the
-      # unit-amplitude sinusoids are added; unscaled, our 0.02-std embeddings would be swamped.
-      x = x * math.sqrt(cfg.dim) + sinusoidal_embedding(positions, cfg.dim).astype(dt)
+      # Vaswani et al. 2017 add unit-amplitude sinusoids (RMS 0.71) to token embeddings of std 1
+      # (N(0, 1/dim) scaled by sqrt(dim)). Ours have std EMBED_STD; scaling the sinusoids by it
+      # keeps their ratio, and keeps the token embeddings identical across position variants.
+      x = x + EMBED_STD * sinusoidal_embedding(positions, cfg.dim).astype(dt)
     x = constrain(x, ("act_batch", "act_seq", "act_embed"))
     rope = rope_angles(cfg, positions) if cfg.position == "rope" else None
     mask = None

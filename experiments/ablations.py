@@ -1,7 +1,7 @@
 """Architecture ablations at equal compute on the default corpus: what does each LLaMA choice buy?
 
 One factor at a time against the LLaMA baseline of configs/default.py (dim 256, 4 layers, RoPE,
-SwiGLU with ffn 688, RMSNorm; 300 steps of 16 x 256 tokens):
+SwiGLU with ffn 688, RMSNorm), shortened to 200 steps of 8 x 256 tokens (BASE):
   position  rope (baseline) | learned | sinusoidal
   mlp       swiglu, ffn 688 (baseline) | gelu, ffn 1032 | relu, ffn 1032
             equal parameters and FLOPs: 3 matrices x 688 = 2 x 1032 (LLaMA's 2/3 rule)
@@ -9,11 +9,11 @@ SwiGLU with ffn 688, RMSNorm; 300 steps of 16 x 256 tokens):
 Each variant with SEEDS (train.seed: the initialisation; the data order, data.seed, is shared, so
 variants are compared on the same batches and the seed-paired difference to the baseline is
 reported next to the spread). Every run has the same steps, batch and sequence length, so the
-same exact training FLOPs (3.3e13 each, flops_per_token = 26.8M at seq 256); learned positions
+same exact training FLOPs (1.1e13 each, flops_per_token = 26.8M at seq 256); learned positions
 add 65k parameters (a 256 x 256 table), LayerNorm 2.3k biases.
 
-Cost: 12 runs x 3.3e13 = 4e14 FLOPs: ~3-6 h on 2 CPU cores at 20-40 GFLOP/s, a few minutes on
-one accelerator. Launch (from the repository root), then summarise:
+Cost: 12 runs x 1.1e13 = 1.3e14 FLOPs: 2.5 minutes a run alone on 2 CPU cores (about 35
+minutes in all), a few minutes on one accelerator. Launch (from the repository root), then summarise:
 
   python -m llama_jax.sweep experiments/ablations.py --workdir /tmp/ablations
   python experiments/ablations.py /tmp/ablations    # -> experiments/results/ablations/
@@ -22,7 +22,10 @@ The summary (report.md, ablations.png, results.csv) gives per variant the final 
 as mean ± std over seeds with its range, and the seed-paired difference to the baseline; the
 plot shows the final losses as bars (points: seeds) and the validation-loss curves.
 
-Result: not run yet.
+Result (experiments/results/ablations/report.md; final validation loss, mean ± std over 2
+seeds, Δ seed-paired vs the baseline's 4.718): learned positions +0.258, sinusoidal +0.304,
+GELU +0.033, ReLU +0.061, LayerNorm -0.008 ± 0.004 (a tie). SwiGLU > GELU > ReLU is Shazeer
+(2020)'s direction; RoPE's lead over absolute positions is Su et al. (2021)'s.
 """
 
 import math

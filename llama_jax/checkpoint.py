@@ -91,25 +91,30 @@ def restore_params(workdir: str, step: int | None = None):
   from flax import nnx
   from llama_jax.model import Llama, ModelConfig
 
-  ckpt = Checkpointer(workdir, keep=1_000_000, async_save=False)
-  steps = ckpt.steps()
-  if not steps:
-    raise CheckpointError(f"no checkpoint under {ckpt.directory}; train first with "
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"no checkpoint under {directory}; train first with "
                           f"run_train.py --workdir={workdir}")
-  step = steps[-1] if step is None else step
-  config = ckpt.restore_config(step)
-  model_cfg = ModelConfig.from_dict(config.model)
-  abstract = nnx.eval_shape(lambda: Llama(model_cfg, rngs=nnx.Rngs(0)))
-  graphdef, abs_state = nnx.split(abstract)
-  abs_params = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                     sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-      nnx.to_pure_dict(abs_state))
-  restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(
-          item={"params": abs_params},
-          restore_args=jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
-                                    {"params": abs_params}),
-          partial_restore=True)))
-  ckpt.close()
+  ckpt = Checkpointer(workdir, keep=1_000_000, async_save=False)
+  try:  # closing the manager on every path stops its background threads cleanly
+    steps = ckpt.steps()
+    if not steps:
+      raise CheckpointError(f"no checkpoint under {ckpt.directory}; train first with "
+                            f"run_train.py --workdir={workdir}")
+    step = steps[-1] if step is None else step
+    config = ckpt.restore_config(step)
+    model_cfg = ModelConfig.from_dict(config.model)
+    abstract = nnx.eval_shape(lambda: Llama(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, abs_state = nnx.split(abstract)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abs_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                              nnx.to_pure_dict(abs_state))
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item={"params": abs_params},
+            restore_args=jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
+                                      {"params": abs_params}),
+            partial_restore=True)))
+  finally:
+    ckpt.close()
   return nnx.merge(graphdef, restored["state"]["params"]), config, step

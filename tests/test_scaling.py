@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from llama_jax import scaling, sweep
+from llama_jax import scaling, scaling_report, sweep
 from llama_jax.model import ModelConfig, count_params
 
 # Hoffmann et al. 2022's fitted L(N, D) = E + A / N^alpha + B / D^beta.
@@ -131,7 +131,7 @@ def test_analyze_writes_report_and_plots(tmp_path):
     w.writeheader()
     w.writerows(rows)
   out = tmp_path / "report"
-  fits = scaling.analyze(str(tmp_path), str(out), bootstrap=100)
+  fits = scaling_report.analyze(str(tmp_path), str(out), bootstrap=100)
   assert set(fits) == {"exact", "kaplan"}
   assert fits["exact"].a == pytest.approx(A_TRUE, abs=0.04)
   for name in ("isoflop.png", "optimal.png"):
@@ -142,7 +142,7 @@ def test_analyze_writes_report_and_plots(tmp_path):
   assert "unfinished" in report  # listed as left out
   copied = sweep.read_results(str(out / "results.csv"))
   assert len(copied) == len(rows) and copied[-1]["used"] == "false"
-  assert scaling.main([str(tmp_path / "results.csv"), "--out", str(out), "--bootstrap", "20"]) == 0
+  assert scaling_report.main([str(tmp_path / "results.csv"), "--out", str(out), "--bootstrap", "20"]) == 0
 
 
 # ---------------------------------------------------------------------------- the experiment

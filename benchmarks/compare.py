@@ -79,7 +79,6 @@ def flax_llama(config, steps, warmup) -> dict:
     return {"error": f"transformers {transformers.__version__} has no FlaxLlamaForCausalLM "
                      "(removed in v5); pip install 'transformers<5' flax to compare with it"}
   import jax
-  import jax.numpy as jnp
   import optax
 
   model = FlaxLlamaForCausalLM(_hf_config(config.model, transformers), seed=0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import warnings
 from typing import Any
 
 import jax
@@ -77,9 +76,6 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return config_lib.from_dict(restored["config"])
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
@@ -91,16 +87,15 @@ def restore_params(workdir: str, step: int | None = None):
   from flax import nnx
   from llama_jax.model import Llama, ModelConfig
 
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    raise CheckpointError(f"no checkpoint under {directory}; train first with "
-                          f"run_train.py --workdir={workdir}")
+  none = CheckpointError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}; train "
+                         f"first with run_train.py --workdir={workdir}")
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise none  # before Orbax, which would create the directory
   ckpt = Checkpointer(workdir, keep=1_000_000, async_save=False)
   try:  # closing the manager on every path stops its background threads cleanly
     steps = ckpt.steps()
     if not steps:
-      raise CheckpointError(f"no checkpoint under {ckpt.directory}; train first with "
-                            f"run_train.py --workdir={workdir}")
+      raise none
     step = steps[-1] if step is None else step
     config = ckpt.restore_config(step)
     model_cfg = ModelConfig.from_dict(config.model)

@@ -92,8 +92,7 @@ def from_dict(d: dict) -> ml_collections.ConfigDict:
   config = base_config()
   d = dict(d)
   rules = d.pop("sharding_rules", None)
-  config.update_from_flattened_dict(
-      {k: v for k, v in _flatten(d).items()})
+  config.update_from_flattened_dict(_flatten(d))
   if rules is not None:
     config.sharding_rules = tuple((name, tuple(m) if isinstance(m, list) else m)
                                   for name, m in rules)

@@ -105,8 +105,7 @@ class ModelConfig:
     return cls(**d)
 
   def to_dict(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
-    return d
+    return dataclasses.asdict(self)
 
 
 def _rope_scaling_from_dict(d: dict) -> RopeScaling:

@@ -86,17 +86,20 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
 
 # ---------------------------------------------------------------------------- size checks
 
-def _rule_size(mesh: Mesh, target) -> int:
+def _mesh_axes(target) -> tuple[str, ...]:
+  """A rule's target (None, an axis name, or a sequence of them) as a tuple of axis names."""
   if target is None:
-    return 1
-  axes = (target,) if isinstance(target, str) else tuple(target)
-  return math.prod(mesh.shape[a] for a in axes)
+    return ()
+  return (target,) if isinstance(target, str) else tuple(target)
+
+
+def _rule_size(mesh: Mesh, target) -> int:
+  return math.prod(mesh.shape[a] for a in _mesh_axes(target))
 
 
 def check_rules(rules, mesh: Mesh) -> None:
   for name, target in rules:
-    axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-    for a in axes:
+    for a in _mesh_axes(target):
       if a not in mesh.shape:
         raise ShardingError(f"sharding rule {name!r} -> {target!r} names mesh axis {a!r}, "
                             f"which is not one of {tuple(mesh.shape)}")

@@ -243,7 +243,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_tok = metrics_lib.flops_per_token(setup.model_cfg, config.data.seq_len)
     peak, peak_source = metrics_lib.device_peak_flops()
-    n_devices = metrics_lib.peak_units(setup.mesh.devices.flat)
+    peak_units = metrics_lib.peak_units(setup.mesh.devices.flat)
     log(f"model {metrics_lib.human(count_params_pure(state['params']))} params, "
         f"{flops_tok:.3g} FLOPs/token, peak {peak:.3g} FLOP/s/device ({peak_source}), "
         f"mesh {dict(setup.mesh.shape)}")
@@ -287,7 +287,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
             t_last, steps_since = now, 0
             last_stats = {"loss": float(stats["loss"]), "lr": float(stats["lr"]),
                           "grad_norm": float(stats["grad_norm"]), "tokens_per_s": tps,
-                          "mfu": metrics_lib.mfu(tps, flops_tok, peak, n_devices),
+                          "mfu": metrics_lib.mfu(tps, flops_tok, peak, peak_units),
                           "tokens": done * tokens_per_step}
             writer.write(done, last_stats)
             progress.set_postfix(loss=f"{last_stats['loss']:.3f}", tok_s=f"{tps:,.0f}")

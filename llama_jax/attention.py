@@ -1,0 +1,178 @@
+"""Attention kernels: dispatch over implementations, and a blockwise causal attention in JAX.
+
+`blockwise_attention` is flash attention's algorithm (Dao et al. 2022) written with XLA ops,
+for the training pass (causal, queries and keys at the same positions): queries go in blocks of
+`block` rows, each block attends only to the keys at or before its last row, so the
+above-diagonal blocks are never computed (for T = 4 blocks: 10 of 16 block products, for
+T = n blocks (n + 1) / 2n of them), and only the output and each row's log-sum-exp are saved for
+the backward pass, which recomputes the probabilities block by block. Nothing T x T is kept
+between the passes, so a scanned layer stack has nothing quadratic to stack.
+
+On CPU this is also the fast path: XLA fuses a whole-sequence masked softmax into loops that run
+several times slower than the same maths block by block (docs/PERFORMANCE.md).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+IMPLEMENTATIONS = ("xla", "cudnn", "blockwise")
+
+# A finite "minus infinity" for masked scores: exp(_MASKED - max) underflows to 0, and unlike
+# -inf it cannot turn into NaN through -inf - (-inf).
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def attend(q, k, v, *, mask=None, segment_ids=None, is_causal: bool, implementation: str,
+           block: int = 128):
+  """softmax(q k^T / sqrt(H)) v, [B, T, N, H] x [B, S, K, H] -> [B, T, N, H] (N a multiple of K).
+
+  Training passes is_causal=True (optionally with segment_ids [B, T] for packed documents);
+  decoding passes the cache's boolean `mask` [B, 1, T, S]. `blockwise` handles the causal
+  training case and hands masks it cannot skip over (decoding) to `xla`.
+  """
+  if implementation == "blockwise":
+    if is_causal and mask is None and q.shape[1] == k.shape[1]:
+      return blockwise_attention(q, k, v, segment_ids, block)
+    implementation = "xla"
+  if segment_ids is not None and mask is None:
+    mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # [B, 1, T, T]
+
+  def core(q, k, v, mask):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+                                        implementation=implementation)
+  if implementation == "xla":
+    # Recompute the [B, N, T, S] scores in the backward pass instead of saving them: saved,
+    # every layer's scores are stacked by the layer scan and copied back out in the backward
+    # pass, which costs more than the recomputation (docs/PERFORMANCE.md). cuDNN keeps its own.
+    core = jax.checkpoint(core)
+  return core(q, k, v, mask)
+
+
+# ---------------------------------------------------------------------------- blockwise
+
+def _blocks(t: int, block: int) -> list[tuple[int, int]]:
+  """[start, end) of each query block; the last may be shorter."""
+  return [(a, min(a + block, t)) for a in range(0, t, block)]
+
+
+def _to_rows(q, k, v):
+  """q [B, T, N, H] -> [B * K, T * G, H] (row t * G + g is query t of group head g, G = N / K);
+  k, v [B, S, K, H] -> [B * K, S, H].
+
+  With (batch, kv head) flattened in front, each block product below is one batched GEMM over
+  contiguous rows, and a block of query positions [a, e) is the contiguous row range
+  [a * G, e * G).
+  """
+  b, t, n, h = q.shape
+  kv = k.shape[2]
+  rows = q.reshape(b, t, kv, n // kv, h).transpose(0, 2, 1, 3, 4).reshape(b * kv, t * n // kv, h)
+  return rows, _kv_rows(k), _kv_rows(v)
+
+
+def _kv_rows(x):
+  b, s, kv, h = x.shape
+  return x.transpose(0, 2, 1, 3).reshape(b * kv, s, h)
+
+
+def _from_rows(x, batch: int, n_heads: int):
+  """[B * K, T * G, H] -> [B, T, K * G, H]."""
+  bk, r, h = x.shape
+  kv = bk // batch
+  g = n_heads // kv
+  return x.reshape(batch, kv, r // g, g, h).transpose(0, 2, 1, 3, 4).reshape(batch, r // g, n_heads, h)
+
+
+def _kv_from_rows(x, batch: int):
+  """[B * K, S, H] -> [B, S, K, H]."""
+  bk, s, h = x.shape
+  return x.reshape(batch, bk // batch, s, h).transpose(0, 2, 1, 3)
+
+
+def _visible(segment_ids, n_kv: int, a, e, g, transposed=False):
+  """Which keys [0, e) the rows of query block [a, e) may see, broadcastable against a
+  [B * K, rows, keys] block (or [B * K, keys, rows] transposed). Causal, and within one document
+  when segment_ids is given."""
+  query = a + jnp.arange((e - a) * g) // g  # each query position repeats for its G heads
+  key = jnp.arange(e)
+  visible = (query[:, None] >= key[None, :])[None]  # [1, rows, keys]
+  if segment_ids is not None:
+    seg_q = jnp.repeat(segment_ids[:, a:e], g, axis=1)  # [B, rows]
+    same_doc = seg_q[:, :, None] == segment_ids[:, None, :e]  # [B, rows, keys]
+    visible = jnp.repeat(visible & same_doc, n_kv, axis=0)  # [B * K, rows, keys]
+  return jnp.swapaxes(visible, -1, -2) if transposed else visible
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def blockwise_attention(q, k, v, segment_ids, block: int):
+  """Causal attention of q [B, T, N, H] over k, v [B, T, K, H], block by block (module doc)."""
+  return _blockwise_forward(q, k, v, segment_ids, block)[0]
+
+
+def _blockwise_forward(q, k, v, segment_ids, block):
+  batch, t, n, h = q.shape
+  n_kv, g = k.shape[2], n // k.shape[2]
+  qr, kr, vr = _to_rows(q * h ** -0.5, k, v)  # scaling q is cheaper than scaling the scores
+  outs, lses = [], []
+  for a, e in _blocks(t, block):
+    s = jnp.einsum("xrh,xsh->xrs", qr[:, a * g:e * g], kr[:, :e],
+                   preferred_element_type=jnp.float32)
+    s = jnp.where(_visible(segment_ids, n_kv, a, e, g), s, _MASKED)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("xrs,xsh->xrh", p.astype(v.dtype), vr[:, :e],
+                   preferred_element_type=jnp.float32)
+    outs.append(o / l)  # normalising the [rows, H] output is cheaper than the [rows, keys] probs
+    lses.append((m + jnp.log(l))[..., 0])
+  out = _from_rows(jnp.concatenate(outs, axis=1), batch, n).astype(q.dtype)
+  lse = jnp.concatenate(lses, axis=1)  # [B * K, T * G]
+  # Named so that a remat policy can keep these two instead of the block scores behind them.
+  out = checkpoint_name(out, "attention_out")
+  lse = checkpoint_name(lse, "attention_lse")
+  return out, (q, k, v, segment_ids, out, lse)
+
+
+def _blockwise_fwd(q, k, v, segment_ids, block):
+  return _blockwise_forward(q, k, v, segment_ids, block)
+
+
+def _blockwise_bwd(block, residuals, d_out):
+  """Flash attention's backward pass, on transposed [keys, rows] blocks.
+
+  Computing s^T = k q^T (instead of s = q k^T) makes dv = p^T do and dk = ds^T q plain GEMMs
+  over contiguous operands; only dq = ds k contracts the keys axis of a [keys, rows] block.
+  Un-transposed, both dv and dk would need XLA to copy a transposed [rows, keys] block first.
+  """
+  q, k, v, segment_ids, out, lse = residuals
+  batch, t, n, h = q.shape
+  n_kv, g = k.shape[2], n // k.shape[2]
+  scale = h ** -0.5
+  qr, kr, vr = _to_rows(q * scale, k, v)
+  do = _to_rows(d_out, k, v)[0].astype(jnp.float32)
+  # delta_r = sum_s p_rs dp_rs = do_r . o_r, the softmax Jacobian's correction term per row.
+  delta = jnp.sum(do * _to_rows(out, k, v)[0].astype(jnp.float32), axis=-1)  # [B * K, rows]
+  dk = jnp.zeros(kr.shape, jnp.float32)
+  dv = jnp.zeros(vr.shape, jnp.float32)
+  dqs = []
+  for a, e in _blocks(t, block):
+    q_blk, do_blk = qr[:, a * g:e * g], do[:, a * g:e * g]
+    st = jnp.einsum("xsh,xrh->xsr", kr[:, :e], q_blk, preferred_element_type=jnp.float32)
+    st = jnp.where(_visible(segment_ids, n_kv, a, e, g, transposed=True), st, _MASKED)
+    pt = jnp.exp(st - lse[:, None, a * g:e * g])                         # [B * K, keys, rows]
+    dv = dv.at[:, :e].add(jnp.einsum("xsr,xrh->xsh", pt, do_blk))
+    dpt = jnp.einsum("xsh,xrh->xsr", vr[:, :e], do_blk, preferred_element_type=jnp.float32)
+    dst = pt * (dpt - delta[:, None, a * g:e * g])  # d loss / d (scaled scores), transposed
+    dk = dk.at[:, :e].add(jnp.einsum("xsr,xrh->xsh", dst, q_blk,
+                                     preferred_element_type=jnp.float32))
+    dqs.append(jnp.einsum("xsr,xsh->xrh", dst, kr[:, :e], preferred_element_type=jnp.float32))
+  dq = _from_rows(jnp.concatenate(dqs, axis=1) * scale, batch, n)
+  dk, dv = _kv_from_rows(dk, batch), _kv_from_rows(dv, batch)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+blockwise_attention.defvjp(_blockwise_fwd, _blockwise_bwd)

@@ -5,7 +5,9 @@
 The same shapes go through transformers' PyTorch `LlamaForCausalLM` (fp32, SDPA attention,
 torch.optim.AdamW, every CPU thread) and, where the installed transformers still ships it,
 `FlaxLlamaForCausalLM` (optax AdamW, jitted). Each reference is optional: when it is missing,
-its entry says why instead of a number. Runs are sequential, so they never share cores.
+its entry says why instead of a number. The implementations take turns step by step (one step
+of each per round, never two at once), so a drift in the machine's speed during the run (other
+tenants of a VM, clock changes) slows them alike and leaves the ratios alone.
 """
 
 import json
@@ -13,6 +15,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,18 +35,8 @@ def _hf_config(m, transformers):
       rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings)
 
 
-def _timed(step, steps, warmup):
-  for _ in range(warmup):
-    step()
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
-def torch_llama(config, steps, warmup) -> dict:
+def torch_llama(config) -> tuple[Callable[[], None], dict] | dict:
+  """(step, info) for transformers' PyTorch LlamaForCausalLM, or {"error": why}."""
   try:
     import torch
     import transformers
@@ -64,20 +57,20 @@ def torch_llama(config, steps, warmup) -> dict:
     opt.step()
     opt.zero_grad(set_to_none=True)
 
-  step_s = _timed(step, steps, warmup)
-  return {"tokens_per_s": round(b * t / step_s, 1), "step_s": round(step_s, 5),
-          "version": f"torch {torch.__version__}, transformers {transformers.__version__}",
-          "threads": torch.get_num_threads()}
+  return step, {"version": f"torch {torch.__version__}, transformers {transformers.__version__}",
+                "threads": torch.get_num_threads()}
 
 
-def flax_llama(config, steps, warmup) -> dict:
+def flax_llama(config) -> tuple[Callable[[], None], dict] | dict:
+  """(step, info) for transformers' FlaxLlamaForCausalLM with optax AdamW, or {"error": why}."""
   try:
     import transformers
     from transformers import FlaxLlamaForCausalLM
   except ImportError:
     import transformers
     return {"error": f"transformers {transformers.__version__} has no FlaxLlamaForCausalLM "
-                     "(removed in v5); pip install 'transformers<5' flax to compare with it"}
+                     "(removed in v5); compare in a venv with transformers==4.57.1 "
+                     "(docs/PERFORMANCE.md)"}
   import jax
   import optax
 
@@ -103,26 +96,46 @@ def flax_llama(config, steps, warmup) -> dict:
     state[0], state[1], loss = train_step(state[0], state[1], tokens)
     loss.block_until_ready()
 
-  step_s = _timed(step, steps, warmup)
-  return {"tokens_per_s": round(b * t / step_s, 1), "step_s": round(step_s, 5),
-          "version": f"transformers {transformers.__version__}"}
+  return step, {"version": f"transformers {transformers.__version__}"}
+
+
+def _interleaved(steps_by_name: dict[str, Callable[[], None]], steps: int,
+                 warmup: int) -> dict[str, list[float]]:
+  """Step times of each implementation, measured in rounds of one step each."""
+  for step in steps_by_name.values():
+    for _ in range(warmup):
+      step()
+  times = {name: [] for name in steps_by_name}
+  for _ in range(steps):
+    for name, step in steps_by_name.items():
+      t0 = time.perf_counter()
+      step()
+      times[name].append(time.perf_counter() - t0)
+  return times
 
 
 def main(argv):
   del argv
-  from benchmarks.train_step import benchmark
+  from benchmarks.train_step import build
   config = _CONFIG.value
-  ours = benchmark(config, _STEPS.value, _WARMUP.value)
-  refs = {"pytorch_llama": torch_llama(config, _STEPS.value, _WARMUP.value),
-          "flax_llama": flax_llama(config, _STEPS.value, _WARMUP.value)}
+  tokens = config.data.batch_size * config.data.seq_len
+  ours_step, summarize = build(config)
+  built = {"pytorch_llama": torch_llama(config), "flax_llama": flax_llama(config)}
+  refs = {name: b for name, b in built.items() if isinstance(b, tuple)}
+  times = _interleaved({"llama_jax": ours_step, **{n: step for n, (step, _) in refs.items()}},
+                       _STEPS.value, _WARMUP.value)
+  ours = summarize(times["llama_jax"])
   out = {"llama_jax": {k: ours[k] for k in ("tokens_per_s", "step_s", "mfu", "peak_flops",
                                              "flops_per_token", "compile_s")}}
-  for name, ref in refs.items():
-    out[name] = ref
-    if "tokens_per_s" in ref:
-      out[f"speedup_vs_{name}"] = round(ours["tokens_per_s"] / ref["tokens_per_s"], 3)
-      out[name]["mfu"] = round(ref["tokens_per_s"] * ours["flops_per_token"]
-                               / ours["peak_flops"], 4)
+  for name, b in built.items():
+    if name not in refs:
+      out[name] = b  # {"error": ...}
+      continue
+    step_s = statistics.median(times[name])
+    tokens_per_s = tokens / step_s
+    out[name] = {"tokens_per_s": round(tokens_per_s, 1), "step_s": round(step_s, 5), **b[1],
+                 "mfu": round(tokens_per_s * ours["flops_per_token"] / ours["peak_flops"], 4)}
+    out[f"speedup_vs_{name}"] = round(ours["tokens_per_s"] / out[name]["tokens_per_s"], 3)
   out["shape"] = {"batch": ours["batch"], "seq_len": ours["seq_len"], **ours["model"]}
   print(json.dumps(out))
 

@@ -20,7 +20,12 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 
-def benchmark(config, steps: int, warmup: int) -> dict:
+def build(config):
+  """Compiles the train step for `config` on synthetic tokens.
+
+  Returns (step, summarize): step() runs one step and waits for it; summarize(times) turns the
+  measured step times into the JSON record (throughput, MFU, compile time, memory, ...).
+  """
   import jax
   import numpy as np
   from flax import nnx
@@ -36,46 +41,61 @@ def benchmark(config, steps: int, warmup: int) -> dict:
     x = np.random.default_rng(0).integers(0, config.model.vocab_size, (b, t + 1), np.int32)
     batch = {"inputs": x[:, :-1], "targets": x[:, 1:]}
     batch = {k: jax.device_put(v, setup.batch_sharding) for k, v in batch.items()}
-
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    for _ in range(warmup):
-      state, stats = compiled(state, batch)
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(steps):
-      t0 = time.perf_counter()
-      state, stats = compiled(state, batch)
-      jax.block_until_ready(state)
-      times.append(time.perf_counter() - t0)
+  held = {"state": state, "stats": None}
 
-  step_s = statistics.median(times)
-  tokens_per_s = b * t / step_s
-  flops_tok = metrics.flops_per_token(setup.model_cfg, t)
-  peak, source = metrics.device_peak_flops()
-  units = metrics.peak_units(setup.mesh.devices.flat)
-  mem = compiled.memory_analysis()
-  return {
-      "tokens_per_s": round(tokens_per_s, 1),
-      "step_s": round(step_s, 5),
-      "step_s_min": round(min(times), 5),
-      "flops_per_token": flops_tok,
-      "mfu": round(metrics.mfu(tokens_per_s, flops_tok, peak, units), 4),
-      "peak_flops": peak,
-      "peak_source": source,
-      "compile_s": round(compile_s, 2),
-      "temp_bytes_per_device": int(getattr(mem, "temp_size_in_bytes", -1)) if mem else -1,
-      "arg_bytes_per_device": int(getattr(mem, "argument_size_in_bytes", -1)) if mem else -1,
-      "loss": float(stats["loss"]),
-      "params": train.count_params_pure(state["params"]),
-      "devices": setup.mesh.size,
-      "device_kind": jax.devices()[0].device_kind,
-      "model": {k: config.model[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads",
-                                             "ffn_dim", "vocab_size", "dtype", "remat",
-                                             "scan_layers", "attention")},
-      "batch": b, "seq_len": t,
-  }
+  def step():
+    held["state"], held["stats"] = compiled(held["state"], batch)
+    jax.block_until_ready(held["state"])
+
+  def summarize(times: list[float]) -> dict:
+    step_s = statistics.median(times)
+    tokens_per_s = b * t / step_s
+    flops_tok = metrics.flops_per_token(setup.model_cfg, t)
+    peak, source = metrics.device_peak_flops()
+    units = metrics.peak_units(setup.mesh.devices.flat)
+    mem = compiled.memory_analysis()
+    return {
+        "tokens_per_s": round(tokens_per_s, 1),
+        "step_s": round(step_s, 5),
+        "step_s_min": round(min(times), 5),
+        "flops_per_token": flops_tok,
+        "mfu": round(metrics.mfu(tokens_per_s, flops_tok, peak, units), 4),
+        "peak_flops": peak,
+        "peak_source": source,
+        "compile_s": round(compile_s, 2),
+        "temp_bytes_per_device": int(getattr(mem, "temp_size_in_bytes", -1)) if mem else -1,
+        "arg_bytes_per_device": int(getattr(mem, "argument_size_in_bytes", -1)) if mem else -1,
+        "loss": float(held["stats"]["loss"]),
+        "params": train.count_params_pure(held["state"]["params"]),
+        "devices": setup.mesh.size,
+        "device_kind": jax.devices()[0].device_kind,
+        "model": {k: config.model[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads",
+                                               "ffn_dim", "vocab_size", "dtype", "remat",
+                                               "scan_layers", "attention")},
+        "batch": b, "seq_len": t,
+    }
+
+  return step, summarize
+
+
+def time_steps(step, steps: int, warmup: int) -> list[float]:
+  """Seconds of each of `steps` calls of step(), after `warmup` untimed ones."""
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def benchmark(config, steps: int, warmup: int) -> dict:
+  step, summarize = build(config)
+  return summarize(time_steps(step, steps, warmup))
 
 
 def main(argv):

@@ -84,7 +84,8 @@ def _from_rows(x, batch: int, n_heads: int):
   bk, r, h = x.shape
   kv = bk // batch
   g = n_heads // kv
-  return x.reshape(batch, kv, r // g, g, h).transpose(0, 2, 1, 3, 4).reshape(batch, r // g, n_heads, h)
+  x = x.reshape(batch, kv, r // g, g, h).transpose(0, 2, 1, 3, 4)
+  return x.reshape(batch, r // g, n_heads, h)
 
 
 def _kv_from_rows(x, batch: int):

@@ -297,7 +297,8 @@ class Attention(nnx.Module):
 
     # Training: causal, and within one document when packed. Decoding: the cache's slot mask.
     is_causal = cache is None
-    out = attention_lib.attend(q, k, v, mask=mask, segment_ids=segment_ids if cache is None else None,
+    out = attention_lib.attend(q, k, v, mask=mask,
+                               segment_ids=segment_ids if cache is None else None,
                                is_causal=is_causal, implementation=cfg.attention,
                                block=cfg.attention_block)
     out = dense(out, self.wo[...].astype(dt), n_in=2)

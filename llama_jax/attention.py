@@ -61,50 +61,36 @@ def _blocks(t: int, block: int) -> list[tuple[int, int]]:
 
 
 def _to_rows(q, k, v):
-  """q [B, T, N, H] -> [B * K, T * G, H] (row t * G + g is query t of group head g, G = N / K);
-  k, v [B, S, K, H] -> [B * K, S, H].
+  """q [B, T, N, H] -> [B, K, T * G, H] (row t * G + g is query t of group head g, G = N / K);
+  k, v [B, S, K, H] -> [B, K, S, H].
 
-  With (batch, kv head) flattened in front, each block product below is one batched GEMM over
-  contiguous rows, and a block of query positions [a, e) is the contiguous row range
-  [a * G, e * G).
+  Each block product below is then one GEMM per (batch, kv head) over contiguous rows, and a
+  block of query positions [a, e) is the contiguous row range [a * G, e * G). Batch and kv heads
+  stay separate axes so that their shardings (fsdp, tensor) carry through unchanged.
   """
   b, t, n, h = q.shape
   kv = k.shape[2]
-  rows = q.reshape(b, t, kv, n // kv, h).transpose(0, 2, 1, 3, 4).reshape(b * kv, t * n // kv, h)
-  return rows, _kv_rows(k), _kv_rows(v)
+  rows = q.reshape(b, t, kv, n // kv, h).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * n // kv, h)
+  return rows, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
-def _kv_rows(x):
-  b, s, kv, h = x.shape
-  return x.transpose(0, 2, 1, 3).reshape(b * kv, s, h)
-
-
-def _from_rows(x, batch: int, n_heads: int):
-  """[B * K, T * G, H] -> [B, T, K * G, H]."""
-  bk, r, h = x.shape
-  kv = bk // batch
+def _from_rows(x, n_heads: int):
+  """[B, K, T * G, H] -> [B, T, K * G, H]."""
+  b, kv, r, h = x.shape
   g = n_heads // kv
-  x = x.reshape(batch, kv, r // g, g, h).transpose(0, 2, 1, 3, 4)
-  return x.reshape(batch, r // g, n_heads, h)
+  return x.reshape(b, kv, r // g, g, h).transpose(0, 2, 1, 3, 4).reshape(b, r // g, n_heads, h)
 
 
-def _kv_from_rows(x, batch: int):
-  """[B * K, S, H] -> [B, S, K, H]."""
-  bk, s, h = x.shape
-  return x.reshape(batch, bk // batch, s, h).transpose(0, 2, 1, 3)
-
-
-def _visible(segment_ids, n_kv: int, a, e, g, transposed=False):
+def _visible(segment_ids, a, e, g, transposed=False):
   """Which keys [0, e) the rows of query block [a, e) may see, broadcastable against a
-  [B * K, rows, keys] block (or [B * K, keys, rows] transposed). Causal, and within one document
+  [B, K, rows, keys] block (or [B, K, keys, rows] transposed). Causal, and within one document
   when segment_ids is given."""
   query = a + jnp.arange((e - a) * g) // g  # each query position repeats for its G heads
-  key = jnp.arange(e)
-  visible = (query[:, None] >= key[None, :])[None]  # [1, rows, keys]
+  visible = query[:, None] >= jnp.arange(e)[None, :]  # [rows, keys]
   if segment_ids is not None:
     seg_q = jnp.repeat(segment_ids[:, a:e], g, axis=1)  # [B, rows]
-    same_doc = seg_q[:, :, None] == segment_ids[:, None, :e]  # [B, rows, keys]
-    visible = jnp.repeat(visible & same_doc, n_kv, axis=0)  # [B * K, rows, keys]
+    visible = visible & (seg_q[:, :, None] == segment_ids[:, None, :e])  # [B, rows, keys]
+  visible = visible[:, None] if visible.ndim == 3 else visible[None, None]
   return jnp.swapaxes(visible, -1, -2) if transposed else visible
 
 
@@ -115,23 +101,23 @@ def blockwise_attention(q, k, v, segment_ids, block: int):
 
 
 def _blockwise_forward(q, k, v, segment_ids, block):
-  batch, t, n, h = q.shape
-  n_kv, g = k.shape[2], n // k.shape[2]
+  t, n, h = q.shape[1:]
+  g = n // k.shape[2]
   qr, kr, vr = _to_rows(q * h ** -0.5, k, v)  # scaling q is cheaper than scaling the scores
   outs, lses = [], []
   for a, e in _blocks(t, block):
-    s = jnp.einsum("xrh,xsh->xrs", qr[:, a * g:e * g], kr[:, :e],
+    s = jnp.einsum("bkrh,bksh->bkrs", qr[:, :, a * g:e * g], kr[:, :, :e],
                    preferred_element_type=jnp.float32)
-    s = jnp.where(_visible(segment_ids, n_kv, a, e, g), s, _MASKED)
+    s = jnp.where(_visible(segment_ids, a, e, g), s, _MASKED)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
-    o = jnp.einsum("xrs,xsh->xrh", p.astype(v.dtype), vr[:, :e],
+    o = jnp.einsum("bkrs,bksh->bkrh", p.astype(v.dtype), vr[:, :, :e],
                    preferred_element_type=jnp.float32)
     outs.append(o / l)  # normalising the [rows, H] output is cheaper than the [rows, keys] probs
     lses.append((m + jnp.log(l))[..., 0])
-  out = _from_rows(jnp.concatenate(outs, axis=1), batch, n).astype(q.dtype)
-  lse = jnp.concatenate(lses, axis=1)  # [B * K, T * G]
+  out = _from_rows(jnp.concatenate(outs, axis=2), n).astype(q.dtype)
+  lse = jnp.concatenate(lses, axis=2)  # [B, K, T * G]
   # Named so that a remat policy can keep these two instead of the block scores behind them.
   out = checkpoint_name(out, "attention_out")
   lse = checkpoint_name(lse, "attention_lse")
@@ -150,29 +136,30 @@ def _blockwise_bwd(block, residuals, d_out):
   Un-transposed, both dv and dk would need XLA to copy a transposed [rows, keys] block first.
   """
   q, k, v, segment_ids, out, lse = residuals
-  batch, t, n, h = q.shape
-  n_kv, g = k.shape[2], n // k.shape[2]
+  t, n, h = q.shape[1:]
+  g = n // k.shape[2]
   scale = h ** -0.5
   qr, kr, vr = _to_rows(q * scale, k, v)
   do = _to_rows(d_out, k, v)[0].astype(jnp.float32)
   # delta_r = sum_s p_rs dp_rs = do_r . o_r, the softmax Jacobian's correction term per row.
-  delta = jnp.sum(do * _to_rows(out, k, v)[0].astype(jnp.float32), axis=-1)  # [B * K, rows]
+  delta = jnp.sum(do * _to_rows(out, k, v)[0].astype(jnp.float32), axis=-1)  # [B, K, rows]
   dk = jnp.zeros(kr.shape, jnp.float32)
   dv = jnp.zeros(vr.shape, jnp.float32)
   dqs = []
   for a, e in _blocks(t, block):
-    q_blk, do_blk = qr[:, a * g:e * g], do[:, a * g:e * g]
-    st = jnp.einsum("xsh,xrh->xsr", kr[:, :e], q_blk, preferred_element_type=jnp.float32)
-    st = jnp.where(_visible(segment_ids, n_kv, a, e, g, transposed=True), st, _MASKED)
-    pt = jnp.exp(st - lse[:, None, a * g:e * g])                         # [B * K, keys, rows]
-    dv = dv.at[:, :e].add(jnp.einsum("xsr,xrh->xsh", pt, do_blk))
-    dpt = jnp.einsum("xsh,xrh->xsr", vr[:, :e], do_blk, preferred_element_type=jnp.float32)
-    dst = pt * (dpt - delta[:, None, a * g:e * g])  # d loss / d (scaled scores), transposed
-    dk = dk.at[:, :e].add(jnp.einsum("xsr,xrh->xsh", dst, q_blk,
-                                     preferred_element_type=jnp.float32))
-    dqs.append(jnp.einsum("xsr,xsh->xrh", dst, kr[:, :e], preferred_element_type=jnp.float32))
-  dq = _from_rows(jnp.concatenate(dqs, axis=1) * scale, batch, n)
-  dk, dv = _kv_from_rows(dk, batch), _kv_from_rows(dv, batch)
+    q_blk, do_blk = qr[:, :, a * g:e * g], do[:, :, a * g:e * g]
+    st = jnp.einsum("bksh,bkrh->bksr", kr[:, :, :e], q_blk, preferred_element_type=jnp.float32)
+    st = jnp.where(_visible(segment_ids, a, e, g, transposed=True), st, _MASKED)
+    pt = jnp.exp(st - lse[:, :, None, a * g:e * g])                        # [B, K, keys, rows]
+    dv = dv.at[:, :, :e].add(jnp.einsum("bksr,bkrh->bksh", pt, do_blk))
+    dpt = jnp.einsum("bksh,bkrh->bksr", vr[:, :, :e], do_blk, preferred_element_type=jnp.float32)
+    dst = pt * (dpt - delta[:, :, None, a * g:e * g])  # d loss / d (scaled scores), transposed
+    dk = dk.at[:, :, :e].add(jnp.einsum("bksr,bkrh->bksh", dst, q_blk,
+                                        preferred_element_type=jnp.float32))
+    dqs.append(jnp.einsum("bksr,bksh->bkrh", dst, kr[:, :, :e],
+                          preferred_element_type=jnp.float32))
+  dq = _from_rows(jnp.concatenate(dqs, axis=2) * scale, n)
+  dk, dv = dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 

@@ -144,8 +144,8 @@ def test_remat_policy_saves_attention_output_not_block_scores(remat):
   tokens = jnp.zeros((2, 32), jnp.int32)
   saved = _saved_residuals(lambda p: jnp.sum(nnx.merge(graphdef, p)(tokens)), params)
   assert "named 'attention_out'" in saved and "named 'attention_lse'" in saved, saved
-  # B * K = 4 rows of heads; blocks of 16 queries x 3 grouped heads = 48 rows; 16 or 32 keys.
-  score_blocks = ("f32[4,48,16]", "f32[4,48,32]")
+  # [B, K, rows, keys]: blocks of 16 queries x 3 grouped heads = 48 rows; 16 or 32 keys.
+  score_blocks = ("f32[2,2,48,16]", "f32[2,2,48,32]")
   assert not any(s in saved for s in score_blocks), saved
 
   # The control: the same attention under a plain dot policy does keep the score blocks.

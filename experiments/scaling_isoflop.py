@@ -29,13 +29,25 @@ An interrupted sweep is resumed by the same command. If a budget's minimum lands
 its 5 sizes, the report says so and leaves it out of the exponent fit: move that budget's
 window in BUDGETS one rung and rerun; finished runs are skipped, so only the new sizes train.
 
+AdamW's beta2 is 0.99 here, not the default config's 0.95: with 1,024 tokens per step the
+second-moment estimate of beta2 = 0.95 averages over too few tokens, and Porian et al. (2024,
+"Resolving discrepancies in compute-optimal scaling") find that untuned small-batch optimizer
+settings push the IsoFLOP exponent up towards Kaplan's; they name beta2 as the setting that
+matters at small batch sizes.
+
 Result (40 runs, experiments/results/scaling_isoflop/report.md): every budget has an interior
-minimum; N* ∝ C^0.589 [0.510, 0.728] and D* ∝ C^0.363 [0.222, 0.448] (all parameters, exact
-FLOPs, 95% residual bootstrap); with Kaplan's conventions (non-embedding N, C = 6ND)
-a = 0.681 [0.613, 0.783]. The interval excludes Kaplan's 0.73 (just) and Chinchilla's 0.49-0.50.
-The grid grew in steps, each after seeing the previous fit: 20 runs (seed 0) gave a = 0.571
-[0.398, 0.858]; seed 1 at the two cheapest budgets, 0.592 [0.492, 0.742]; seed 1 at the two
-larger budgets (a uniform 2 seeds), the 40-run result.
+minimum; N* ∝ C^0.569 [0.493, 0.718] and D* ∝ C^0.385 [0.237, 0.464] (all parameters, exact
+FLOPs, 95% residual bootstrap): the interval contains Chinchilla's 0.50 and excludes Kaplan's
+0.73. With Kaplan's conventions (non-embedding N, C = 6ND) a = 0.665 [0.598, 0.777].
+
+How this grid came about, in order (every step taken after seeing the previous fit):
+  1. beta2 = 0.95, seed 0 (20 runs): a = 0.571 [0.398, 0.858].
+  2. + seed 1 at the two cheapest budgets (30 runs): a = 0.592 [0.492, 0.742].
+  3. + seed 1 at the two larger budgets (40 runs): a = 0.589 [0.510, 0.728], which excludes
+     both 0.73 and 0.50 (experiments/results/scaling_isoflop_beta2_0.95/).
+  4. The same 40 runs with beta2 = 0.99, the one change made, chosen from Porian et al. before
+     running it: the result above, with a lower loss at every budget's optimum (1.4354 vs
+     1.4393 at 3.16e12, 2.2969 vs 2.3208 at 1e11).
 """
 
 from llama_jax.metrics import flops_per_token
@@ -62,6 +74,7 @@ SIZES_PER_BUDGET = 5
 SEEDS = {1e11: (0, 1), 3.16e11: (0, 1), 1e12: (0, 1), 3.16e12: (0, 1)}
 
 BASE = {
+    "optim.b2": 0.99,  # small batches (1,024 tokens) need a longer second-moment average
     "model.vocab_size": VOCAB,
     "data.tokenizer": "byte",
     "data.seq_len": SEQ_LEN,

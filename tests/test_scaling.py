@@ -159,7 +159,7 @@ def test_isoflop_sweep_grid():
     for r in group:
       steps = r.config.train.steps
       assert r.sizes()["flops"] == pytest.approx(budget, rel=0.02)  # within steps rounding
-      assert r.config.optim.schedule == "cosine"
+      assert r.config.optim.schedule == "cosine" and r.config.optim.b2 == 0.99
       assert r.config.optim.warmup_steps == max(1, round(0.05 * steps))
       assert r.config.train.eval_every == steps  # evaluated at the end
       assert r.config.data.seq_len == 128 and 8 <= r.config.model.dim <= 256

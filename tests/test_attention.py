@@ -137,7 +137,7 @@ def _saved_residuals(f, *args) -> str:
 @pytest.mark.parametrize("remat", ["dots", "dots_no_batch"])
 def test_remat_policy_saves_attention_output_not_block_scores(remat):
   """The custom VJP's residuals (output, log-sum-exp) are named so that the dot policies keep
-  them; a plain dot policy keeps the [B*K, rows, keys] score blocks they are made from."""
+  them; a plain dot policy keeps the [B, K, rows, keys] score blocks they are made from."""
   # Unrolled, so that residuals are reported by name rather than as outputs of the scan.
   cfg = dataclasses.replace(CFG, n_layers=1, remat=remat, scan_layers=False)
   graphdef, params = nnx.split(Llama(cfg, rngs=nnx.Rngs(0)))

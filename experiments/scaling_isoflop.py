@@ -19,7 +19,8 @@ and the LM head at most of the FLOPs for every model this compute can train, and
 budget's loss fell monotonically towards the smallest model (no interior minimum). With 259
 byte ids the transformer blocks are most of N and of the FLOPs, as in the large-scale studies.
 
-Cost: 4.6e13 FLOPs: about 70 minutes on 2 CPU cores including the ~40 compilations. Launch (from the repository root), then fit:
+Cost: 4.6e13 FLOPs: about an hour on 2 CPU cores including the ~40 compilations (62 min wall,
+while the cores also ran a test suite and the runs paused for benchmarks). Launch, then fit:
 
   python -m llama_jax.sweep experiments/scaling_isoflop.py --workdir /tmp/isoflop --dry
   python -m llama_jax.sweep experiments/scaling_isoflop.py --workdir /tmp/isoflop

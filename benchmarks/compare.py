@@ -14,7 +14,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -99,31 +98,16 @@ def flax_llama(config) -> tuple[Callable[[], None], dict] | dict:
   return step, {"version": f"transformers {transformers.__version__}"}
 
 
-def _interleaved(steps_by_name: dict[str, Callable[[], None]], steps: int,
-                 warmup: int) -> dict[str, list[float]]:
-  """Step times of each implementation, measured in rounds of one step each."""
-  for step in steps_by_name.values():
-    for _ in range(warmup):
-      step()
-  times = {name: [] for name in steps_by_name}
-  for _ in range(steps):
-    for name, step in steps_by_name.items():
-      t0 = time.perf_counter()
-      step()
-      times[name].append(time.perf_counter() - t0)
-  return times
-
-
 def main(argv):
   del argv
-  from benchmarks.train_step import build
+  from benchmarks.train_step import build, time_in_turns
   config = _CONFIG.value
   tokens = config.data.batch_size * config.data.seq_len
   ours_step, summarize = build(config)
   built = {"pytorch_llama": torch_llama(config), "flax_llama": flax_llama(config)}
   refs = {name: b for name, b in built.items() if isinstance(b, tuple)}
-  times = _interleaved({"llama_jax": ours_step, **{n: step for n, (step, _) in refs.items()}},
-                       _STEPS.value, _WARMUP.value)
+  times = time_in_turns({"llama_jax": ours_step, **{n: step for n, (step, _) in refs.items()}},
+                        _STEPS.value, _WARMUP.value)
   ours = summarize(times["llama_jax"])
   out = {"llama_jax": {k: ours[k] for k in ("tokens_per_s", "step_s", "mfu", "peak_flops",
                                              "flops_per_token", "compile_s")}}

@@ -81,21 +81,27 @@ def build(config):
   return step, summarize
 
 
-def time_steps(step, steps: int, warmup: int) -> list[float]:
-  """Seconds of each of `steps` calls of step(), after `warmup` untimed ones."""
-  for _ in range(warmup):
-    step()
-  times = []
+def time_in_turns(steps_by_name: dict, steps: int, warmup: int) -> dict[str, list[float]]:
+  """Seconds of each of `steps` rounds, per name, after `warmup` untimed calls of each.
+
+  A round calls every step() once, one after the other: with several implementations, a drift
+  in the machine's speed during the run (other tenants of a VM, clock changes) slows them alike.
+  """
+  for step in steps_by_name.values():
+    for _ in range(warmup):
+      step()
+  times = {name: [] for name in steps_by_name}
   for _ in range(steps):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
+    for name, step in steps_by_name.items():
+      t0 = time.perf_counter()
+      step()
+      times[name].append(time.perf_counter() - t0)
   return times
 
 
 def benchmark(config, steps: int, warmup: int) -> dict:
   step, summarize = build(config)
-  return summarize(time_steps(step, steps, warmup))
+  return summarize(time_in_turns({"llama_jax": step}, steps, warmup)["llama_jax"])
 
 
 def main(argv):
@@ -104,7 +110,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # Flags only when run as a script: benchmarks/compare.py imports `benchmark` with its own.
+  # Flags only when run as a script: benchmarks/compare.py imports this module with its own.
   _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.")
   _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
   _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")

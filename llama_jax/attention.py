@@ -60,18 +60,21 @@ def _blocks(t: int, block: int) -> list[tuple[int, int]]:
   return [(a, min(a + block, t)) for a in range(0, t, block)]
 
 
-def _to_rows(q, k, v):
-  """q [B, T, N, H] -> [B, K, T * G, H] (row t * G + g is query t of group head g, G = N / K);
-  k, v [B, S, K, H] -> [B, K, S, H].
+def _query_rows(x, n_kv: int):
+  """q (or o, do) [B, T, N, H] -> [B, K, T * G, H]: row t * G + g is query t of group head g
+  (G = N / K).
 
   Each block product below is then one GEMM per (batch, kv head) over contiguous rows, and a
   block of query positions [a, e) is the contiguous row range [a * G, e * G). Batch and kv heads
   stay separate axes so that their shardings (fsdp, tensor) carry through unchanged.
   """
-  b, t, n, h = q.shape
-  kv = k.shape[2]
-  rows = q.reshape(b, t, kv, n // kv, h).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * n // kv, h)
-  return rows, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  b, t, n, h = x.shape
+  return x.reshape(b, t, n_kv, n // n_kv, h).transpose(0, 2, 1, 3, 4).reshape(b, n_kv, -1, h)
+
+
+def _kv_heads_major(x):
+  """k, v [B, S, K, H] <-> [B, K, S, H]."""
+  return x.transpose(0, 2, 1, 3)
 
 
 def _from_rows(x, n_heads: int):
@@ -103,7 +106,8 @@ def blockwise_attention(q, k, v, segment_ids, block: int):
 def _blockwise_forward(q, k, v, segment_ids, block):
   t, n, h = q.shape[1:]
   g = n // k.shape[2]
-  qr, kr, vr = _to_rows(q * h ** -0.5, k, v)  # scaling q is cheaper than scaling the scores
+  qr = _query_rows(q * h ** -0.5, k.shape[2])  # scaling q is cheaper than scaling the scores
+  kr, vr = _kv_heads_major(k), _kv_heads_major(v)
   outs, lses = [], []
   for a, e in _blocks(t, block):
     s = jnp.einsum("bkrh,bksh->bkrs", qr[:, :, a * g:e * g], kr[:, :, :e],
@@ -124,10 +128,6 @@ def _blockwise_forward(q, k, v, segment_ids, block):
   return out, (q, k, v, segment_ids, out, lse)
 
 
-def _blockwise_fwd(q, k, v, segment_ids, block):
-  return _blockwise_forward(q, k, v, segment_ids, block)
-
-
 def _blockwise_bwd(block, residuals, d_out):
   """Flash attention's backward pass, on transposed [keys, rows] blocks.
 
@@ -139,10 +139,12 @@ def _blockwise_bwd(block, residuals, d_out):
   t, n, h = q.shape[1:]
   g = n // k.shape[2]
   scale = h ** -0.5
-  qr, kr, vr = _to_rows(q * scale, k, v)
-  do = _to_rows(d_out, k, v)[0].astype(jnp.float32)
+  n_kv = k.shape[2]
+  qr = _query_rows(q * scale, n_kv)
+  kr, vr = _kv_heads_major(k), _kv_heads_major(v)
+  do = _query_rows(d_out, n_kv).astype(jnp.float32)
   # delta_r = sum_s p_rs dp_rs = do_r . o_r, the softmax Jacobian's correction term per row.
-  delta = jnp.sum(do * _to_rows(out, k, v)[0].astype(jnp.float32), axis=-1)  # [B, K, rows]
+  delta = jnp.sum(do * _query_rows(out, n_kv).astype(jnp.float32), axis=-1)  # [B, K, rows]
   dk = jnp.zeros(kr.shape, jnp.float32)
   dv = jnp.zeros(vr.shape, jnp.float32)
   dqs = []
@@ -159,8 +161,8 @@ def _blockwise_bwd(block, residuals, d_out):
     dqs.append(jnp.einsum("bksr,bksh->bkrh", dst, kr[:, :, :e],
                           preferred_element_type=jnp.float32))
   dq = _from_rows(jnp.concatenate(dqs, axis=2) * scale, n)
-  dk, dv = dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3)
+  dk, dv = _kv_heads_major(dk), _kv_heads_major(dv)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-blockwise_attention.defvjp(_blockwise_fwd, _blockwise_bwd)
+blockwise_attention.defvjp(_blockwise_forward, _blockwise_bwd)

@@ -46,3 +46,23 @@ def test_compare_runs_every_implementation_in_turn():
   flax = r["flax_llama"]  # transformers 5 dropped the Flax models: an explanation, not a number
   assert "tokens_per_s" in flax or "FlaxLlamaForCausalLM" in flax["error"]
   assert r["shape"]["dim"] == 32 and r["shape"]["n_layers"] == 2
+
+
+def test_gemm_shapes_times_every_product_of_the_step():
+  pytest.importorskip("torch")
+  tiny = [a for a in TINY if not a.startswith(("--steps", "--warmup"))]
+  env = dict(os.environ, XLA_FLAGS="")
+  out = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gemm_shapes.py"), *tiny,
+                        "--repeats=2", "--rounds=1"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  by_name = {p["name"]: p for p in r["products"]}
+  # The tiny config's shapes: 2 x 32 rows, dim 32, ffn 64, 4 heads of 8 over 2 kv heads.
+  assert (by_name["mlp weight grad"]["m"], by_name["mlp weight grad"]["k"]) == (32, 64)
+  scores = by_name["attention scores q k^T"]
+  assert (scores["batch"], scores["m"], scores["k"], scores["n"]) == (2 * 2, 32 * 2, 8, 32)
+  for p in r["products"]:
+    assert p["jax_gflops"] > 0 and p["torch_gflops"] > 0
+    assert p["jax_vs_torch"] == pytest.approx(p["jax_gflops"] / p["torch_gflops"], rel=2e-2)
+  assert r["cores"] >= 1 and "torch" in r["torch"]

@@ -94,6 +94,11 @@ def _time_in_rounds(calls: dict, rounds: int, repeats: int) -> dict[str, list[fl
   return times
 
 
+def _digits(x: float | None) -> float | None:
+  """Three significant digits (a tiny test shape runs at well under 1 GFLOP/s)."""
+  return None if x is None else float(f"{x:.3g}")
+
+
 def measure(config, repeats: int, rounds: int) -> dict:
   try:
     import torch
@@ -110,9 +115,9 @@ def measure(config, repeats: int, rounds: int) -> dict:
       steps["torch"] = torch_product(p)
     times = _time_in_rounds(steps, rounds, repeats)
     flops = 2 * p["batch"] * p["m"] * p["k"] * p["n"]
-    rate = {name: round(flops / statistics.median(t) / 1e9, 1) for name, t in times.items()}
-    rows.append({**p, "jax_gflops": rate["jax"], "torch_gflops": rate.get("torch"),
-                 "jax_vs_torch": round(rate["jax"] / rate["torch"], 3) if "torch" in rate else None})
+    rate = {name: flops / statistics.median(t) / 1e9 for name, t in times.items()}
+    rows.append({**p, "jax_gflops": _digits(rate["jax"]), "torch_gflops": _digits(rate.get("torch")),
+                 "jax_vs_torch": _digits(rate["jax"] / rate["torch"]) if "torch" in rate else None})
   return {"products": rows, "cores": len(os.sched_getaffinity(0)), "torch": torch_info,
           "jax": jax.__version__, "device_kind": jax.devices()[0].device_kind, "dtype": "float32"}
 

@@ -50,8 +50,8 @@ def products(config) -> list[dict]:
 
 
 def _operand_shapes(p):
-  """[m, k] / [k, n] as stored for the layout; with a leading batch axis only when batched (the
-  model's projections are 2-D GEMMs, and XLA:CPU runs a [1, m, k] batch of one slower)."""
+  """[m, k] / [k, n] as stored for the layout, with a leading batch axis only when batched: the
+  model's projections are 2-D GEMMs (`llama_jax.model.dense`)."""
   lhs = (p["m"], p["k"]) if p["layout"][0] == "N" else (p["k"], p["m"])
   rhs = (p["k"], p["n"]) if p["layout"][1] == "N" else (p["n"], p["k"])
   batch = (p["batch"],) if p["batch"] > 1 else ()

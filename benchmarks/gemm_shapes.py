@@ -19,7 +19,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,8 +32,9 @@ _LAYOUTS = {"NN": (1, 0), "NT": (1, 1), "TN": (0, 0)}
 
 def products(config) -> list[dict]:
   """(name, batch, m, k, n, layout) of every distinct product in a train step of `config`."""
-  m, b, t = config.model, config.data.batch_size, config.data.seq_len
-  rows, head_dim = b * t, m.dim // m.n_heads
+  from llama_jax.model import ModelConfig
+  m, b, t = ModelConfig.from_dict(config.model), config.data.batch_size, config.data.seq_len
+  rows, head_dim = b * t, m.head_dim
   group = m.n_heads // m.n_kv_heads
   block = min(m.attention_block, t) * group  # query rows of one block, G heads per position
   shapes = [("q/o projection", 1, rows, m.dim, m.n_heads * head_dim, "NN"),
@@ -82,27 +82,17 @@ def torch_product(p):
   return lambda: torch.matmul(a, b)
 
 
-def _time_in_rounds(calls: dict, rounds: int, repeats: int) -> dict[str, list[float]]:
-  times = {name: [] for name in calls}
-  for _ in range(rounds):
-    for name, call in calls.items():
-      call()  # untimed: absorbs the other library's spinning threads
-      for _ in range(repeats):
-        t0 = time.perf_counter()
-        call()
-        times[name].append(time.perf_counter() - t0)
-  return times
-
-
 def _digits(x: float | None) -> float | None:
   """Three significant digits (a tiny test shape runs at well under 1 GFLOP/s)."""
   return None if x is None else float(f"{x:.3g}")
 
 
 def measure(config, repeats: int, rounds: int) -> dict:
+  from benchmarks.train_step import time_in_turns
+  cores = len(os.sched_getaffinity(0))  # what `taskset` left this process
   try:
     import torch
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(cores)
     torch_info = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
   except ImportError:
     torch, torch_info = None, "torch not installed; pip install -r requirements-test.txt"
@@ -110,15 +100,15 @@ def measure(config, repeats: int, rounds: int) -> dict:
 
   rows = []
   for p in products(config):
-    steps = {"jax": jax_product(p)}
+    calls = {"jax": jax_product(p)}
     if torch is not None:
-      steps["torch"] = torch_product(p)
-    times = _time_in_rounds(steps, rounds, repeats)
+      calls["torch"] = torch_product(p)
+    times = time_in_turns(calls, rounds, warmup=0, repeats=repeats, settle=True)
     flops = 2 * p["batch"] * p["m"] * p["k"] * p["n"]
     rate = {name: flops / statistics.median(t) / 1e9 for name, t in times.items()}
     rows.append({**p, "jax_gflops": _digits(rate["jax"]), "torch_gflops": _digits(rate.get("torch")),
                  "jax_vs_torch": _digits(rate["jax"] / rate["torch"]) if "torch" in rate else None})
-  return {"products": rows, "cores": len(os.sched_getaffinity(0)), "torch": torch_info,
+  return {"products": rows, "cores": cores, "torch": torch_info,
           "jax": jax.__version__, "device_kind": jax.devices()[0].device_kind, "dtype": "float32"}
 
 

@@ -81,11 +81,15 @@ def build(config):
   return step, summarize
 
 
-def time_in_turns(steps_by_name: dict, steps: int, warmup: int) -> dict[str, list[float]]:
-  """Seconds of each of `steps` rounds, per name, after `warmup` untimed calls of each.
+def time_in_turns(steps_by_name: dict, steps: int, warmup: int, repeats: int = 1,
+                  settle: bool = False) -> dict[str, list[float]]:
+  """Seconds of each timed call, per name: `steps` rounds after `warmup` untimed calls of each.
 
-  A round calls every step() once, one after the other: with several implementations, a drift
+  A round gives every step() a turn, one after the other: with several implementations, a drift
   in the machine's speed during the run (other tenants of a VM, clock changes) slows them alike.
+  A turn is `repeats` timed calls, after one untimed call when `settle` is set: for calls of
+  milliseconds, where what the previous turn left running (torch's spinning OpenMP threads)
+  would slow the first call.
   """
   for step in steps_by_name.values():
     for _ in range(warmup):
@@ -93,9 +97,12 @@ def time_in_turns(steps_by_name: dict, steps: int, warmup: int) -> dict[str, lis
   times = {name: [] for name in steps_by_name}
   for _ in range(steps):
     for name, step in steps_by_name.items():
-      t0 = time.perf_counter()
-      step()
-      times[name].append(time.perf_counter() - t0)
+      if settle:
+        step()
+      for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times[name].append(time.perf_counter() - t0)
   return times
 
 

@@ -25,6 +25,7 @@ def build(config):
 
   Returns (step, summarize): step() runs one step and waits for it; summarize(times) turns the
   measured step times into the JSON record (throughput, MFU, compile time, memory, ...).
+  step.compiled is the compiled executable (its HLO names the ops of a profile).
   """
   import jax
   import numpy as np
@@ -49,6 +50,8 @@ def build(config):
   def step():
     held["state"], held["stats"] = compiled(held["state"], batch)
     jax.block_until_ready(held["state"])
+
+  step.compiled = compiled
 
   def summarize(times: list[float]) -> dict:
     step_s = statistics.median(times)

@@ -1,6 +1,7 @@
-"""benchmarks/train_step.py and benchmarks/compare.py run end to end on a tiny shape and print
-one JSON line with every field docs/PERFORMANCE.md reads. Nothing here is timed: the numbers
-come from the scripts on a quiet machine, never from the test suite."""
+"""The benchmark scripts (train_step, compare, gemm_shapes, profile_step) run end to end on a
+tiny shape and print one JSON line with every field docs/PERFORMANCE.md reads; profile_step's
+HLO classifier and trace summary are also checked on known inputs. Nothing here is timed: the
+numbers come from the scripts on a quiet machine, never from the test suite."""
 
 import json
 import os
@@ -66,3 +67,69 @@ def test_gemm_shapes_times_every_product_of_the_step():
     assert p["jax_gflops"] > 0 and p["torch_gflops"] > 0
     assert p["jax_vs_torch"] == pytest.approx(p["jax_gflops"] / p["torch_gflops"], rel=2e-2)
   assert r["cores"] >= 1 and "torch" in r["torch"]
+
+
+def _profile_step():
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  try:
+    import profile_step
+  finally:
+    sys.path.pop(0)
+  return profile_step
+
+
+def test_profile_step_splits_a_traced_step_by_category(tmp_path):
+  r = _run("profile_step.py", f"--trace_dir={tmp_path}", "--top=5")
+  cats = r["by_category"]
+  assert set(cats) == {"matmul", "attention", "collective", "data_movement", "elementwise"}
+  assert cats["matmul"]["ms_per_step"] > 0 and cats["elementwise"]["ms_per_step"] > 0
+  assert cats["collective"]["ms_per_step"] == 0  # one device
+  assert sum(c["share"] for c in cats.values()) == pytest.approx(1, abs=1e-3)
+  assert sum(c["ms_per_step"] for c in cats.values()) == pytest.approx(r["op_ms_per_step"],
+                                                                        abs=0.05)
+  assert r["ops_matched"] >= 5 and len(r["top_ops"]) == 5
+  assert all(op["category"] in cats and op["ms_per_step"] > 0 for op in r["top_ops"])
+  assert r["trace_dir"] == str(tmp_path) and any(
+      f.endswith("perfetto_trace.json.gz") for _, _, fs in os.walk(tmp_path) for f in fs)
+
+
+def test_profile_classifies_the_ops_of_compiled_hlo():
+  import jax
+  import jax.numpy as jnp
+
+  profile_step = _profile_step()
+
+  def f(x, w):
+    def body(h, _):
+      return h, jnp.exp(h) * 2.0  # stacked by the scan: a dynamic-update-slice per iteration
+    _, stacked = jax.lax.scan(body, x, None, length=3)
+    return x @ w, jnp.transpose(w) + 0.0, stacked, jnp.concatenate([x, x])
+
+  x, w = jnp.ones((64, 32)), jnp.ones((32, 48))
+  ops = profile_step.classify_hlo(jax.jit(f).lower(x, w).compile().as_text())
+  found = {op["category"] for op in ops.values()}
+  assert {"matmul", "elementwise", "data_movement", None} <= found  # None: the scan's while
+  matmuls = [op for op in ops.values() if op["category"] == "matmul"]
+  assert matmuls and all("dot_general" in op["source"] for op in matmuls)
+  assert any("f32[64,48]" in op["shape"] for op in matmuls)
+  assert not any("exp" in op["source"] for op in ops.values()
+                 if op["category"] in ("matmul", "data_movement"))
+
+
+def test_profile_summary_sums_each_op_per_step_and_category():
+  profile_step = _profile_step()
+  ops = {"dot.1": {"category": "matmul", "shape": "f32[8,8]", "source": "dot_general"},
+         "fusion.2": {"category": "elementwise", "shape": "f32[8]", "source": "exp"},
+         "while.3": {"category": None, "shape": "", "source": ""}}
+  events = [
+      {"ph": "X", "name": "dot.1", "dur": 3000}, {"ph": "X", "name": "dot.1", "dur": 5000},
+      {"ph": "X", "name": "kernel_x", "dur": 2000, "args": {"hlo_op": "fusion.2"}},
+      {"ph": "X", "name": "while.3", "dur": 9000},  # a container: its ops count, not itself
+      {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9000},  # not an HLO op
+      {"ph": "i", "name": "dot.1"},  # an instant event has no duration
+  ]
+  r = profile_step.summarize_trace(events, ops, steps=2, top=1)
+  assert r["op_ms_per_step"] == 5.0 and r["ops_matched"] == 2
+  assert r["by_category"]["matmul"] == {"ms_per_step": 4.0, "share": 0.8}
+  assert r["by_category"]["elementwise"] == {"ms_per_step": 1.0, "share": 0.2}
+  assert r["top_ops"] == [{"name": "dot.1", "ms_per_step": 4.0, "calls_per_step": 1.0, **ops["dot.1"]}]

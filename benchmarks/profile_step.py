@@ -134,8 +134,9 @@ def summarize_trace(events: list[dict], ops: dict[str, dict], steps: int, top: i
       "by_category": {c: {"ms_per_step": round(by_category[c] / steps, 2),
                           "share": round(by_category[c] / total, 4) if total else 0.0}
                       for c in CATEGORIES},
-      "top_ops": [{"name": n, "ms_per_step": round(ms / steps, 2), "calls_per_step": calls[n] / steps,
-                   **ops[n]} for n, ms in per_op.most_common(top)],
+      "top_ops": [{"name": n, "ms_per_step": round(ms / steps, 2),
+                   "calls_per_step": calls[n] / steps, **ops[n]}
+                  for n, ms in per_op.most_common(top)],
   }
 
 

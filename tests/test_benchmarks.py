@@ -1,8 +1,10 @@
 """The benchmark scripts (train_step, compare, gemm_shapes, profile_step) run end to end on a
 tiny shape and print one JSON line with every field docs/PERFORMANCE.md reads; profile_step's
-HLO classifier and trace summary are also checked on known inputs. Nothing here is timed: the
-numbers come from the scripts on a quiet machine, never from the test suite."""
+HLO classifier and trace summary are also checked on known inputs, and gpu_check's attention
+check and its stop without a GPU on CPU. Nothing here is timed: the numbers come from the
+scripts on a quiet machine, never from the test suite."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -69,13 +71,13 @@ def test_gemm_shapes_times_every_product_of_the_step():
   assert r["cores"] >= 1 and "torch" in r["torch"]
 
 
-def _profile_step():
+def _benchmark_module(name: str):
+  """A script of benchmarks/ imported as a module (they import each other by bare name)."""
   sys.path.insert(0, os.path.join(REPO, "benchmarks"))
   try:
-    import profile_step
+    return importlib.import_module(name)
   finally:
     sys.path.pop(0)
-  return profile_step
 
 
 def test_profile_step_splits_a_traced_step_by_category(tmp_path):
@@ -97,7 +99,7 @@ def test_profile_classifies_the_ops_of_compiled_hlo():
   import jax
   import jax.numpy as jnp
 
-  profile_step = _profile_step()
+  profile_step = _benchmark_module("profile_step")
 
   def f(x, w):
     def body(h, _):
@@ -117,7 +119,7 @@ def test_profile_classifies_the_ops_of_compiled_hlo():
 
 
 def test_profile_summary_sums_each_op_per_step_and_category():
-  profile_step = _profile_step()
+  profile_step = _benchmark_module("profile_step")
   ops = {"dot.1": {"category": "matmul", "shape": "f32[8,8]", "source": "dot_general"},
          "fusion.2": {"category": "elementwise", "shape": "f32[8]", "source": "exp"},
          "while.3": {"category": None, "shape": "", "source": ""}}
@@ -132,4 +134,26 @@ def test_profile_summary_sums_each_op_per_step_and_category():
   assert r["op_ms_per_step"] == 5.0 and r["ops_matched"] == 2
   assert r["by_category"]["matmul"] == {"ms_per_step": 4.0, "share": 0.8}
   assert r["by_category"]["elementwise"] == {"ms_per_step": 1.0, "share": 0.2}
-  assert r["top_ops"] == [{"name": "dot.1", "ms_per_step": 4.0, "calls_per_step": 1.0, **ops["dot.1"]}]
+  assert r["top_ops"] == [{"name": "dot.1", "ms_per_step": 4.0, "calls_per_step": 1.0,
+                           **ops["dot.1"]}]
+
+
+def test_gpu_check_stops_before_compiling_without_a_gpu():
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_check.py")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0 and out.stdout == ""
+  assert "needs a GPU" in out.stderr and "'cpu'" in out.stderr
+
+
+def test_gpu_check_compares_attention_implementations():
+  """The attention check on CPU, with the implementations CPU has: the same maths, no cuDNN."""
+  r = _benchmark_module("gpu_check").attention_check(2, 64, 4, 2, 16, "float32",
+                                                     implementations=("xla", "blockwise"))
+  assert r["reference"] == "xla" and r["shape"]["n_kv_heads"] == 2
+  for impl in ("xla", "blockwise"):
+    got = r["implementations"][impl]
+    assert got["fwd_bwd_ms"] > 0 and got["calls_cudnn"] is False
+    assert set(got["max_abs_diff"]) == {"out", "dq", "dk", "dv"}
+    assert max(got["max_abs_diff"].values()) < 1e-4
+  assert max(r["implementations"]["xla"]["max_abs_diff"].values()) == 0  # its own reference

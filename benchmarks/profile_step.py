@@ -18,8 +18,9 @@ compiled HLO and put in one category:
 Times are summed per op and divided by the traced steps. Ops can run at the same time (XLA:CPU
 runs independent ops side by side), so the sum can exceed the step's wall time: the shares say
 where the work is, not what is on the critical path. Container ops (while loops, calls) are not
-counted, the ops inside them are. Names are matched on the trace event's `hlo_op` argument where
-the backend sets one, else on the event's name (XLA:CPU names its ops after the instructions).
+counted, the ops inside them are. Events are matched by their `hlo_op` argument where the
+backend sets one (GPU, TPU: then only those events count), else by their name (XLA:CPU names its
+ops after the HLO instructions).
 """
 
 import collections
@@ -116,9 +117,11 @@ def summarize_trace(events: list[dict], ops: dict[str, dict], steps: int, top: i
   """Per-category and per-op milliseconds per step from a trace's complete ('X') events."""
   per_op = collections.Counter()
   calls = collections.Counter()
-  for e in events:
-    if e.get("ph") != "X" or "dur" not in e:
-      continue
+  timed = [e for e in events if e.get("ph") == "X" and "dur" in e]
+  # GPU and TPU traces tag their device-side events with the op (`hlo_op`); where they do, only
+  # those count, so that a host-side event of the same name is not counted a second time.
+  tagged = [e for e in timed if (e.get("args") or {}).get("hlo_op")]
+  for e in tagged or timed:
     name = (e.get("args") or {}).get("hlo_op") or e.get("name", "")
     if ops.get(name, {}).get("category") is None:
       continue

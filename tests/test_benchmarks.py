@@ -123,9 +123,9 @@ def test_profile_summary_sums_each_op_per_step_and_category():
   ops = {"dot.1": {"category": "matmul", "shape": "f32[8,8]", "source": "dot_general"},
          "fusion.2": {"category": "elementwise", "shape": "f32[8]", "source": "exp"},
          "while.3": {"category": None, "shape": "", "source": ""}}
-  events = [
+  events = [  # as XLA:CPU traces them: events named after the HLO instructions
       {"ph": "X", "name": "dot.1", "dur": 3000}, {"ph": "X", "name": "dot.1", "dur": 5000},
-      {"ph": "X", "name": "kernel_x", "dur": 2000, "args": {"hlo_op": "fusion.2"}},
+      {"ph": "X", "name": "fusion.2", "dur": 2000},
       {"ph": "X", "name": "while.3", "dur": 9000},  # a container: its ops count, not itself
       {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9000},  # not an HLO op
       {"ph": "i", "name": "dot.1"},  # an instant event has no duration
@@ -136,6 +136,21 @@ def test_profile_summary_sums_each_op_per_step_and_category():
   assert r["by_category"]["elementwise"] == {"ms_per_step": 1.0, "share": 0.2}
   assert r["top_ops"] == [{"name": "dot.1", "ms_per_step": 4.0, "calls_per_step": 1.0,
                            **ops["dot.1"]}]
+
+
+def test_profile_summary_prefers_device_events_tagged_with_their_op():
+  """GPU traces name kernels their own way and tag them with `hlo_op`; a host-side event
+  that happens to carry the op's name must not be counted a second time."""
+  profile_step = _benchmark_module("profile_step")
+  ops = {"fusion.2": {"category": "elementwise", "shape": "f32[8]", "source": "exp"},
+         "dot.1": {"category": "matmul", "shape": "f32[8,8]", "source": "dot_general"}}
+  events = [{"ph": "X", "name": "loop_exp_fusion", "dur": 2000, "args": {"hlo_op": "fusion.2"}},
+            {"ph": "X", "name": "cutlass_gemm", "dur": 6000, "args": {"hlo_op": "dot.1"}},
+            {"ph": "X", "name": "fusion.2", "dur": 500}]  # the host launching it
+  r = profile_step.summarize_trace(events, ops, steps=1, top=5)
+  assert r["op_ms_per_step"] == 8.0
+  assert r["by_category"]["elementwise"]["ms_per_step"] == 2.0
+  assert r["by_category"]["matmul"] == {"ms_per_step": 6.0, "share": 0.75}
 
 
 def test_gpu_check_stops_before_compiling_without_a_gpu():

@@ -21,7 +21,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,12 +32,9 @@ from ml_collections import config_flags  # noqa: E402
 def _timed_ms(fn, args, repeats: int = 10) -> float:
   """Median milliseconds of a compiled call, after one untimed call."""
   import jax
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
+
+  from benchmarks.train_step import time_in_turns
+  times = time_in_turns({"call": lambda: jax.block_until_ready(fn(*args))}, repeats, 1)["call"]
   return round(statistics.median(times) * 1e3, 3)
 
 

@@ -28,10 +28,8 @@ import gzip
 import json
 import os
 import re
-import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -60,7 +58,8 @@ def classify_hlo(hlo_text: str) -> dict[str, dict]:
   """{instruction name: {"category", "shape", "source"}} for every instruction of a compiled HLO
   module's text. The category is None for containers (while, call, ...), whose inner ops are
   counted instead; the source is the jax operation it came from (its op_name metadata)."""
-  computations: dict[str, list[tuple[str, str, str]]] = collections.defaultdict(list)
+  # computation -> [(instruction name, its shape, opcode, the whole line)]
+  computations: dict[str, list[tuple[str, str, str, str]]] = collections.defaultdict(list)
   current = None
   for line in hlo_text.splitlines():
     comp = _COMPUTATION.match(line)
@@ -69,12 +68,12 @@ def classify_hlo(hlo_text: str) -> dict[str, dict]:
       continue
     inst = _INSTRUCTION.match(line)
     if inst and current is not None:
-      computations[current].append((inst.group(1), inst.group(3), line))
+      computations[current].append(inst.groups() + (line,))
 
   def opcodes(comp: str, seen: frozenset = frozenset()) -> set[str]:
     """The opcodes of a computation, with those of the computations it calls."""
     found = set()
-    for _, opcode, line in computations.get(comp, ()):
+    for _, _, opcode, line in computations.get(comp, ()):
       found.add(opcode)
       for called in _CALLS.findall(line):
         if called not in seen:
@@ -104,13 +103,13 @@ def classify_hlo(hlo_text: str) -> dict[str, dict]:
       return "data_movement"
     return "elementwise"
 
-  def describe(opcode: str, line: str) -> dict:
+  def describe(shape: str, opcode: str, line: str) -> dict:
     source = _OP_NAME.search(line)
-    return {"category": category(opcode, line), "shape": _INSTRUCTION.match(line).group(2),
+    return {"category": category(opcode, line), "shape": shape,
             "source": source.group(1) if source else ""}
 
-  return {name: describe(opcode, line)
-          for insts in computations.values() for name, opcode, line in insts}
+  return {name: describe(shape, opcode, line)
+          for insts in computations.values() for name, shape, opcode, line in insts}
 
 
 def summarize_trace(events: list[dict], ops: dict[str, dict], steps: int, top: int) -> dict:
@@ -160,18 +159,12 @@ def profile(config, steps: int, warmup: int, top: int, trace_dir: str) -> dict:
   import train_step
 
   step, summarize = train_step.build(config)
-  for _ in range(warmup):
-    step()
-  times = []
+  train_step.time_in_turns({"llama_jax": step}, 0, warmup)  # warm-up steps, not traced
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-    for _ in range(steps):
-      t0 = time.perf_counter()
-      step()
-      times.append(time.perf_counter() - t0)
-  record = summarize(times)
+    times = train_step.time_in_turns({"llama_jax": step}, steps, 0)["llama_jax"]
+  record = summarize(times)  # step_s: the median of the traced steps
   out = {k: record[k] for k in ("tokens_per_s", "step_s", "mfu", "peak_flops", "peak_source",
                                 "devices", "device_kind", "model", "batch", "seq_len")}
-  out["traced_step_s"] = round(statistics.median(times), 5)
   out.update(summarize_trace(read_trace(trace_dir), classify_hlo(step.compiled.as_text()),
                              steps, top))
   out["trace_dir"] = trace_dir

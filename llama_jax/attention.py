@@ -137,9 +137,9 @@ def _blockwise_bwd(block, residuals, d_out):
   """
   q, k, v, segment_ids, out, lse = residuals
   t, n, h = q.shape[1:]
-  g = n // k.shape[2]
-  scale = h ** -0.5
   n_kv = k.shape[2]
+  g = n // n_kv
+  scale = h ** -0.5
   qr = _query_rows(q * scale, n_kv)
   kr, vr = _kv_heads_major(k), _kv_heads_major(v)
   do = _query_rows(d_out, n_kv).astype(jnp.float32)

@@ -352,10 +352,25 @@ class Block(nnx.Module):
     return constrain(x, ("act_batch", "act_seq", "act_embed")), cache
 
 
-# The blockwise attention names its output and log-sum-exp (its custom VJP's residuals): the
-# dot policies keep them, else they would keep the block score matrices the two are made from.
+# The dot policies also keep what each attention's backward pass reads, so that no attention
+# forward runs twice. The blockwise attention names its output and log-sum-exp (its custom VJP's
+# residuals); without the names the policies would keep the block score matrices the two are
+# made from instead.
 _policies = jax.checkpoint_policies
-_ATTENTION_RESIDUALS = _policies.save_only_these_names("attention_out", "attention_lse")
+_BLOCKWISE_RESIDUALS = _policies.save_only_these_names("attention_out", "attention_lse")
+
+
+def _cudnn_attention_residuals(prim, *_, **__) -> bool:
+  """jax.nn.dot_product_attention(implementation='cudnn') runs its forward pass as the primitive
+  dot_product_attention_fwd(_wrapper): its outputs, the attention output and the softmax
+  statistics, are the residuals of cuDNN's backward kernel. A dot policy alone does not keep them
+  (the primitive is not a dot), and the forward kernel then reruns in the backward pass: on an
+  H200 the 1B config's step took 1.8% longer that way (docs/PERFORMANCE.md)."""
+  return prim.name.startswith("dot_product_attention_fwd")
+
+
+_ATTENTION_RESIDUALS = _policies.save_from_both_policies(_BLOCKWISE_RESIDUALS,
+                                                         _cudnn_attention_residuals)
 _REMAT_POLICIES = {
     "full": _policies.nothing_saveable,
     "dots": _policies.save_from_both_policies(_policies.checkpoint_dots, _ATTENTION_RESIDUALS),

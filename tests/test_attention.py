@@ -154,3 +154,31 @@ def test_remat_policy_saves_attention_output_not_block_scores(remat):
       q, k, v, is_causal=True, implementation="blockwise", block=16)),
       policy=jax.checkpoint_policies.checkpoint_dots)
   assert any(s in _saved_residuals(plain, q, k, v) for s in score_blocks)
+
+
+@pytest.mark.parametrize("remat", ["dots", "dots_no_batch"])
+def test_remat_policy_saves_cudnn_attention_forward(remat, monkeypatch):
+  """cuDNN's backward reads its forward's output and softmax statistics: the dot policies keep
+  them, so the forward kernel does not run a second time in the backward pass.
+
+  Only traced, never lowered, so it runs on CPU: the cuDNN version check, which needs a GPU, is
+  stubbed (9.1, new enough for every feature used here)."""
+  from jax._src.cudnn import fused_attention_stablehlo
+  monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda *a, **k: 90100)
+  cfg = dataclasses.replace(CFG, n_layers=1, remat=remat, scan_layers=False, attention="cudnn",
+                            dtype="bfloat16", n_heads=4, n_kv_heads=2, dim=4 * 16)
+  graphdef, params = nnx.split(Llama(cfg, rngs=nnx.Rngs(0)))
+  tokens = jnp.zeros((2, 32), jnp.int32)
+  saved = _saved_residuals(lambda p: jnp.sum(nnx.merge(graphdef, p)(tokens)), params)
+  forward_outputs = [line for line in saved.splitlines()
+                     if "output of dot_product_attention_fwd" in line]
+  # The output [B, T, N, H] in the compute dtype and the statistics [B, N, T] in fp32.
+  assert any(line.startswith("bf16[2,32,4,16]") for line in forward_outputs), saved
+  assert any(line.startswith("f32[2,4,32]") for line in forward_outputs), saved
+
+  # The control: the plain dot policy keeps neither, so the forward would be recomputed.
+  plain = jax.checkpoint(lambda q: jnp.sum(attend(q, q, q, is_causal=True, implementation="cudnn")
+                                           .astype(jnp.float32)),
+                         policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  q = jnp.ones((2, 32, 4, 16), jnp.bfloat16)
+  assert "dot_product_attention_fwd" not in _saved_residuals(plain, q)

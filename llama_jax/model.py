@@ -258,6 +258,31 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, preferred_element_type=None
   return y.reshape(*batch, *out)
 
 
+@jax.custom_vjp
+def lm_head_logits(x: jax.Array, head: jax.Array) -> jax.Array:
+  """x [..., D] @ head [D, V] -> fp32 logits, for a softmax over V that needs fp32's range.
+
+  The backward pass runs its two GEMMs in x's dtype, like every other layer's: jax's own
+  transpose of a bf16 x bf16 -> fp32 dot upcasts bf16 operands to meet the fp32 cotangent, which
+  on an H200 made the two largest GEMMs of the 1B config's backward pass fp32 (TF32) ones, 15 ms of
+  a 230 ms step (docs/PERFORMANCE.md). In fp32 the two are the same computation.
+  """
+  return dense(x, head, preferred_element_type=jnp.float32)
+
+
+def _lm_head_logits_fwd(x, head):
+  return lm_head_logits(x, head), (x, head)
+
+
+def _lm_head_logits_bwd(residuals, d_logits):
+  x, head = residuals
+  _, vjp = jax.vjp(dense, x, head)
+  return vjp(d_logits.astype(x.dtype))
+
+
+lm_head_logits.defvjp(_lm_head_logits_fwd, _lm_head_logits_bwd)
+
+
 # ---------------------------------------------------------------------------- attention
 
 class Attention(nnx.Module):
@@ -444,7 +469,7 @@ class Llama(nnx.Module):
 
     x = self.final_norm(x)
     head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-    logits = dense(x, head.astype(dt), preferred_element_type=jnp.float32)
+    logits = lm_head_logits(x, head.astype(dt))
     logits = constrain(logits, ("act_batch", "act_seq", "act_vocab"))
     return logits if cache is None else (logits, cache)
 

@@ -4,6 +4,7 @@ transformers lives in test_hf.py."""
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -11,8 +12,8 @@ import pytest
 from flax import nnx
 
 import llama_jax  # noqa: F401  (mesh-free model construction)
-from llama_jax.model import (SIZES, Llama, ModelConfig, RopeScaling, count_params,
-                             init_cache)
+from llama_jax.model import (SIZES, Llama, ModelConfig, RopeScaling, count_params, dense,
+                             init_cache, lm_head_logits)
 
 # Distinct prime-ish sizes: a swapped axis changes a shape instead of hiding.
 CFG = ModelConfig(dim=48, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=76, vocab_size=139,
@@ -266,6 +267,41 @@ def test_bf16_compute_with_fp32_params():
   # bf16 keeps ~3 significant digits: close to the fp32 model, but not equal to it.
   err = np.abs(np.asarray(logits) - want).max()
   assert 0 < err < 0.05 * np.abs(want).max()
+
+
+
+def _head_grads(fn, x, head, weights):
+  return jax.grad(lambda x, head: jnp.sum(fn(x, head) * weights), argnums=(0, 1))(x, head)
+
+
+def test_lm_head_backward_gemms_run_in_the_compute_dtype():
+  """bf16 x bf16 -> fp32 logits; the backward GEMMs take bf16 operands (jax's own transpose
+  would upcast them to fp32), and the gradients stay close to the fp32 ones."""
+  rng = np.random.default_rng(0)
+  x32 = jnp.asarray(rng.standard_normal((2, 5, 48)), jnp.float32)
+  head32 = jnp.asarray(rng.standard_normal((48, 139)) * 0.1, jnp.float32)
+  weights = jnp.asarray(rng.standard_normal((2, 5, 139)), jnp.float32)
+  x16, head16 = x32.astype(jnp.bfloat16), head32.astype(jnp.bfloat16)
+  assert lm_head_logits(x16, head16).dtype == jnp.float32
+
+  jaxpr = jax.make_jaxpr(lambda x, h: _head_grads(lm_head_logits, x, h, weights))(x16, head16)
+  dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert len(dots) == 3  # the forward and the two backward GEMMs
+  assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars), jaxpr
+  plain = jax.make_jaxpr(lambda x, h: _head_grads(
+      lambda x, h: dense(x, h, preferred_element_type=jnp.float32), x, h, weights))(x16, head16)
+  assert any(v.aval.dtype == jnp.float32 for e in plain.eqns if e.primitive.name == "dot_general"
+             for v in e.invars), "control: jax's own transpose upcasts to fp32"
+
+  want = _head_grads(lambda x, h: dense(x, h, preferred_element_type=jnp.float32),
+                     x32, head32, weights)
+  got = _head_grads(lm_head_logits, x16, head16, weights)
+  for g, w in zip(got, want):
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=0, atol=0.02 * np.abs(w).max())
+  # In fp32 it is the plain computation.
+  for g, w in zip(_head_grads(lm_head_logits, x32, head32, weights), want):
+    np.testing.assert_array_equal(g, w)
 
 
 # ---------------------------------------------------------------------------- config

@@ -112,32 +112,66 @@ def classify_hlo(hlo_text: str) -> dict[str, dict]:
           for insts in computations.values() for name, shape, opcode, line in insts}
 
 
+# Library kernels launched inside an XLA:GPU command buffer (a CUDA graph) are tagged with the
+# command buffer's name, not their own op's, and are named by the library: their names say what
+# they are. Attention first: cuDNN's flash attention kernels have "wgmma" in their names too.
+_KERNEL_KINDS = (("attention", re.compile(r"sdpa|fmha|flash|cudnn", re.I)),
+                 ("matmul", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|matmul|wgmma", re.I)),
+                 ("collective", re.compile(r"nccl", re.I)),
+                 ("data_movement", re.compile(r"^(memcpy|memset)", re.I)))
+
+
+def _kernel_op(kernel: str) -> dict | None:
+  for category, pattern in _KERNEL_KINDS:
+    if pattern.search(kernel):
+      return {"category": category, "shape": "", "source": "library kernel"}
+  return None
+
+
 def summarize_trace(events: list[dict], ops: dict[str, dict], steps: int, top: int) -> dict:
-  """Per-category and per-op milliseconds per step from a trace's complete ('X') events."""
+  """Per-category and per-op milliseconds per step from a trace's complete ('X') events.
+
+  An event is matched to its op by, in turn: its `hlo_op` tag; its name (XLA:CPU names events
+  after instructions); its name as an XLA:GPU kernel (the instruction's name with '.' and '-'
+  made '_'); and for a device event that none of those match (a library kernel in a command
+  buffer), the kind of kernel its name says. Device events left over are reported as unmatched.
+  """
   per_op = collections.Counter()
   calls = collections.Counter()
+  found = dict(ops)
   timed = [e for e in events if e.get("ph") == "X" and "dur" in e]
   # GPU and TPU traces tag their device-side events with the op (`hlo_op`); where they do, only
   # those count, so that a host-side event of the same name is not counted a second time.
   tagged = [e for e in timed if (e.get("args") or {}).get("hlo_op")]
+  kernel_names = {re.sub(r"[.\-]", "_", name): name for name in ops}
+  unmatched = collections.Counter()
   for e in tagged or timed:
-    name = (e.get("args") or {}).get("hlo_op") or e.get("name", "")
-    if ops.get(name, {}).get("category") is None:
+    event_name = e.get("name", "")
+    candidates = ((e.get("args") or {}).get("hlo_op"), event_name, kernel_names.get(event_name))
+    name = next((n for n in candidates if n in ops), None)
+    if name is None and tagged:
+      kind = _kernel_op(event_name)
+      if kind is None:
+        unmatched[event_name] += e["dur"] / 1e3
+        continue
+      name, found[name] = event_name, kind
+    if name is None or found[name]["category"] is None:
       continue
     per_op[name] += e["dur"] / 1e3  # microseconds -> ms
     calls[name] += 1
   total = sum(per_op.values())
   by_category = collections.Counter()
   for name, ms in per_op.items():
-    by_category[ops[name]["category"]] += ms
+    by_category[found[name]["category"]] += ms
   return {
       "op_ms_per_step": round(total / steps, 2),
       "ops_matched": len(per_op),
+      "unmatched_device_ms_per_step": round(sum(unmatched.values()) / steps, 2),
       "by_category": {c: {"ms_per_step": round(by_category[c] / steps, 2),
                           "share": round(by_category[c] / total, 4) if total else 0.0}
                       for c in CATEGORIES},
       "top_ops": [{"name": n, "ms_per_step": round(ms / steps, 2),
-                   "calls_per_step": calls[n] / steps, **ops[n]}
+                   "calls_per_step": calls[n] / steps, **found[n]}
                   for n, ms in per_op.most_common(top)],
   }
 

@@ -153,6 +153,38 @@ def test_profile_summary_prefers_device_events_tagged_with_their_op():
   assert r["by_category"]["matmul"] == {"ms_per_step": 6.0, "share": 0.75}
 
 
+def test_profile_summary_matches_kernels_in_gpu_command_buffers():
+  """XLA:GPU runs most of a step inside command buffers (CUDA graphs): every kernel there is
+  tagged with the command buffer's name, XLA's own kernels are named after their fusion with
+  '.' made '_', and library kernels (cuBLAS, cuDNN) by the library. Names from an H200 trace."""
+  profile_step = _benchmark_module("profile_step")
+  ops = {"loop_add_multiply_fusion.2": {"category": "elementwise", "shape": "bf16[8]",
+                                        "source": "mul"},
+         "command_buffer.1": {"category": None, "shape": "", "source": ""}}
+  in_buffer = {"hlo_op": "command_buffer_1"}
+  events = [
+      {"ph": "X", "name": "loop_add_multiply_fusion_2", "dur": 1000, "args": in_buffer},
+      {"ph": "X", "name": "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", "dur": 4000,
+       "args": in_buffer},
+      {"ph": "X", "name": "sm90_xmma_gemm_f32f32_tf32f32_f32_nt_n_tilesize128x256x32",
+       "dur": 2000, "args": in_buffer},
+      {"ph": "X", "name": "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26",
+       "dur": 1500, "args": in_buffer},
+      {"ph": "X", "name": "void cudnn::fusion::compute_dot_do_o_specialized<true, 64>",
+       "dur": 500, "args": in_buffer},
+      {"ph": "X", "name": "memcpy128", "dur": 1000, "args": in_buffer},
+      {"ph": "X", "name": "some_unknown_kernel", "dur": 700, "args": in_buffer},
+      {"ph": "X", "name": "command_buffer::execute", "dur": 9000},  # host side
+  ]
+  r = profile_step.summarize_trace(events, ops, steps=1, top=10)
+  assert r["op_ms_per_step"] == 10.0 and r["unmatched_device_ms_per_step"] == 0.7
+  assert {c: v["ms_per_step"] for c, v in r["by_category"].items()} == {
+      "matmul": 6.0, "attention": 2.0, "collective": 0.0, "data_movement": 1.0,
+      "elementwise": 1.0}
+  fusion = next(op for op in r["top_ops"] if op["name"] == "loop_add_multiply_fusion.2")
+  assert fusion["source"] == "mul"
+
+
 def test_gpu_check_stops_before_compiling_without_a_gpu():
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_check.py")],

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from llama_jax import mkl_gemm
+
 IMPLEMENTATIONS = ("xla", "cudnn", "blockwise")
 
 # A finite "minus infinity" for masked scores: exp(_MASKED - max) underflows to 0, and unlike
@@ -28,16 +30,17 @@ _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, is_causal: bool, implementation: str,
-           block: int = 128):
+           block: int = 128, matmul: str = "xla"):
   """softmax(q k^T / sqrt(H)) v, [B, T, N, H] x [B, S, K, H] -> [B, T, N, H] (N a multiple of K).
 
   Training passes is_causal=True (optionally with segment_ids [B, T] for packed documents);
   decoding passes the cache's boolean `mask` [B, 1, T, S]. `blockwise` handles the causal
-  training case and hands masks it cannot skip over (decoding) to `xla`.
+  training case and hands masks it cannot skip over (decoding) to `xla`; its block products go
+  through `matmul` ('xla' or 'mkl', llama_jax.mkl_gemm).
   """
   if implementation == "blockwise":
     if is_causal and mask is None and q.shape[1] == k.shape[1]:
-      return blockwise_attention(q, k, v, segment_ids, block)
+      return blockwise_attention(q, k, v, segment_ids, block, matmul)
     implementation = "xla"
   if segment_ids is not None and mask is None:
     mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # [B, 1, T, T]
@@ -97,27 +100,39 @@ def _visible(segment_ids, a, e, g, transposed=False):
   return jnp.swapaxes(visible, -1, -2) if transposed else visible
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def blockwise_attention(q, k, v, segment_ids, block: int):
+# The block products below as op(a) @ op(b) over the leading [B, K] axes: (transpose a,
+# transpose b) for llama_jax.mkl_gemm, which takes [..., rows, cols] operands as they are stored.
+_PRODUCT_FORMS = {"bkrh,bksh->bkrs": (False, True), "bkrs,bksh->bkrh": (False, False),
+                  "bksh,bkrh->bksr": (False, True), "bksr,bkrh->bksh": (False, False),
+                  "bksr,bksh->bkrh": (True, False)}
+
+
+def _product(spec: str, a, b, matmul: str):
+  """One block product with fp32 results, through XLA (an einsum) or MKL."""
+  if matmul == "mkl":
+    return mkl_gemm.gemm(a, b, *_PRODUCT_FORMS[spec])
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def blockwise_attention(q, k, v, segment_ids, block: int, matmul: str = "xla"):
   """Causal attention of q [B, T, N, H] over k, v [B, T, K, H], block by block (module doc)."""
-  return _blockwise_forward(q, k, v, segment_ids, block)[0]
+  return _blockwise_forward(q, k, v, segment_ids, block, matmul)[0]
 
 
-def _blockwise_forward(q, k, v, segment_ids, block):
+def _blockwise_forward(q, k, v, segment_ids, block, matmul="xla"):
   t, n, h = q.shape[1:]
   g = n // k.shape[2]
   qr = _query_rows(q * h ** -0.5, k.shape[2])  # scaling q is cheaper than scaling the scores
   kr, vr = _kv_heads_major(k), _kv_heads_major(v)
   outs, lses = [], []
   for a, e in _blocks(t, block):
-    s = jnp.einsum("bkrh,bksh->bkrs", qr[:, :, a * g:e * g], kr[:, :, :e],
-                   preferred_element_type=jnp.float32)
+    s = _product("bkrh,bksh->bkrs", qr[:, :, a * g:e * g], kr[:, :, :e], matmul)
     s = jnp.where(_visible(segment_ids, a, e, g), s, _MASKED)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
-    o = jnp.einsum("bkrs,bksh->bkrh", p.astype(v.dtype), vr[:, :, :e],
-                   preferred_element_type=jnp.float32)
+    o = _product("bkrs,bksh->bkrh", p.astype(v.dtype), vr[:, :, :e], matmul)
     outs.append(o / l)  # normalising the [rows, H] output is cheaper than the [rows, keys] probs
     lses.append((m + jnp.log(l))[..., 0])
   out = _from_rows(jnp.concatenate(outs, axis=2), n).astype(q.dtype)
@@ -128,7 +143,7 @@ def _blockwise_forward(q, k, v, segment_ids, block):
   return out, (q, k, v, segment_ids, out, lse)
 
 
-def _blockwise_bwd(block, residuals, d_out):
+def _blockwise_bwd(block, matmul, residuals, d_out):
   """Flash attention's backward pass, on transposed [keys, rows] blocks.
 
   Computing s^T = k q^T (instead of s = q k^T) makes dv = p^T do and dk = ds^T q plain GEMMs
@@ -150,16 +165,14 @@ def _blockwise_bwd(block, residuals, d_out):
   dqs = []
   for a, e in _blocks(t, block):
     q_blk, do_blk = qr[:, :, a * g:e * g], do[:, :, a * g:e * g]
-    st = jnp.einsum("bksh,bkrh->bksr", kr[:, :, :e], q_blk, preferred_element_type=jnp.float32)
+    st = _product("bksh,bkrh->bksr", kr[:, :, :e], q_blk, matmul)
     st = jnp.where(_visible(segment_ids, a, e, g, transposed=True), st, _MASKED)
     pt = jnp.exp(st - lse[:, :, None, a * g:e * g])                        # [B, K, keys, rows]
-    dv = dv.at[:, :, :e].add(jnp.einsum("bksr,bkrh->bksh", pt, do_blk))
-    dpt = jnp.einsum("bksh,bkrh->bksr", vr[:, :, :e], do_blk, preferred_element_type=jnp.float32)
+    dv = dv.at[:, :, :e].add(_product("bksr,bkrh->bksh", pt, do_blk, matmul))
+    dpt = _product("bksh,bkrh->bksr", vr[:, :, :e], do_blk, matmul)
     dst = pt * (dpt - delta[:, :, None, a * g:e * g])  # d loss / d (scaled scores), transposed
-    dk = dk.at[:, :, :e].add(jnp.einsum("bksr,bkrh->bksh", dst, q_blk,
-                                        preferred_element_type=jnp.float32))
-    dqs.append(jnp.einsum("bksr,bksh->bkrh", dst, kr[:, :, :e],
-                          preferred_element_type=jnp.float32))
+    dk = dk.at[:, :, :e].add(_product("bksr,bkrh->bksh", dst, q_blk, matmul))
+    dqs.append(_product("bksr,bksh->bkrh", dst, kr[:, :, :e], matmul))
   dq = _from_rows(jnp.concatenate(dqs, axis=2) * scale, n)
   dk, dv = _kv_heads_major(dk), _kv_heads_major(dv)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None

@@ -23,8 +23,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax import attention as attention_lib
+from llama_jax import mkl_gemm
 from llama_jax.sharding import constrain
 
 NORMS = ("rms", "layer")
@@ -33,6 +35,7 @@ POSITIONS = ("rope", "learned", "sinusoidal", "none")
 REMATS = ("none", "full", "dots", "dots_no_batch")
 ATTENTIONS = attention_lib.IMPLEMENTATIONS
 DTYPES = ("float32", "bfloat16", "float16")
+MATMULS = ("xla", "mkl")  # who runs the matrix products (llama_jax.mkl_gemm)
 EMBED_STD = 0.02  # token embedding init (HF's initializer_range)
 
 
@@ -72,6 +75,9 @@ class ModelConfig:
   remat: str = "dots_no_batch"
   attention: str = "blockwise"  # 'xla' | 'cudnn' (GPU) | 'blockwise' (llama_jax.attention)
   attention_block: int = 128    # query rows per block of the `blockwise` attention
+  # 'xla', or 'mkl': every fp32 matrix product (projections, MLP, LM head, blockwise attention's
+  # block products) through Intel MKL, on one CPU device (llama_jax.mkl_gemm, docs/PERFORMANCE.md).
+  matmul: str = "xla"
 
   def __post_init__(self):
     if isinstance(self.rope_scaling, dict):
@@ -90,9 +96,12 @@ class ModelConfig:
       raise ValueError(f"RoPE needs an even head dim, got dim/n_heads={self.head_dim}")
     for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("position", POSITIONS),
                           ("remat", REMATS), ("attention", ATTENTIONS), ("dtype", DTYPES),
-                          ("param_dtype", DTYPES)):
+                          ("param_dtype", DTYPES), ("matmul", MATMULS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
+    if self.matmul == "mkl" and self.dtype != "float32":
+      raise ValueError(f"model.matmul='mkl' computes in float32 only, got model.dtype="
+                       f"{self.dtype!r}; set model.dtype='float32' or model.matmul='xla'")
 
   @property
   def head_dim(self) -> int:
@@ -243,7 +252,8 @@ def sinusoidal_embedding(positions: jax.Array, dim: int) -> jax.Array:
 
 # ---------------------------------------------------------------------------- projections
 
-def dense(x: jax.Array, w: jax.Array, n_in: int = 1, preferred_element_type=None) -> jax.Array:
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1, preferred_element_type=None,
+          matmul: str = "xla") -> jax.Array:
   """Contracts x's last n_in axes with w's first n_in axes: [..., *in] x [*in, *out] -> [..., *out].
 
   Computed as one 2-D GEMM [rows, prod(in)] x [prod(in), prod(out)]. The same contraction as a
@@ -251,10 +261,16 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, preferred_element_type=None
   for the weight gradient, and XLA:CPU then fuses the surrounding elementwise backward ops into
   loops that write transposed copies: the SwiGLU MLP's forward + backward of shape B took 166 ms
   that way and 100 ms as 2-D GEMMs (docs/PERFORMANCE.md).
+
+  matmul='mkl' runs the GEMM through llama_jax.mkl_gemm (fp32, CPU) and names its output so that
+  the `dots` remat policies keep it, as they keep XLA's dot outputs.
   """
   batch, contract, out = x.shape[:-n_in], x.shape[x.ndim - n_in:], w.shape[n_in:]
-  y = jnp.dot(x.reshape(-1, math.prod(contract)), w.reshape(math.prod(contract), -1),
-              preferred_element_type=preferred_element_type)
+  x2, w2 = x.reshape(-1, math.prod(contract)), w.reshape(math.prod(contract), -1)
+  if matmul == "mkl":
+    y = checkpoint_name(mkl_gemm.gemm(x2, w2), mkl_gemm.OUTPUT_NAME)
+  else:
+    y = jnp.dot(x2, w2, preferred_element_type=preferred_element_type)
   return y.reshape(*batch, *out)
 
 
@@ -303,9 +319,10 @@ class Attention(nnx.Module):
   def __call__(self, x, rope, mask, segment_ids, cache):
     cfg = self.cfg
     dt = x.dtype
-    q = dense(x, self.wq[...].astype(dt))  # [B, T, N, H]
-    k = dense(x, self.wk[...].astype(dt))  # [B, T, K, H]
-    v = dense(x, self.wv[...].astype(dt))
+    mm = cfg.matmul
+    q = dense(x, self.wq[...].astype(dt), matmul=mm)  # [B, T, N, H]
+    k = dense(x, self.wk[...].astype(dt), matmul=mm)  # [B, T, K, H]
+    v = dense(x, self.wv[...].astype(dt), matmul=mm)
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
@@ -325,8 +342,8 @@ class Attention(nnx.Module):
     out = attention_lib.attend(q, k, v, mask=mask,
                                segment_ids=segment_ids if cache is None else None,
                                is_causal=is_causal, implementation=cfg.attention,
-                               block=cfg.attention_block)
-    out = dense(out, self.wo[...].astype(dt), n_in=2)
+                               block=cfg.attention_block, matmul=mm)
+    out = dense(out, self.wo[...].astype(dt), n_in=2, matmul=mm)
     return out, cache
 
 
@@ -337,6 +354,7 @@ class MLP(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.kind = cfg.mlp
+    self.matmul = cfg.matmul
     d, f = cfg.dim, cfg.ffn_dim
     pd = _dtype(cfg.param_dtype)
     if cfg.mlp == "swiglu":
@@ -346,17 +364,17 @@ class MLP(nnx.Module):
                                     scale=1.0 / (2 * cfg.n_layers))(rngs.params(), (f, d), pd))
 
   def __call__(self, x):
-    dt = x.dtype
-    up = dense(x, self.w_up[...].astype(dt))
+    dt, mm = x.dtype, self.matmul
+    up = dense(x, self.w_up[...].astype(dt), matmul=mm)
     if self.kind == "swiglu":
-      gate = dense(x, self.w_gate[...].astype(dt))
+      gate = dense(x, self.w_gate[...].astype(dt), matmul=mm)
       h = jax.nn.silu(gate) * up
     elif self.kind == "gelu":
       h = jax.nn.gelu(up, approximate=False)
     else:
       h = jax.nn.relu(up)
     h = constrain(h, ("act_batch", "act_seq", "act_mlp"))
-    return dense(h, self.w_down[...].astype(dt))
+    return dense(h, self.w_down[...].astype(dt), matmul=mm)
 
 
 # ---------------------------------------------------------------------------- block
@@ -380,9 +398,11 @@ class Block(nnx.Module):
 # The dot policies also keep what each attention's backward pass reads, so that no attention
 # forward runs twice. The blockwise attention names its output and log-sum-exp (its custom VJP's
 # residuals); without the names the policies would keep the block score matrices the two are
-# made from instead.
+# made from instead. With model.matmul='mkl' the 2-D products are custom calls, not dots, and
+# keep their outputs by name too (`dense`).
 _policies = jax.checkpoint_policies
-_BLOCKWISE_RESIDUALS = _policies.save_only_these_names("attention_out", "attention_lse")
+_NAMED_RESIDUALS = _policies.save_only_these_names("attention_out", "attention_lse",
+                                                   mkl_gemm.OUTPUT_NAME)
 
 
 def _cudnn_attention_residuals(prim, *_, **__) -> bool:
@@ -394,7 +414,7 @@ def _cudnn_attention_residuals(prim, *_, **__) -> bool:
   return prim.name.startswith("dot_product_attention_fwd")
 
 
-_ATTENTION_RESIDUALS = _policies.save_from_both_policies(_BLOCKWISE_RESIDUALS,
+_ATTENTION_RESIDUALS = _policies.save_from_both_policies(_NAMED_RESIDUALS,
                                                          _cudnn_attention_residuals)
 _REMAT_POLICIES = {
     "full": _policies.nothing_saveable,
@@ -416,6 +436,8 @@ class Llama(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
+    if cfg.matmul == "mkl":
+      mkl_gemm.require()  # says what is missing (MKL, a compiler, a CPU backend) before any work
     pd = _dtype(cfg.param_dtype)
     self.embed = nnx.Param(_normal(EMBED_STD, ("vocab", "embed"))(rngs.params(), (cfg.vocab_size, cfg.dim), pd))
     if cfg.position == "learned":
@@ -469,7 +491,10 @@ class Llama(nnx.Module):
 
     x = self.final_norm(x)
     head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-    logits = lm_head_logits(x, head.astype(dt))
+    if cfg.matmul == "mkl":  # fp32 throughout, where lm_head_logits is the same computation
+      logits = dense(x, head.astype(dt), matmul="mkl")
+    else:
+      logits = lm_head_logits(x, head.astype(dt))
     logits = constrain(logits, ("act_batch", "act_seq", "act_vocab"))
     return logits if cache is None else (logits, cache)
 

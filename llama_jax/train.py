@@ -58,6 +58,10 @@ class Setup:
 def make_setup(config: ml_collections.ConfigDict, devices=None, log=print) -> Setup:
   model_cfg = config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh, devices)
+  if model_cfg.matmul == "mkl" and mesh.size > 1:
+    raise config_lib.ConfigError(
+        f"model.matmul='mkl' runs on one CPU device, but the mesh has {mesh.size} "
+        f"({dict(mesh.shape)}); set mesh.data=mesh.fsdp=mesh.tensor=1 or model.matmul='xla'")
   rules = sharding.resolve_rules(config, model_cfg, mesh, warn=log)
   optimizer = make_optimizer(config.optim, config.train.steps)
 

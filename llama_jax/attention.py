@@ -107,11 +107,16 @@ _PRODUCT_FORMS = {"bkrh,bksh->bkrs": (False, True), "bkrs,bksh->bkrh": (False, F
                   "bksr,bksh->bkrh": (True, False)}
 
 
-def _product(spec: str, a, b, matmul: str):
-  """One block product with fp32 results, through XLA (an einsum) or MKL."""
+def _product(spec: str, a, b, matmul: str, a_rows=(0, None), b_rows=(0, None)):
+  """One block product with fp32 results, of the row windows [begin, end) of a's and b's axis 2
+  (the query rows of a block, the key prefix it sees): through XLA, an einsum of the slices, or
+  through MKL, which reads the windows in place (slices would be copied for the custom call)."""
   if matmul == "mkl":
-    return mkl_gemm.gemm(a, b, *_PRODUCT_FORMS[spec])
-  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    return mkl_gemm.product(a, b, *_PRODUCT_FORMS[spec],
+                            a_rows=(a_rows[0], a_rows[1] or a.shape[2]),
+                            b_rows=(b_rows[0], b_rows[1] or b.shape[2]))
+  return jnp.einsum(spec, a[:, :, a_rows[0]:a_rows[1]], b[:, :, b_rows[0]:b_rows[1]],
+                    preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -127,12 +132,13 @@ def _blockwise_forward(q, k, v, segment_ids, block, matmul="xla"):
   kr, vr = _kv_heads_major(k), _kv_heads_major(v)
   outs, lses = [], []
   for a, e in _blocks(t, block):
-    s = _product("bkrh,bksh->bkrs", qr[:, :, a * g:e * g], kr[:, :, :e], matmul)
+    rows, keys = (a * g, e * g), (0, e)  # the block's query rows, the keys they may see
+    s = _product("bkrh,bksh->bkrs", qr, kr, matmul, rows, keys)
     s = jnp.where(_visible(segment_ids, a, e, g), s, _MASKED)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
-    o = _product("bkrs,bksh->bkrh", p.astype(v.dtype), vr[:, :, :e], matmul)
+    o = _product("bkrs,bksh->bkrh", p.astype(v.dtype), vr, matmul, b_rows=keys)
     outs.append(o / l)  # normalising the [rows, H] output is cheaper than the [rows, keys] probs
     lses.append((m + jnp.log(l))[..., 0])
   out = _from_rows(jnp.concatenate(outs, axis=2), n).astype(q.dtype)
@@ -164,15 +170,15 @@ def _blockwise_bwd(block, matmul, residuals, d_out):
   dv = jnp.zeros(vr.shape, jnp.float32)
   dqs = []
   for a, e in _blocks(t, block):
-    q_blk, do_blk = qr[:, :, a * g:e * g], do[:, :, a * g:e * g]
-    st = _product("bksh,bkrh->bksr", kr[:, :, :e], q_blk, matmul)
+    rows, keys = (a * g, e * g), (0, e)  # the block's query rows, the keys they may see
+    st = _product("bksh,bkrh->bksr", kr, qr, matmul, keys, rows)
     st = jnp.where(_visible(segment_ids, a, e, g, transposed=True), st, _MASKED)
     pt = jnp.exp(st - lse[:, :, None, a * g:e * g])                        # [B, K, keys, rows]
-    dv = dv.at[:, :, :e].add(_product("bksr,bkrh->bksh", pt, do_blk, matmul))
-    dpt = _product("bksh,bkrh->bksr", vr[:, :, :e], do_blk, matmul)
+    dv = dv.at[:, :, :e].add(_product("bksr,bkrh->bksh", pt, do, matmul, b_rows=rows))
+    dpt = _product("bksh,bkrh->bksr", vr, do, matmul, keys, rows)
     dst = pt * (dpt - delta[:, :, None, a * g:e * g])  # d loss / d (scaled scores), transposed
-    dk = dk.at[:, :, :e].add(_product("bksr,bkrh->bksh", dst, q_blk, matmul))
-    dqs.append(_product("bksr,bksh->bkrh", dst, kr[:, :, :e], matmul))
+    dk = dk.at[:, :, :e].add(_product("bksr,bkrh->bksh", dst, qr, matmul, b_rows=rows))
+    dqs.append(_product("bksr,bksh->bkrh", dst, kr, matmul, b_rows=keys))
   dq = _from_rows(jnp.concatenate(dqs, axis=2) * scale, n)
   dk, dv = _kv_heads_major(dk), _kv_heads_major(dv)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None

@@ -32,6 +32,7 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 TARGET = "llama_jax_mkl_gemm"
 # The outputs of the model's 2-D products carry this name, so that the `dots` remat policies can
@@ -123,23 +124,40 @@ def require() -> None:
   _register()
 
 
-def _product(a, b, transpose_a: bool, transpose_b: bool):
-  m = a.shape[-1] if transpose_a else a.shape[-2]
-  n = b.shape[-2] if transpose_b else b.shape[-1]
+def _rows(x, window):
+  """(begin, count) of a [begin, end) window of x's second-to-last axis (None: all of it)."""
+  begin, end = (0, x.shape[-2]) if window is None else window
+  if not 0 <= begin <= end <= x.shape[-2]:
+    raise ValueError(f"row window {window} is outside an operand of shape {x.shape}")
+  return begin, end - begin
+
+
+def product(a, b, transpose_a: bool = False, transpose_b: bool = False, *, a_rows=None,
+            b_rows=None):
+  """op(a') @ op(b'), where a' is the row window a_rows = (begin, end) of a's second-to-last axis
+  (all of it when None), likewise b'; the windows are read in place, not copied. No VJP: for use
+  inside a custom VJP (llama_jax.attention's blockwise backward pass); `gemm` differentiates."""
+  if a.dtype != jnp.float32 or b.dtype != jnp.float32:
+    raise TypeError(f"mkl_gemm is fp32 only, got {a.dtype} and {b.dtype}")
+  require()
+  (a0, am), (b0, bm) = _rows(a, a_rows), _rows(b, b_rows)
+  m, k = (a.shape[-1], am) if transpose_a else (am, a.shape[-1])
+  n, kb = (bm, b.shape[-1]) if transpose_b else (b.shape[-1], bm)
+  if k != kb or a.shape[:-2] != b.shape[:-2]:
+    raise ValueError(f"mkl_gemm: op(a) is [{m}, {k}] and op(b) [{kb}, {n}] (batch {a.shape[:-2]} "
+                     f"and {b.shape[:-2]}); the contracted sizes and the batches must match")
   out = jax.ShapeDtypeStruct(a.shape[:-2] + (m, n), jnp.float32)
   # vmap adds the same leading axis to both operands: a batch of products, which the kernel runs.
   return jax.ffi.ffi_call(TARGET, out, vmap_method="broadcast_all")(
-      a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+      a, b, transpose_a=transpose_a, transpose_b=transpose_b, a_row_begin=np.int64(a0),
+      a_rows=np.int64(am), b_row_begin=np.int64(b0), b_rows=np.int64(bm))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def gemm(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bool = False):
   """op(a) @ op(b) for fp32 [..., m, k] (or [..., k, m] transposed) and [..., k, n] (or
   [..., n, k]) with the same leading batch axes; op transposes the last two axes."""
-  if a.dtype != jnp.float32 or b.dtype != jnp.float32:
-    raise TypeError(f"mkl_gemm.gemm is fp32 only, got {a.dtype} and {b.dtype}")
-  require()
-  return _product(a, b, transpose_a, transpose_b)
+  return product(a, b, transpose_a, transpose_b)
 
 
 def _gemm_fwd(a, b, transpose_a, transpose_b):
@@ -151,8 +169,8 @@ def _gemm_bwd(transpose_a, transpose_b, residuals, dc):
   product of the stored operands (a transposed operand's gradient is the transposed product)."""
   a, b = residuals
   ta, tb = transpose_a, transpose_b
-  da = _product(b, dc, tb, True) if ta else _product(dc, b, False, not tb)
-  db = _product(dc, a, True, ta) if tb else _product(a, dc, not ta, False)
+  da = product(b, dc, tb, True) if ta else product(dc, b, False, not tb)
+  db = product(dc, a, True, ta) if tb else product(a, dc, not ta, False)
   return da, db
 
 

@@ -56,6 +56,30 @@ def test_products_and_gradients_match_xla(batch, m, k, n, ta, tb):
 
 
 @needs_mkl
+@pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False), (True, True)])
+def test_row_windows_are_read_in_place_like_slices(ta, tb):
+  """product() of row windows equals the product of the sliced operands (the windows start and
+  end inside the buffers, so a wrong batch stride or offset would read the wrong rows)."""
+  a, b = _rand((2, 3, 40, 24), 0), _rand((2, 3, 50, 24), 1)
+  # Both buffers have 24 columns. A window of 24 rows is contracted when its operand is a
+  # transposed a or an untransposed b; the other windows (26 rows) are m or n.
+  a_win = (5, 29) if ta else (7, 33)
+  b_win = (11, 37) if tb else (20, 44)
+  got = mkl_gemm.product(a, b, ta, tb, a_rows=a_win, b_rows=b_win)
+  want = _reference(a[:, :, a_win[0]:a_win[1]], b[:, :, b_win[0]:b_win[1]], ta, tb)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_mismatched_products_are_refused():
+  with pytest.raises(ValueError, match="the contracted sizes and the batches must match"):
+    mkl_gemm.product(jnp.zeros((4, 5)), jnp.zeros((6, 7)))
+  with pytest.raises(ValueError, match=r"row window \(3, 9\) is outside"):
+    mkl_gemm.product(jnp.zeros((4, 5)), jnp.zeros((5, 7)), a_rows=(3, 9))
+  with pytest.raises(TypeError, match="fp32 only"):
+    mkl_gemm.gemm(jnp.zeros((4, 5), jnp.bfloat16), jnp.zeros((5, 7), jnp.bfloat16))
+
+
+@needs_mkl
 def test_vmap_makes_a_batch_of_products():
   a, b = _rand((4, 9, 5), 0), _rand((4, 5, 6), 1)
   got = jax.vmap(mkl_gemm.gemm)(a, b)

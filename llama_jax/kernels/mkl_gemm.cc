@@ -1,7 +1,9 @@
 // fp32 matrix products for XLA:CPU through Intel MKL's sgemm: an XLA FFI custom call.
 //
 // C = op(A) op(B), op = identity or transpose, on row-major [..., rows, cols] buffers; leading
-// axes are a batch (both operands carry the same batch). Built and registered by
+// axes are a batch (both operands carry the same batch). Each operand may be a window of rows
+// [begin, begin + count) of its buffer (count -1: all rows), read in place: the blockwise
+// attention's query blocks and key prefixes need no copy. Built and registered by
 // llama_jax/mkl_gemm.py, which explains why it exists (docs/PERFORMANCE.md has the numbers).
 //
 // Threads: MKL runs sequentially (one thread per call). The product is cut into as many parts
@@ -32,9 +34,10 @@ Sgemm sgemm = nullptr;
 constexpr int64_t kMinPartWork = int64_t{1} << 18;
 
 struct Product {
-  const float* a;
+  const float* a;  // first used element of batch item 0; item i starts a_stride further on
   const float* b;
   float* c;
+  int64_t a_stride, b_stride;
   int64_t batch;
   int m, n, k;
   bool ta, tb;
@@ -43,10 +46,10 @@ struct Product {
   // A is stored transposed; B and the leading dimensions stay whole.
   void Rows(int64_t i, int m0, int m1) const {
     if (m0 >= m1) return;
-    const float* ai = a + i * m * k;
+    const float* ai = a + i * a_stride;
     const float* a0 = ta ? ai + m0 : ai + int64_t{m0} * k;
     sgemm(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, m1 - m0, n, k, 1.0f, a0,
-          ta ? m : k, b + i * k * n, tb ? k : n, 0.0f, c + i * m * n + int64_t{m0} * n, n);
+          ta ? m : k, b + i * b_stride, tb ? k : n, 0.0f, c + i * m * n + int64_t{m0} * n, n);
   }
 
   // Columns [n0, n1) of a single product, for short, wide products (few rows to split).
@@ -72,13 +75,20 @@ struct Product {
 };
 
 ffi::Future MklGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                        ffi::ResultBuffer<ffi::F32> c, bool transpose_a, bool transpose_b) {
+                        ffi::ResultBuffer<ffi::F32> c, bool transpose_a, bool transpose_b,
+                        int64_t a_row_begin, int64_t a_rows, int64_t b_row_begin,
+                        int64_t b_rows) {
   auto ad = a.dimensions(), bd = b.dimensions();
   const size_t r = ad.size();
-  Product prod{a.typed_data(), b.typed_data(), c->typed_data(), 1,
-               static_cast<int>(transpose_a ? ad[r - 1] : ad[r - 2]),
-               static_cast<int>(transpose_b ? bd[r - 2] : bd[r - 1]),
-               static_cast<int>(transpose_a ? ad[r - 2] : ad[r - 1]),
+  // The stored operands as used: [rows, cols] windows of [buffer rows, cols] buffers.
+  const int64_t a_cols = ad[r - 1], b_cols = bd[r - 1];
+  if (a_rows < 0) a_rows = ad[r - 2] - a_row_begin;
+  if (b_rows < 0) b_rows = bd[r - 2] - b_row_begin;
+  Product prod{a.typed_data() + a_row_begin * a_cols, b.typed_data() + b_row_begin * b_cols,
+               c->typed_data(), ad[r - 2] * a_cols, bd[r - 2] * b_cols, 1,
+               static_cast<int>(transpose_a ? a_cols : a_rows),
+               static_cast<int>(transpose_b ? b_rows : b_cols),
+               static_cast<int>(transpose_a ? a_rows : a_cols),
                transpose_a, transpose_b};
   for (size_t i = 0; i + 2 < r; ++i) prod.batch *= ad[i];
 
@@ -109,4 +119,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LlamaJaxMklGemm, MklGemmImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transpose_a")
-                                  .Attr<bool>("transpose_b"));
+                                  .Attr<bool>("transpose_b")
+                                  .Attr<int64_t>("a_row_begin")
+                                  .Attr<int64_t>("a_rows")
+                                  .Attr<int64_t>("b_row_begin")
+                                  .Attr<int64_t>("b_rows"));

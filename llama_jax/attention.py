@@ -112,9 +112,7 @@ def _product(spec: str, a, b, matmul: str, a_rows=(0, None), b_rows=(0, None)):
   (the query rows of a block, the key prefix it sees): through XLA, an einsum of the slices, or
   through MKL, which reads the windows in place (slices would be copied for the custom call)."""
   if matmul == "mkl":
-    return mkl_gemm.product(a, b, *_PRODUCT_FORMS[spec],
-                            a_rows=(a_rows[0], a_rows[1] or a.shape[2]),
-                            b_rows=(b_rows[0], b_rows[1] or b.shape[2]))
+    return mkl_gemm.product(a, b, *_PRODUCT_FORMS[spec], a_rows=a_rows, b_rows=b_rows)
   return jnp.einsum(spec, a[:, :, a_rows[0]:a_rows[1]], b[:, :, b_rows[0]:b_rows[1]],
                     preferred_element_type=jnp.float32)
 

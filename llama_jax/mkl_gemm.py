@@ -59,8 +59,8 @@ def find_mkl_library() -> str | None:
 
 
 def _compiler() -> str | None:
-  return next((shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++")
-               if c and shutil.which(c)), None)
+  found = (shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c)
+  return next(filter(None, found), None)
 
 
 def _build(compiler: str) -> str:
@@ -125,8 +125,10 @@ def require() -> None:
 
 
 def _rows(x, window):
-  """(begin, count) of a [begin, end) window of x's second-to-last axis (None: all of it)."""
-  begin, end = (0, x.shape[-2]) if window is None else window
+  """(begin, count) of a [begin, end) window of x's second-to-last axis (a window of None, or an
+  end of None, reaches to the axis's end)."""
+  begin, end = (0, None) if window is None else window
+  end = x.shape[-2] if end is None else end
   if not 0 <= begin <= end <= x.shape[-2]:
     raise ValueError(f"row window {window} is outside an operand of shape {x.shape}")
   return begin, end - begin
@@ -135,7 +137,7 @@ def _rows(x, window):
 def product(a, b, transpose_a: bool = False, transpose_b: bool = False, *, a_rows=None,
             b_rows=None):
   """op(a') @ op(b'), where a' is the row window a_rows = (begin, end) of a's second-to-last axis
-  (all of it when None), likewise b'; the windows are read in place, not copied. No VJP: for use
+  (all of it when None; end None: to the end), likewise b'; the windows are read in place, not copied. No VJP: for use
   inside a custom VJP (llama_jax.attention's blockwise backward pass); `gemm` differentiates."""
   if a.dtype != jnp.float32 or b.dtype != jnp.float32:
     raise TypeError(f"mkl_gemm is fp32 only, got {a.dtype} and {b.dtype}")

@@ -60,15 +60,21 @@ def _operand_shapes(p):
   return (*batch, *lhs), (*batch, *rhs)
 
 
-def jax_product(p):
+def _jax_operands(p):
+  """Random fp32 jax operands of the product, stored as _operand_shapes says."""
   import jax
   import numpy as np
 
-  lhs_shape, rhs_shape = _operand_shapes(p)
   rng = np.random.default_rng(0)
-  lhs, rhs = (jax.numpy.asarray(rng.standard_normal(s, np.float32)) for s in (lhs_shape, rhs_shape))
+  return [jax.numpy.asarray(rng.standard_normal(s, np.float32)) for s in _operand_shapes(p)]
+
+
+def jax_product(p):
+  import jax
+
+  lhs, rhs = _jax_operands(p)
   lc, rc = _LAYOUTS[p["layout"]]
-  nb = len(lhs_shape) - 2  # 1 with a leading batch axis, else 0
+  nb = lhs.ndim - 2  # 1 with a leading batch axis, else 0
   dims = (((lc + nb,), (rc + nb,)), ((0,), (0,)) if nb else ((), ()))
   f = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dims))
   return lambda: f(lhs, rhs).block_until_ready()
@@ -77,12 +83,9 @@ def jax_product(p):
 def mkl_product(p):
   """The product through llama_jax.mkl_gemm, which takes the stored operands and the layout."""
   import jax
-  import numpy as np
 
   from llama_jax import mkl_gemm
-  lhs_shape, rhs_shape = _operand_shapes(p)
-  rng = np.random.default_rng(0)
-  lhs, rhs = (jax.numpy.asarray(rng.standard_normal(s, np.float32)) for s in (lhs_shape, rhs_shape))
+  lhs, rhs = _jax_operands(p)
   ta, tb = p["layout"][0] == "T", p["layout"][1] == "T"
   f = jax.jit(lambda a, b: mkl_gemm.gemm(a, b, ta, tb))
   return lambda: f(lhs, rhs).block_until_ready()
@@ -117,13 +120,13 @@ def measure(config, repeats: int, rounds: int) -> dict:
   from llama_jax import mkl_gemm
   try:
     mkl_gemm.require()
-    mkl_info = "llama_jax.mkl_gemm: " + mkl_gemm.find_mkl_library()
+    has_mkl, mkl_info = True, "llama_jax.mkl_gemm: " + mkl_gemm.find_mkl_library()
   except mkl_gemm.MklUnavailable as e:
-    mkl_info = str(e)
+    has_mkl, mkl_info = False, str(e)
   rows = []
   for p in products(config):
     calls = {"jax": jax_product(p)}
-    if mkl_info.startswith("llama_jax"):
+    if has_mkl:
       calls["mkl"] = mkl_product(p)
     if torch is not None:
       calls["torch"] = torch_product(p)

@@ -11,14 +11,13 @@ rules. Activations are constrained with `act_*` names at block boundaries.
 
 The default configuration is LLaMA (RMSNorm, RoPE, SwiGLU, no biases). The variants of the
 original Transformer (LayerNorm, GELU/ReLU MLP, learned or sinusoidal positions) are chosen by
-config for ablations.
+config for ablations. The config schema (ModelConfig, SIZES) is llama_jax.model_config's,
+re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,127 +26,12 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax import attention as attention_lib
 from llama_jax import mkl_gemm
+# The config schema lives in model_config.py; its names stay importable from here.
+from llama_jax.model_config import (  # noqa: F401
+    ATTENTIONS, DTYPES, MATMULS, MLPS, NORMS, POSITIONS, REMATS, SIZES, ModelConfig, RopeScaling)
 from llama_jax.sharding import constrain
 
-NORMS = ("rms", "layer")
-MLPS = ("swiglu", "gelu", "relu")
-POSITIONS = ("rope", "learned", "sinusoidal", "none")
-REMATS = ("none", "full", "dots", "dots_no_batch")
-ATTENTIONS = attention_lib.IMPLEMENTATIONS
-DTYPES = ("float32", "bfloat16", "float16")
-MATMULS = ("xla", "mkl")  # who runs the matrix products (llama_jax.mkl_gemm)
 EMBED_STD = 0.02  # token embedding init (HF's initializer_range)
-
-
-@dataclasses.dataclass(frozen=True)
-class RopeScaling:
-  """Llama-3.1 frequency-dependent RoPE scaling (HF `rope_type: llama3`)."""
-
-  factor: float = 8.0
-  low_freq_factor: float = 1.0
-  high_freq_factor: float = 4.0
-  original_max_position_embeddings: int = 8192
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """The model schema: `config.model` in configs/base.py is built from these defaults."""
-
-  dim: int = 256
-  n_layers: int = 4
-  n_heads: int = 8
-  n_kv_heads: int = 4
-  ffn_dim: int = 688
-  vocab_size: int = 4096
-  max_seq_len: int = 256
-  norm_eps: float = 1e-5
-  rope_theta: float = 10000.0
-  rope_scaling: RopeScaling | None = None
-  tie_embeddings: bool = False
-  norm: str = "rms"
-  mlp: str = "swiglu"
-  position: str = "rope"
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  scan_layers: bool = True
-  # Keep the projections' outputs, recompute the elementwise ops in the backward pass: less to
-  # store per layer, and on CPU faster than remat="none" (docs/PERFORMANCE.md).
-  remat: str = "dots_no_batch"
-  attention: str = "blockwise"  # 'xla' | 'cudnn' (GPU) | 'blockwise' (llama_jax.attention)
-  attention_block: int = 128    # query rows per block of the `blockwise` attention
-  # 'xla', or 'mkl': every fp32 matrix product (projections, MLP, LM head, blockwise attention's
-  # block products) through Intel MKL, on one CPU device (llama_jax.mkl_gemm, docs/PERFORMANCE.md).
-  matmul: str = "xla"
-
-  def __post_init__(self):
-    if isinstance(self.rope_scaling, dict):
-      object.__setattr__(self, "rope_scaling", _rope_scaling_from_dict(self.rope_scaling))
-    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size",
-                 "max_seq_len", "attention_block"):
-      if int(getattr(self, name)) <= 0:
-        raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
-    if self.dim % self.n_heads:
-      raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}; "
-                       "choose n_heads that divides dim")
-    if self.n_heads % self.n_kv_heads:
-      raise ValueError(f"model.n_heads={self.n_heads} is not divisible by "
-                       f"model.n_kv_heads={self.n_kv_heads}; n_kv_heads must divide n_heads")
-    if self.position == "rope" and self.head_dim % 2:
-      raise ValueError(f"RoPE needs an even head dim, got dim/n_heads={self.head_dim}")
-    for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("position", POSITIONS),
-                          ("remat", REMATS), ("attention", ATTENTIONS), ("dtype", DTYPES),
-                          ("param_dtype", DTYPES), ("matmul", MATMULS)):
-      if getattr(self, name) not in allowed:
-        raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
-    if self.matmul == "mkl" and self.dtype != "float32":
-      raise ValueError(f"model.matmul='mkl' computes in float32 only, got model.dtype="
-                       f"{self.dtype!r}; set model.dtype='float32' or model.matmul='xla'")
-
-  @property
-  def head_dim(self) -> int:
-    return self.dim // self.n_heads
-
-  @classmethod
-  def from_dict(cls, d: Any) -> "ModelConfig":
-    """From `config.model` (a ConfigDict or dict); an unknown key is a ValueError naming it."""
-    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"unknown model config key(s) {unknown}; known keys: {sorted(known)}")
-    return cls(**d)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-
-def _rope_scaling_from_dict(d: dict) -> RopeScaling:
-  d = {k: v for k, v in d.items() if k not in ("rope_type", "type")}
-  known = {f.name for f in dataclasses.fields(RopeScaling)}
-  unknown = sorted(set(d) - known)
-  if unknown:
-    raise ValueError(f"unknown model.rope_scaling key(s) {unknown}; known: {sorted(known)}")
-  return RopeScaling(**d)
-
-
-# Published sizes. Llama-2 uses vocab 32000 and rope_theta 1e4; Llama-3 vocab 128256, theta 5e5.
-SIZES: dict[str, dict[str, Any]] = {
-    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, vocab_size=512,
-                 max_seq_len=128),
-    "small": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=688, vocab_size=4096,
-                  max_seq_len=256),
-    "llama2_7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008,
-                      vocab_size=32000, max_seq_len=4096, norm_eps=1e-5),
-    "llama2_13b": dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim=13824,
-                       vocab_size=32000, max_seq_len=4096, norm_eps=1e-5),
-    "llama2_70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
-                       vocab_size=32000, max_seq_len=4096, norm_eps=1e-5),
-    "llama3_8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
-                      vocab_size=128256, max_seq_len=8192, norm_eps=1e-5, rope_theta=500000.0),
-    "llama3_70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
-                       vocab_size=128256, max_seq_len=8192, norm_eps=1e-5,
-                       rope_theta=500000.0),
-}
 
 
 def _dtype(name: str):

@@ -1,13 +1,11 @@
-"""The train step's matrix products one by one, XLA and llama_jax's MKL call against PyTorch
-(MKL): one JSON line.
+"""The train step's matrix products one by one, XLA against PyTorch (MKL): one JSON line.
 
   python benchmarks/gemm_shapes.py --config=configs/cpu_bench.py:B [--repeats=10 --rounds=3]
   taskset -c 0 python benchmarks/gemm_shapes.py --config=configs/cpu_bench.py:B   # one core
 
 Each product of the step at the config's shapes (the 2-D projection, MLP and LM-head GEMMs in
 the three layouts the forward and backward passes use, and the batched products of one
-blockwise-attention block against every key) is timed as XLA's dot, as llama_jax.mkl_gemm's
-custom call (model.matmul='mkl', where MKL and a compiler are installed) and as torch.matmul, in
+blockwise-attention block against every key) is timed as XLA's dot and as torch.matmul, in
 rounds that alternate the libraries (a drift in the machine's speed hits both alike). Within a
 round each library makes one untimed call and then --repeats timed ones: right after a torch
 call its OpenMP threads still spin for some milliseconds and would take a core from the next
@@ -34,7 +32,7 @@ _LAYOUTS = {"NN": (1, 0), "NT": (1, 1), "TN": (0, 0)}
 
 def products(config) -> list[dict]:
   """(name, batch, m, k, n, layout) of every distinct product in a train step of `config`."""
-  from llama_jax.model import ModelConfig
+  from llama_jax.model.config import ModelConfig
   m, b, t = ModelConfig.from_dict(config.model), config.data.batch_size, config.data.seq_len
   rows, head_dim = b * t, m.head_dim
   group = m.n_heads // m.n_kv_heads
@@ -80,17 +78,6 @@ def jax_product(p):
   return lambda: f(lhs, rhs).block_until_ready()
 
 
-def mkl_product(p):
-  """The product through llama_jax.mkl_gemm, which takes the stored operands and the layout."""
-  import jax
-
-  from llama_jax import mkl_gemm
-  lhs, rhs = _jax_operands(p)
-  ta, tb = p["layout"][0] == "T", p["layout"][1] == "T"
-  f = jax.jit(lambda a, b: mkl_gemm.gemm(a, b, ta, tb))
-  return lambda: f(lhs, rhs).block_until_ready()
-
-
 def torch_product(p):
   import torch
 
@@ -116,18 +103,9 @@ def measure(config, repeats: int, rounds: int) -> dict:
   except ImportError:
     torch, torch_info = None, "torch not installed; pip install -r requirements-test.txt"
   import jax
-
-  from llama_jax import mkl_gemm
-  try:
-    mkl_gemm.require()
-    has_mkl, mkl_info = True, "llama_jax.mkl_gemm: " + mkl_gemm.find_mkl_library()
-  except mkl_gemm.MklUnavailable as e:
-    has_mkl, mkl_info = False, str(e)
   rows = []
   for p in products(config):
     calls = {"jax": jax_product(p)}
-    if has_mkl:
-      calls["mkl"] = mkl_product(p)
     if torch is not None:
       calls["torch"] = torch_product(p)
     times = time_in_turns(calls, rounds, warmup=0, repeats=repeats, settle=True)
@@ -135,10 +113,9 @@ def measure(config, repeats: int, rounds: int) -> dict:
     rate = {name: flops / statistics.median(t) / 1e9 for name, t in times.items()}
     ratio = {name: _digits(r / rate["torch"]) if "torch" in rate else None
              for name, r in rate.items()}
-    rows.append({**p, "jax_gflops": _digits(rate["jax"]), "mkl_gflops": _digits(rate.get("mkl")),
-                 "torch_gflops": _digits(rate.get("torch")), "jax_vs_torch": ratio["jax"],
-                 "mkl_vs_torch": ratio.get("mkl")})
-  return {"products": rows, "cores": cores, "torch": torch_info, "mkl": mkl_info,
+    rows.append({**p, "jax_gflops": _digits(rate["jax"]),
+                 "torch_gflops": _digits(rate.get("torch")), "jax_vs_torch": ratio["jax"]})
+  return {"products": rows, "cores": cores, "torch": torch_info,
           "jax": jax.__version__, "device_kind": jax.devices()[0].device_kind, "dtype": "float32"}
 
 

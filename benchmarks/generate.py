@@ -48,8 +48,10 @@ def main(argv):
   from flax import nnx
 
   import llama_jax  # noqa: F401
-  from llama_jax import generate as gen
-  from llama_jax.model import Llama, ModelConfig, count_params
+  from llama_jax.generate import decode as gen
+  from llama_jax.model.llama import Llama
+  from llama_jax.model.config import ModelConfig
+  from llama_jax.model.sizes import count_params
 
   config = _CONFIG.value
   cfg = ModelConfig.from_dict(config.model)

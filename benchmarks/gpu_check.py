@@ -45,7 +45,7 @@ def attention_check(batch: int, seq: int, n_heads: int, n_kv_heads: int, head_di
   import jax
   import jax.numpy as jnp
 
-  from llama_jax.attention import attend
+  from llama_jax.model.attention import attend
 
   keys = jax.random.split(jax.random.key(0), 4)
   q = jax.random.normal(keys[0], (batch, seq, n_heads, head_dim), dtype)
@@ -98,7 +98,7 @@ def main(argv):
   if jax.default_backend() != "gpu":
     sys.exit(f"gpu_check.py needs a GPU; jax's backend is {jax.default_backend()!r} "
              f"(devices: {jax.devices()}). Install jax[cuda] or run on a GPU machine.")
-  from llama_jax.model import ModelConfig
+  from llama_jax.model.config import ModelConfig
 
   config = _CONFIG.value
   m = ModelConfig.from_dict(config.model)

@@ -32,6 +32,7 @@ def build(config):
   from flax import nnx
 
   from llama_jax import metrics, train
+  from llama_jax.model import sizes
 
   config.data.name = "synthetic"
   setup = train.make_setup(config)
@@ -56,7 +57,7 @@ def build(config):
   def summarize(times: list[float]) -> dict:
     step_s = statistics.median(times)
     tokens_per_s = b * t / step_s
-    flops_tok = metrics.flops_per_token(setup.model_cfg, t)
+    flops_tok = sizes.flops_per_token(setup.model_cfg, t)
     peak, source = metrics.device_peak_flops()
     units = metrics.peak_units(setup.mesh.devices.flat)
     mem = compiled.memory_analysis()
@@ -72,7 +73,7 @@ def build(config):
         "temp_bytes_per_device": int(getattr(mem, "temp_size_in_bytes", -1)) if mem else -1,
         "arg_bytes_per_device": int(getattr(mem, "argument_size_in_bytes", -1)) if mem else -1,
         "loss": float(held["stats"]["loss"]),
-        "params": train.count_params_pure(held["state"]["params"]),
+        "params": sizes.count_params(setup.model_cfg),
         "devices": setup.mesh.size,
         "device_kind": jax.devices()[0].device_kind,
         "model": {k: config.model[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads",

@@ -12,7 +12,7 @@ import dataclasses
 
 import ml_collections
 
-from llama_jax.model import SIZES, ModelConfig
+from llama_jax.model.config import SIZES, ModelConfig
 
 # Logical axis -> mesh axes. Parameters are split over fsdp on their `embed` axis (ZeRO-3
 # style) and over tensor on heads / mlp / vocab (Megatron style); activations are split over

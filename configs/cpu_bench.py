@@ -8,10 +8,6 @@ A: dim 256, 4 layers, 8 heads / 4 kv heads, ffn 688, vocab 4096, 8 x 256 tokens 
 B: dim 512, 8 layers, 8 heads / 8 kv heads, ffn 1376, vocab 8192, 4 x 512 tokens per step.
 Should reach (issue 7's goal): >= 1.5x FlaxLlama's and >= 1.0x PyTorch Llama's tokens/s on both,
 and MFU >= 60% of the measured matmul peak on B. Results: docs/PERFORMANCE.md.
-
-The matrix products go through Intel MKL (model.matmul='mkl', llama_jax/mkl_gemm.py: pip install
-mkl, pinned in requirements-test.txt, and a C++ compiler); `--config.model.matmul=xla` measures
-XLA:CPU's own kernels instead.
 """
 
 from configs import base
@@ -31,7 +27,4 @@ def get_config(arg="A"):
   config.data.update(dict(name="synthetic", seq_len=shape["seq_len"],
                           batch_size=shape["batch_size"]))
   config.mesh.update(dict(data=1, fsdp=1, tensor=1))
-  # On 2 cores MKL's sgemm, split over XLA's threads, beat XLA:CPU's kernels by 12-28% on the
-  # 2-D products and 2-2.5x on the attention's batched ones (docs/PERFORMANCE.md).
-  config.model.matmul = "mkl"
   return config

@@ -153,7 +153,7 @@ def plot(table, curves, path, metric="final_eval_loss"):
 
 def eval_curves(workdir, rows):
   """variant -> (steps, eval_loss averaged over the seeds that logged that step)."""
-  from llama_jax.sweep import read_jsonl
+  from llama_jax.sweep.run import read_jsonl
   acc = {}
   for r in rows:
     for m in read_jsonl(os.path.join(workdir, r["name"], "metrics.jsonl")):
@@ -165,7 +165,7 @@ def eval_curves(workdir, rows):
 def analyze(workdir, out_dir=DEFAULT_OUT, metric="final_eval_loss"):
   """WORKDIR/results.csv (from the sweep) -> OUT/{results.csv, report.md, ablations.png}."""
   import shutil
-  from llama_jax.sweep import read_results
+  from llama_jax.sweep.results import read_results
   rows = read_results(os.path.join(workdir, "results.csv"))
   table = summarize(rows, metric)
   if not table:

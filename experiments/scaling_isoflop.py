@@ -51,9 +51,9 @@ How this grid came about, in order (every step taken after seeing the previous f
      1.4393 at 3.16e12, 2.2969 vs 2.3208 at 1e11).
 """
 
-from llama_jax.metrics import flops_per_token
-from llama_jax.model import ModelConfig
-from llama_jax.scaling import model_shape
+from llama_jax.model.sizes import flops_per_token
+from llama_jax.model.config import ModelConfig
+from llama_jax.model.sizes import model_shape
 
 CONFIG = "configs/default.py"
 

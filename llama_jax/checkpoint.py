@@ -85,7 +85,8 @@ def restore_params(workdir: str, step: int | None = None):
   """(model, config, step) from a workdir's newest (or given) checkpoint, params only, on the
   default device; for generation and evaluation."""
   from flax import nnx
-  from llama_jax.model import Llama, ModelConfig
+  from llama_jax.model.llama import Llama
+  from llama_jax.model.config import ModelConfig
 
   none = CheckpointError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}; train "
                          f"first with run_train.py --workdir={workdir}")

@@ -14,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-from llama_jax.model import ModelConfig
+from llama_jax.model.config import ModelConfig
 
 
 class ConfigError(ValueError):

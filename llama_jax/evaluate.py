@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from llama_jax.loss import cross_entropy
-from llama_jax.model import Llama
+from llama_jax.model.llama import Llama
 
 
 @jax.jit(static_argnums=0)

@@ -29,7 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax.model import Llama, ModelConfig, RopeScaling, abstract_model
+from llama_jax.model.llama import Llama, abstract_model
+
+from llama_jax.model.config import ModelConfig, RopeScaling
 
 # (HF tensor name, our parameter path, leading input axes in our layout; 0 = copied as is).
 # `{i}` marks a per-layer tensor, stacked along our leading `layers` axis.

@@ -29,7 +29,9 @@ from llama_jax import config as config_lib
 from llama_jax import metrics as metrics_lib
 from llama_jax import sharding
 from llama_jax.loss import cross_entropy
-from llama_jax.model import Llama, ModelConfig
+from llama_jax.model import sizes
+from llama_jax.model.llama import Llama
+from llama_jax.model.config import ModelConfig
 from llama_jax.optim import make_optimizer, make_schedule
 
 
@@ -58,10 +60,6 @@ class Setup:
 def make_setup(config: ml_collections.ConfigDict, devices=None, log=print) -> Setup:
   model_cfg = config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh, devices)
-  if model_cfg.matmul == "mkl" and mesh.size > 1:
-    raise config_lib.ConfigError(
-        f"model.matmul='mkl' runs on one CPU device, but the mesh has {mesh.size} "
-        f"({dict(mesh.shape)}); set mesh.data=mesh.fsdp=mesh.tensor=1 or model.matmul='xla'")
   rules = sharding.resolve_rules(config, model_cfg, mesh, warn=log)
   optimizer = make_optimizer(config.optim, config.train.steps)
 
@@ -245,10 +243,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
     eval_step = make_eval_step(setup)
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
     tokens_per_step = config.data.batch_size * config.data.seq_len
-    flops_tok = metrics_lib.flops_per_token(setup.model_cfg, config.data.seq_len)
+    flops_tok = sizes.flops_per_token(setup.model_cfg, config.data.seq_len)
     peak, peak_source = metrics_lib.device_peak_flops()
     peak_units = metrics_lib.peak_units(setup.mesh.devices.flat)
-    log(f"model {metrics_lib.human(count_params_pure(state['params']))} params, "
+    log(f"model {metrics_lib.human(sizes.count_params(setup.model_cfg))} params, "
         f"{flops_tok:.3g} FLOPs/token, peak {peak:.3g} FLOP/s/device ({peak_source}), "
         f"mesh {dict(setup.mesh.shape)}")
 
@@ -322,14 +320,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
           "stopped_by": stopped_by}
 
 
-def count_params_pure(params) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
 def _sample(setup: Setup, params, tokenizer, t_cfg) -> str | None:
   if jax.process_count() > 1:  # sampling would need every process; use llama_jax.generate
     return None
-  from llama_jax.generate import sample_text
+  from llama_jax.generate.decode import sample_text
   model = nnx.merge(setup.graphdef, params)  # stays sharded on the mesh
   return sample_text(model, tokenizer, t_cfg.sample_prompt, max_new_tokens=t_cfg.sample_tokens,
                      temperature=0.8, top_k=40, seed=t_cfg.seed)

@@ -14,9 +14,9 @@ import optax
 import pytest
 from flax import nnx
 
-import llama_jax  # noqa: F401  (mesh-free model construction)
-from llama_jax.attention import attend
-from llama_jax.model import Llama, ModelConfig
+from llama_jax.model.attention import attend
+from llama_jax.model.llama import Llama
+from llama_jax.model.config import ModelConfig
 
 
 def _qkv(b, t, n, k, h, dtype=jnp.float32, seed=0):

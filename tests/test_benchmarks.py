@@ -66,10 +66,9 @@ def test_gemm_shapes_times_every_product_of_the_step():
   scores = by_name["attention scores q k^T"]
   assert (scores["batch"], scores["m"], scores["k"], scores["n"]) == (2 * 2, 32 * 2, 8, 32)
   for p in r["products"]:
-    assert p["jax_gflops"] > 0 and p["torch_gflops"] > 0 and p["mkl_gflops"] > 0
+    assert p["jax_gflops"] > 0 and p["torch_gflops"] > 0
     assert p["jax_vs_torch"] == pytest.approx(p["jax_gflops"] / p["torch_gflops"], rel=2e-2)
-    assert p["mkl_vs_torch"] == pytest.approx(p["mkl_gflops"] / p["torch_gflops"], rel=2e-2)
-  assert r["cores"] >= 1 and "torch" in r["torch"] and r["mkl"].startswith("llama_jax.mkl_gemm")
+  assert r["cores"] >= 1 and "torch" in r["torch"]
 
 
 def _benchmark_module(name: str):

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from llama_jax import config as config_lib
-from llama_jax.model import SIZES
+from llama_jax.model.config import SIZES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import llama_jax  # noqa: F401  (mesh-free model construction)
 from llama_jax.evaluate import evaluate
 from llama_jax.loss import cross_entropy
-from llama_jax.model import ModelConfig, abstract_model
+from llama_jax.model.config import ModelConfig
+from llama_jax.model.llama import abstract_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = ModelConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=88, vocab_size=263,

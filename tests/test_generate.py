@@ -14,9 +14,10 @@ import torch
 import transformers
 from flax import nnx
 
-import llama_jax  # noqa: F401  (mesh-free model construction)
-from llama_jax import generate as gen
-from llama_jax.model import ModelConfig, abstract_model
+from llama_jax.data.hf_tokenizer import HFDirTokenizer
+from llama_jax.generate import decode as gen
+from llama_jax.model.config import ModelConfig
+from llama_jax.model.llama import abstract_model
 
 TOL = 1e-4
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -310,7 +311,7 @@ def test_cli_hf_dir(tmp_path):
 
   from llama_jax.hf import load_hf
   m, _ = load_hf(str(tmp_path))
-  tok = gen.HFDirTokenizer(str(tmp_path))
+  tok = HFDirTokenizer(str(tmp_path))
   assert (tok.bos_id, tok.eos_id) == (1, 2)
   ids = gen.encode_prompt(tok, "the lazy")
   assert ids[0] == 1 and tok.decode(ids) == "the lazy"

@@ -12,9 +12,9 @@ import torch
 import transformers
 from flax import nnx
 
-import llama_jax  # noqa: F401  (mesh-free model construction)
 from llama_jax import hf
-from llama_jax.model import Llama, ModelConfig, RopeScaling, abstract_model, rope_frequencies
+from llama_jax.model.llama import Llama, abstract_model, rope_frequencies
+from llama_jax.model.config import ModelConfig, RopeScaling
 
 TOL = 1e-4
 

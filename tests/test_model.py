@@ -3,6 +3,7 @@ equivalence, variants that train, dtype handling and config validation. Parity w
 transformers lives in test_hf.py."""
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +12,9 @@ import optax
 import pytest
 from flax import nnx
 
-import llama_jax  # noqa: F401  (mesh-free model construction)
-from llama_jax.model import (SIZES, Llama, ModelConfig, RopeScaling, count_params, dense,
-                             init_cache, lm_head_logits)
+from llama_jax.model.config import SIZES, ModelConfig, RopeScaling
+from llama_jax.model.llama import Llama, abstract_model, dense, init_cache, lm_head_logits
+from llama_jax.model.sizes import count_params
 
 # Distinct prime-ish sizes: a swapped axis changes a shape instead of hiding.
 CFG = ModelConfig(dim=48, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=76, vocab_size=139,
@@ -97,6 +98,32 @@ def test_every_variant_param_has_logical_axes():
 PUBLISHED = {"llama2_7b": 6_738_415_616, "llama2_13b": 13_015_864_320,
              "llama2_70b": 68_976_648_192, "llama3_8b": 8_030_261_248,
              "llama3_70b": 70_553_706_496}
+
+
+def _traced_count(cfg: ModelConfig, non_embedding: bool = False) -> int:
+  """Parameters of the model as the layers build it (abstract shapes, nothing allocated)."""
+  state = nnx.state(abstract_model(cfg), nnx.Param)
+  return sum(math.prod(leaf.shape) for path, leaf in nnx.to_flat_state(state)
+             if not (non_embedding and path[0] in ("embed", "lm_head", "pos_embed")))
+
+
+@pytest.mark.parametrize("fields", [
+    dict(),
+    dict(dim=48, n_layers=3, n_heads=3, n_kv_heads=1, ffn_dim=136, vocab_size=331),
+    dict(dim=40, n_layers=2, n_heads=5, n_kv_heads=5, ffn_dim=160, mlp="gelu", norm="layer",
+         position="learned", max_seq_len=37, vocab_size=257),
+    dict(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=88, tie_embeddings=True,
+         mlp="relu", vocab_size=101, position="sinusoidal"),
+    dict(dim=24, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=56, position="none",
+         scan_layers=False, vocab_size=67),
+])
+def test_analytic_param_count_equals_the_traced_model(fields):
+  """llama_jax.model.sizes counts from the config alone; the layers create the parameters.
+  The two must agree for every variant (norm, MLP, positions, tying, GQA)."""
+  cfg = ModelConfig(**fields)
+  assert count_params(cfg) == _traced_count(cfg)
+  assert count_params(cfg, non_embedding=True) == _traced_count(cfg, non_embedding=True)
+  assert count_params({f"model.{k}": v for k, v in fields.items()}) == _traced_count(cfg)
 
 
 @pytest.mark.parametrize("size", sorted(PUBLISHED))

@@ -7,8 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from llama_jax import scaling, scaling_report, sweep
-from llama_jax.model import ModelConfig, count_params
+from llama_jax.model import sizes
+from llama_jax.model.config import ModelConfig
+from llama_jax.scaling import __main__ as scaling_cli
+from llama_jax.scaling import fit as fit_lib
+from llama_jax.scaling import report as report_lib
+from llama_jax.sweep import experiment as experiment_lib
+from llama_jax.sweep import results as results_lib
 
 # Hoffmann et al. 2022's fitted L(N, D) = E + A / N^alpha + B / D^beta.
 E, A, B, ALPHA, BETA = 1.69, 406.4, 410.7, 0.34, 0.28
@@ -37,31 +42,16 @@ def chinchilla_rows(budgets=(1e18, 1e19, 1e20, 1e21), noise=0.005, seed=1, half_
 # ---------------------------------------------------------------------------- shapes
 
 
-@pytest.mark.parametrize("fields", [
-    dict(),
-    dict(dim=48, n_layers=3, n_heads=3, n_kv_heads=1, ffn_dim=136, vocab_size=331),
-    dict(dim=40, n_layers=2, n_heads=5, n_kv_heads=5, ffn_dim=160, mlp="gelu", norm="layer",
-         position="learned", max_seq_len=37, vocab_size=257),
-    dict(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=88, tie_embeddings=True,
-         mlp="relu", vocab_size=101),
-])
-def test_param_count_matches_count_params(fields):
-  cfg = ModelConfig(**fields)
-  assert scaling.param_count(cfg) == count_params(cfg)
-  assert scaling.param_count(cfg, non_embedding=True) == count_params(cfg, non_embedding=True)
-  assert scaling.param_count({f"model.{k}": v for k, v in fields.items()}) == count_params(cfg)
-
-
 def test_model_shape_and_shape_for_params():
-  assert scaling.model_shape(256, 4) == dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4,
+  assert sizes.model_shape(256, 4) == dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4,
                                              ffn_dim=688)  # configs/base.py's small model
-  assert scaling.model_shape(256, 4, mlp="gelu")["ffn_dim"] == 1024
+  assert sizes.model_shape(256, 4, mlp="gelu")["ffn_dim"] == 1024
   for target in (3e5, 2e6, 1.2e8):
-    shape = scaling.shape_for_params(target, vocab_size=4096)
+    shape = sizes.shape_for_params(target, vocab_size=4096)
     ModelConfig(**shape)  # valid
-    assert abs(scaling.param_count(dict(shape, vocab_size=4096)) / target - 1) <= 0.05
-  shape = scaling.shape_for_params(1e7, non_embedding=True, aspect_ratio=64)
-  assert abs(scaling.param_count(shape, non_embedding=True) / 1e7 - 1) <= 0.05
+    assert abs(sizes.count_params(dict(shape, vocab_size=4096)) / target - 1) <= 0.05
+  shape = sizes.shape_for_params(1e7, non_embedding=True, aspect_ratio=64)
+  assert abs(sizes.count_params(shape, non_embedding=True) / 1e7 - 1) <= 0.05
   assert 32 <= shape["dim"] / shape["n_layers"] <= 128
 
 
@@ -70,7 +60,7 @@ def test_model_shape_and_shape_for_params():
 
 def test_isoflop_fit_recovers_chinchilla_exponents():
   rows = chinchilla_rows()
-  fit = scaling.fit_isoflop(scaling.points_from_rows(rows), bootstrap=400, seed=0)
+  fit = fit_lib.fit_isoflop(fit_lib.points_from_rows(rows), bootstrap=400, seed=0)
   assert len(fit.budgets) == 4 and all(f.interior for f in fit.budgets)
   lo, hi = fit.n_opt.ci
   assert lo <= fit.a <= hi and lo <= A_TRUE <= hi
@@ -84,7 +74,7 @@ def test_isoflop_fit_recovers_chinchilla_exponents():
     assert f.c_opt == pytest.approx(f.budget)
     assert f.d_opt == pytest.approx(f.budget / (6 * f.n_opt), rel=0.02)
   # Seeded: the same intervals again.
-  again = scaling.fit_isoflop(scaling.points_from_rows(rows), bootstrap=400, seed=0)
+  again = fit_lib.fit_isoflop(fit_lib.points_from_rows(rows), bootstrap=400, seed=0)
   assert again.n_opt.ci == fit.n_opt.ci
 
 
@@ -93,9 +83,9 @@ def test_kaplan_convention_and_grouping_without_budget_column():
   for i, r in enumerate(rows):
     r["flops"] *= 1 + 0.003 * (i % 3)  # steps rounding: budgets not exact
     del r["flops_budget"]
-  points = scaling.points_from_rows(rows, "kaplan")
+  points = fit_lib.points_from_rows(rows, "kaplan")
   assert len({p.group for p in points}) == 4
-  fit = scaling.fit_isoflop(points, convention="kaplan", bootstrap=50)
+  fit = fit_lib.fit_isoflop(points, convention="kaplan", bootstrap=50)
   # N_nonembed = 0.8 N and C = 6 (0.8 N) D: same exponents, shifted intercepts.
   assert fit.a == pytest.approx(A_TRUE, abs=0.03)
   for f in fit.budgets:
@@ -112,7 +102,7 @@ def test_edge_minimum_is_flagged_and_left_out():
                      tokens=1e21 / (6 * n), flops=1e21, kaplan_flops=1e21,
                      loss=E + A / n**ALPHA + B / (1e21 / (6 * n))**BETA))
   rows += [dict(rows[0], flops_budget=1e22, params=p, flops=1e22) for p in (1e9, 2e9)]  # too few
-  fit = scaling.fit_isoflop(scaling.points_from_rows(rows), bootstrap=20)
+  fit = fit_lib.fit_isoflop(fit_lib.points_from_rows(rows), bootstrap=20)
   assert any("1e+22: only 2 distinct sizes" in n for n in fit.notes)
   edge = [f for f in fit.budgets if f.budget == 1e21][0]
   assert not edge.interior
@@ -131,7 +121,7 @@ def test_analyze_writes_report_and_plots(tmp_path):
     w.writeheader()
     w.writerows(rows)
   out = tmp_path / "report"
-  fits = scaling_report.analyze(str(tmp_path), str(out), bootstrap=100)
+  fits = report_lib.analyze(str(tmp_path), str(out), bootstrap=100)
   assert set(fits) == {"exact", "kaplan"}
   assert fits["exact"].a == pytest.approx(A_TRUE, abs=0.04)
   for name in ("isoflop.png", "optimal.png"):
@@ -140,16 +130,16 @@ def test_analyze_writes_report_and_plots(tmp_path):
   assert "| exact |" in report and "| kaplan |" in report
   assert "Chinchilla approach 2" in report and "0.73" in report
   assert "unfinished" in report  # listed as left out
-  copied = sweep.read_results(str(out / "results.csv"))
+  copied = results_lib.read_results(str(out / "results.csv"))
   assert len(copied) == len(rows) and copied[-1]["used"] == "false"
-  assert scaling_report.main([str(tmp_path / "results.csv"), "--out", str(out), "--bootstrap", "20"]) == 0
+  assert scaling_cli.main([str(tmp_path / "results.csv"), "--out", str(out), "--bootstrap", "20"]) == 0
 
 
 # ---------------------------------------------------------------------------- the experiment
 
 
 def test_isoflop_sweep_grid():
-  runs = sweep.expand("experiments/scaling_isoflop.py", "/tmp/unused")
+  runs = experiment_lib.expand("experiments/scaling_isoflop.py", "/tmp/unused")
   budgets = {}
   for r in runs:
     budgets.setdefault(r.tags["flops_budget"], []).append(r)

@@ -13,9 +13,16 @@ import time
 
 import pytest
 
-from llama_jax import sweep
-from llama_jax.metrics import flops_per_token
-from llama_jax.model import ModelConfig, count_params
+from llama_jax.sweep import __main__ as sweep_cli
+from llama_jax.sweep import cluster as cluster_lib
+from llama_jax.sweep import experiment as experiment_lib
+from llama_jax.sweep import local as local_lib
+from llama_jax.sweep import overrides as overrides_lib
+from llama_jax.sweep import results as results_lib
+from llama_jax.sweep import run as run_lib
+from llama_jax.model.sizes import flops_per_token
+from llama_jax.model.config import ModelConfig
+from llama_jax.model.sizes import count_params
 
 # A trainer stand-in: logs steps to metrics.jsonl like run_train (resuming after the last logged
 # step), writes config.json and calls.txt, can crash at FAKE_CRASH_AT and sleep FAKE_SLEEP.
@@ -83,7 +90,7 @@ def quiet(_msg):
 
 
 def test_expand_names_overrides_and_command(tmp_path):
-  runs = sweep.expand(write_experiment(tmp_path), str(tmp_path / "out"))
+  runs = experiment_lib.expand(write_experiment(tmp_path), str(tmp_path / "out"))
   assert [r.name for r in runs] == ["rope_s0", "rope_s1", "learned_s0", "learned_s1"]
   r = runs[2]
   # BASE first, then the run's own keys; the double-underscore spelling becomes dotted.
@@ -94,7 +101,7 @@ def test_expand_names_overrides_and_command(tmp_path):
   assert r.tags == {"budget": 1e9}
   assert r.workdir == str(tmp_path / "out" / "learned_s0")
   args = r.train_args()
-  assert args[0] == f"--config={os.path.join(sweep.REPO_ROOT, 'configs/base.py')}:tiny"
+  assert args[0] == f"--config={os.path.join(overrides_lib.REPO_ROOT, 'configs/base.py')}:tiny"
   assert args[1] == f"--workdir={tmp_path / 'out' / 'learned_s0'}"
   assert args[2:] == ["--config.data.seq_len=32", "--config.model.max_seq_len=32",
                       "--config.train.steps=6", "--config.model.position=learned",
@@ -102,11 +109,11 @@ def test_expand_names_overrides_and_command(tmp_path):
 
 
 def test_format_value_round_trips_through_config_flags_parsers():
-  assert sweep.format_value(True) == "true"
-  assert sweep.format_value(3e-3) == "0.003"
-  assert sweep.format_value(7) == "7"
-  assert sweep.format_value("def f(x): 'a b'") == "def f(x): 'a b'"
-  assert sweep.format_value((("embed", "fsdp"),)) == "(('embed', 'fsdp'),)"
+  assert overrides_lib.format_value(True) == "true"
+  assert overrides_lib.format_value(3e-3) == "0.003"
+  assert overrides_lib.format_value(7) == "7"
+  assert overrides_lib.format_value("def f(x): 'a b'") == "def f(x): 'a b'"
+  assert overrides_lib.format_value((("embed", "fsdp"),)) == "(('embed', 'fsdp'),)"
 
 
 @pytest.mark.parametrize("body, message", [
@@ -127,18 +134,18 @@ def test_format_value_round_trips_through_config_flags_parsers():
 def test_expand_rejects_mistakes_before_running(tmp_path, body, message):
   path = write_experiment(tmp_path, f'CONFIG = "configs/base.py:tiny"\ndef sweep(add):\n  {body}\n')
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-    sweep.expand(path, str(tmp_path / "out"))
+    experiment_lib.expand(path, str(tmp_path / "out"))
 
 
 def test_only_and_extra(tmp_path):
   path = write_experiment(tmp_path)
-  runs = sweep.expand(path, str(tmp_path), only=["learned_s1"], extra={"train.steps": 2})
+  runs = experiment_lib.expand(path, str(tmp_path), only=["learned_s1"], extra={"train.steps": 2})
   assert [r.name for r in runs] == ["learned_s1"]
   assert runs[0].config.train.steps == 2
-  assert [r.name for r in sweep.expand(path, str(tmp_path), only=["*_s0"])] == [
+  assert [r.name for r in experiment_lib.expand(path, str(tmp_path), only=["*_s0"])] == [
       "rope_s0", "learned_s0"]
   with pytest.raises(ValueError, match="not in the sweep"):
-    sweep.expand(path, str(tmp_path), only=["nope"])
+    experiment_lib.expand(path, str(tmp_path), only=["nope"])
 
 
 # ---------------------------------------------------------------------------- local runner
@@ -146,11 +153,11 @@ def test_only_and_extra(tmp_path):
 
 def test_skips_finished_and_resumes_interrupted_runs(tmp_path, fake, monkeypatch):
   out = tmp_path / "out"
-  runs = sweep.expand(write_experiment(tmp_path), str(out))
+  runs = experiment_lib.expand(write_experiment(tmp_path), str(out))
 
   # 1st pass: every run dies at step 3.
   monkeypatch.setenv("FAKE_CRASH_AT", "3")
-  statuses = sweep.run_local(runs, train_cmd=fake, print_fn=quiet)
+  statuses = local_lib.run_local(runs, train_cmd=fake, print_fn=quiet)
   assert set(statuses.values()) == {"failed"}
   assert all(r.status() == "failed" and not (out / r.name / "DONE").exists() for r in runs)
 
@@ -162,13 +169,13 @@ def test_skips_finished_and_resumes_interrupted_runs(tmp_path, fake, monkeypatch
 
   # 2nd pass: the others resume from step 3 and finish; learned_s1 is not started again.
   monkeypatch.delenv("FAKE_CRASH_AT")
-  statuses = sweep.run_local(runs, train_cmd=fake, print_fn=quiet)
+  statuses = local_lib.run_local(runs, train_cmd=fake, print_fn=quiet)
   assert statuses == {r.name: "done" for r in runs}
   for r in runs:
     calls = [json.loads(l) for l in open(out / r.name / "calls.txt")]
     starts = [c for c in calls if "start" in c]
     assert [c["from"] for c in starts] == ([0] if r.name == "learned_s1" else [0, 3])
-    steps = [m["step"] for m in sweep.read_jsonl(out / r.name / "metrics.jsonl") if "loss" in m]
+    steps = [m["step"] for m in run_lib.read_jsonl(out / r.name / "metrics.jsonl") if "loss" in m]
     assert steps == [1, 2, 3, 4, 5, 6]  # resumed, not restarted
   for name in ("rope_s0", "rope_s1", "learned_s0"):
     assert (out / name / "DONE").exists()
@@ -181,23 +188,23 @@ def test_skips_finished_and_resumes_interrupted_runs(tmp_path, fake, monkeypatch
 
   # 3rd pass: nothing to do, the trainer is not called.
   sizes = {r.name: os.path.getsize(out / r.name / "calls.txt") for r in runs}
-  assert sweep.run_local(runs, train_cmd=fake, print_fn=quiet) == {r.name: "done" for r in runs}
+  assert local_lib.run_local(runs, train_cmd=fake, print_fn=quiet) == {r.name: "done" for r in runs}
   assert sizes == {r.name: os.path.getsize(out / r.name / "calls.txt") for r in runs}
 
   # More steps than DONE records: the run is unfinished again and continues from step 6.
-  longer = sweep.expand(write_experiment(tmp_path), str(out), only=["rope_s0"],
+  longer = experiment_lib.expand(write_experiment(tmp_path), str(out), only=["rope_s0"],
                         extra={"train.steps": 8})
   assert longer[0].status() == "incomplete"
   messages = []
-  assert sweep.run_local(longer, train_cmd=fake, print_fn=messages.append) == {"rope_s0": "done"}
+  assert local_lib.run_local(longer, train_cmd=fake, print_fn=messages.append) == {"rope_s0": "done"}
   assert any("other overrides" in m for m in messages)
   assert json.loads(open(out / "rope_s0" / "calls.txt").readlines()[-2])["from"] == 6
 
 
 def test_parallel_bounds_concurrent_runs(tmp_path, fake, monkeypatch):
   monkeypatch.setenv("FAKE_SLEEP", "0.4")
-  runs = sweep.expand(write_experiment(tmp_path), str(tmp_path / "out"))
-  sweep.run_local(runs, parallel=2, train_cmd=fake, print_fn=quiet)
+  runs = experiment_lib.expand(write_experiment(tmp_path), str(tmp_path / "out"))
+  local_lib.run_local(runs, parallel=2, train_cmd=fake, print_fn=quiet)
   spans = []
   for r in runs:
     calls = [json.loads(l) for l in open(tmp_path / "out" / r.name / "calls.txt")]
@@ -208,10 +215,10 @@ def test_parallel_bounds_concurrent_runs(tmp_path, fake, monkeypatch):
 
 def test_results_csv(tmp_path, fake):
   out = tmp_path / "out"
-  runs = sweep.expand(write_experiment(tmp_path), str(out))
-  sweep.run_local(runs[:3], train_cmd=fake, print_fn=quiet)
-  rows = sweep.collect_results(runs, str(out / "results.csv"))
-  back = sweep.read_results(str(out / "results.csv"))
+  runs = experiment_lib.expand(write_experiment(tmp_path), str(out))
+  local_lib.run_local(runs[:3], train_cmd=fake, print_fn=quiet)
+  rows = results_lib.collect_results(runs, str(out / "results.csv"))
+  back = results_lib.read_results(str(out / "results.csv"))
   header = open(out / "results.csv").readline().strip().split(",")
   assert header == ["name", "data.seq_len", "model.max_seq_len", "train.steps", "model.position",
                     "train.seed", "budget", "params", "nonembedding_params", "tokens", "flops",
@@ -238,21 +245,21 @@ def test_results_csv(tmp_path, fake):
 def test_cli_runs_collects_and_dry(tmp_path, fake, monkeypatch, capsys):
   path = write_experiment(tmp_path)
   out = tmp_path / "out"
-  monkeypatch.setenv(sweep.TRAIN_CMD_ENV, shlex.join(fake))
-  assert sweep.main([path, "--workdir", str(out), "--dry"]) == 0
+  monkeypatch.setenv(local_lib.TRAIN_CMD_ENV, shlex.join(fake))
+  assert sweep_cli.main([path, "--workdir", str(out), "--dry"]) == 0
   listing = capsys.readouterr().out
   assert listing.count("[pending]") == 4 and "4 run(s)" in listing
   assert "--workdir=" + str(out / "rope_s1") in listing
   assert not out.exists()
 
-  assert sweep.main([path, "--workdir", str(out), "--parallel", "2", "--only", "rope_s0",
+  assert sweep_cli.main([path, "--workdir", str(out), "--parallel", "2", "--only", "rope_s0",
                      "learned_s0", "--set", "train.steps=4"]) == 0
-  rows = sweep.read_results(str(out / "results.csv"))
+  rows = results_lib.read_results(str(out / "results.csv"))
   assert [(r["name"], r["steps"], r["status"]) for r in rows] == [
       ("rope_s0", 4, "done"), ("learned_s0", 4, "done")]
-  assert sweep.main([path, "--workdir", str(out), "--collect"]) == 0
-  assert len(sweep.read_results(str(out / "results.csv"))) == 4
-  assert sweep.main([path, "--workdir", str(out), "--set", "train.stepz=4"]) == 2
+  assert sweep_cli.main([path, "--workdir", str(out), "--collect"]) == 0
+  assert len(results_lib.read_results(str(out / "results.csv"))) == 4
+  assert sweep_cli.main([path, "--workdir", str(out), "--set", "train.stepz=4"]) == 2
   assert "did you mean train.steps" in capsys.readouterr().err
 
 
@@ -282,9 +289,9 @@ def fake_bin(tmp_path, name):
 
 
 def test_tpu_script_runs_every_run_on_all_workers_with_exact_argv(tmp_path):
-  runs = sweep.expand(write_experiment(tmp_path, TRICKY), "gs://bucket/sweep")
+  runs = experiment_lib.expand(write_experiment(tmp_path, TRICKY), "gs://bucket/sweep")
   assert runs[1].workdir == "gs://bucket/sweep/quoted"
-  text = sweep.tpu_script(runs, experiment="exp.py", remote_dir="code/llama jax")
+  text = cluster_lib.tpu_script(runs, experiment="exp.py", remote_dir="code/llama jax")
   script = tmp_path / "launch_tpu.sh"
   script.write_text(text)
   assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
@@ -319,8 +326,8 @@ def test_tpu_script_runs_every_run_on_all_workers_with_exact_argv(tmp_path):
 
 def test_slurm_script_array_tasks_run_exact_argv(tmp_path):
   out = tmp_path / "sweep out"
-  runs = sweep.expand(write_experiment(tmp_path, TRICKY), str(out))
-  text = sweep.slurm_script(runs, experiment="experiments/exp.py", nodes=4, parallel=2,
+  runs = experiment_lib.expand(write_experiment(tmp_path, TRICKY), str(out))
+  text = cluster_lib.slurm_script(runs, experiment="experiments/exp.py", nodes=4, parallel=2,
                             log_dir=str(tmp_path), sbatch_options=["--gpus-per-node=8"])
   script = tmp_path / "launch_slurm.sh"
   script.write_text(text)
@@ -344,17 +351,17 @@ def test_slurm_script_array_tasks_run_exact_argv(tmp_path):
 def test_cli_writes_launch_scripts(tmp_path, capsys):
   path = write_experiment(tmp_path)
   out = tmp_path / "out"
-  assert sweep.main([path, "--workdir", str(out), "--launcher", "slurm", "--nodes", "2"]) == 0
+  assert sweep_cli.main([path, "--workdir", str(out), "--launcher", "slurm", "--nodes", "2"]) == 0
   written = capsys.readouterr().out.strip()
   assert written == str(out / "launch_slurm.sh") and os.access(written, os.X_OK)
   assert "#SBATCH --nodes=2" in open(written).read()
   os.makedirs(out / "rope_s1")
   open(out / "rope_s1" / "DONE", "w").write('{"steps": 6}')  # finished runs are left out
-  assert sweep.main([path, "--workdir", str(out), "--launcher", "slurm"]) == 0
+  assert sweep_cli.main([path, "--workdir", str(out), "--launcher", "slurm"]) == 0
   text = open(capsys.readouterr().out.strip()).read()
   assert "#SBATCH --array=0-2" in text and "rope_s1" not in text and "rope_s0" in text
   target = tmp_path / "tpu.sh"
-  assert sweep.main([path, "--workdir", "gs://b/x", "--launcher", "tpu",
+  assert sweep_cli.main([path, "--workdir", "gs://b/x", "--launcher", "tpu",
                      "--script", str(target)]) == 0
   text = target.read_text()
   assert text.count("gcloud compute tpus tpu-vm ssh") == 4
@@ -365,7 +372,7 @@ def test_cli_writes_launch_scripts(tmp_path, capsys):
 
 
 def test_ablations_are_at_equal_compute():
-  runs = sweep.expand("experiments/ablations.py", "/tmp/unused")
+  runs = experiment_lib.expand("experiments/ablations.py", "/tmp/unused")
   by = {r.name: r for r in runs}
   assert len(runs) >= 12 and {r.config.train.seed for r in runs} >= {0, 1}
   assert {r.config.model.position for r in runs} == {"rope", "learned", "sinusoidal"}
@@ -378,7 +385,7 @@ def test_ablations_are_at_equal_compute():
 
 
 def test_ablation_summary_and_plot(tmp_path):
-  sys.path.insert(0, os.path.join(sweep.REPO_ROOT, "experiments"))
+  sys.path.insert(0, os.path.join(overrides_lib.REPO_ROOT, "experiments"))
   try:
     import ablations
   finally:
@@ -412,7 +419,7 @@ def test_ablation_summary_and_plot(tmp_path):
 
 def test_sigterm_stops_the_runs_and_leaves_them_resumable(tmp_path, fake):
   out = tmp_path / "out"
-  env = dict(os.environ, FAKE_SLEEP="60", **{sweep.TRAIN_CMD_ENV: shlex.join(fake)})
+  env = dict(os.environ, FAKE_SLEEP="60", **{local_lib.TRAIN_CMD_ENV: shlex.join(fake)})
   proc = subprocess.Popen([sys.executable, "-m", "llama_jax.sweep", write_experiment(tmp_path),
                            "--workdir", str(out), "--parallel", "2"], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -427,7 +434,7 @@ def test_sigterm_stops_the_runs_and_leaves_them_resumable(tmp_path, fake):
     if proc.poll() is None:
       proc.kill()
   assert proc.returncode == 130 and "resume" in err
-  rows = {r["name"]: r["status"] for r in sweep.read_results(str(out / "results.csv"))}
+  rows = {r["name"]: r["status"] for r in results_lib.read_results(str(out / "results.csv"))}
   assert rows == {"rope_s0": "incomplete", "rope_s1": "incomplete", "learned_s0": "pending",
                   "learned_s1": "pending"}
   for name in ("rope_s0", "rope_s1"):

@@ -13,7 +13,9 @@ from flax import nnx
 from configs import base
 from llama_jax import config as config_lib
 from llama_jax import metrics, optim, train
-from llama_jax.model import Llama, ModelConfig
+from llama_jax.model import sizes
+from llama_jax.model.llama import Llama
+from llama_jax.model.config import ModelConfig
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
@@ -222,10 +224,10 @@ def test_flops_per_token_matches_xla_count():
   f = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))
   cost = f.lower(state, tokens).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  analytic = metrics.forward_flops_per_token(cfg, 64) * tokens.size
+  analytic = sizes.forward_flops_per_token(cfg, 64) * tokens.size
   # XLA also counts elementwise work (norms, softmax, rope), so it is a little higher.
   assert analytic <= cost["flops"] <= 1.25 * analytic
-  assert metrics.flops_per_token(cfg, 64) == 3 * metrics.forward_flops_per_token(cfg, 64)
+  assert sizes.flops_per_token(cfg, 64) == 3 * sizes.forward_flops_per_token(cfg, 64)
 
 
 def test_mfu_arithmetic():

@@ -11,8 +11,9 @@ rules. Activations are constrained with `act_*` names at block boundaries.
 
 The default configuration is LLaMA (RMSNorm, RoPE, SwiGLU, no biases). The variants of the
 original Transformer (LayerNorm, GELU/ReLU MLP, learned or sinusoidal positions) are chosen by
-config for ablations. The config schema (ModelConfig, SIZES) is llama_jax.model_config's,
-re-exported here.
+config for ablations. The config schema (ModelConfig, SIZES) is llama_jax.model.config, the
+attention implementations llama_jax.model.attention, and parameter counts and FLOPs
+llama_jax.model.sizes.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
-from llama_jax import attention as attention_lib
-from llama_jax import mkl_gemm
-# The config schema lives in model_config.py; its names stay importable from here.
-from llama_jax.model_config import (  # noqa: F401
-    ATTENTIONS, DTYPES, MATMULS, MLPS, NORMS, POSITIONS, REMATS, SIZES, ModelConfig, RopeScaling)
+from llama_jax.model import attention as attention_lib
+from llama_jax.model.config import ModelConfig
 from llama_jax.sharding import constrain
+
+# Parameters get their shardings from `jit(init, out_shardings=...)`, derived from the
+# abstract state and the logical-axis rules (llama_jax.sharding). Flax's eager sharding
+# would instead demand a mesh context for every module construction, so a model could not
+# be built in a plain test or a notebook; turning it off keeps construction mesh-agnostic.
+nnx.use_eager_sharding(False)
 
 EMBED_STD = 0.02  # token embedding init (HF's initializer_range)
 
@@ -136,8 +139,7 @@ def sinusoidal_embedding(positions: jax.Array, dim: int) -> jax.Array:
 
 # ---------------------------------------------------------------------------- projections
 
-def dense(x: jax.Array, w: jax.Array, n_in: int = 1, preferred_element_type=None,
-          matmul: str = "xla") -> jax.Array:
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1, preferred_element_type=None) -> jax.Array:
   """Contracts x's last n_in axes with w's first n_in axes: [..., *in] x [*in, *out] -> [..., *out].
 
   Computed as one 2-D GEMM [rows, prod(in)] x [prod(in), prod(out)]. The same contraction as a
@@ -145,16 +147,10 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, preferred_element_type=None
   for the weight gradient, and XLA:CPU then fuses the surrounding elementwise backward ops into
   loops that write transposed copies: the SwiGLU MLP's forward + backward of shape B took 166 ms
   that way and 100 ms as 2-D GEMMs (docs/PERFORMANCE.md).
-
-  matmul='mkl' runs the GEMM through llama_jax.mkl_gemm (fp32, CPU) and names its output so that
-  the `dots` remat policies keep it, as they keep XLA's dot outputs.
   """
   batch, contract, out = x.shape[:-n_in], x.shape[x.ndim - n_in:], w.shape[n_in:]
   x2, w2 = x.reshape(-1, math.prod(contract)), w.reshape(math.prod(contract), -1)
-  if matmul == "mkl":
-    y = checkpoint_name(mkl_gemm.gemm(x2, w2), mkl_gemm.OUTPUT_NAME)
-  else:
-    y = jnp.dot(x2, w2, preferred_element_type=preferred_element_type)
+  y = jnp.dot(x2, w2, preferred_element_type=preferred_element_type)
   return y.reshape(*batch, *out)
 
 
@@ -203,10 +199,9 @@ class Attention(nnx.Module):
   def __call__(self, x, rope, mask, segment_ids, cache):
     cfg = self.cfg
     dt = x.dtype
-    mm = cfg.matmul
-    q = dense(x, self.wq[...].astype(dt), matmul=mm)  # [B, T, N, H]
-    k = dense(x, self.wk[...].astype(dt), matmul=mm)  # [B, T, K, H]
-    v = dense(x, self.wv[...].astype(dt), matmul=mm)
+    q = dense(x, self.wq[...].astype(dt))  # [B, T, N, H]
+    k = dense(x, self.wk[...].astype(dt))  # [B, T, K, H]
+    v = dense(x, self.wv[...].astype(dt))
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
@@ -226,8 +221,8 @@ class Attention(nnx.Module):
     out = attention_lib.attend(q, k, v, mask=mask,
                                segment_ids=segment_ids if cache is None else None,
                                is_causal=is_causal, implementation=cfg.attention,
-                               block=cfg.attention_block, matmul=mm)
-    out = dense(out, self.wo[...].astype(dt), n_in=2, matmul=mm)
+                               block=cfg.attention_block)
+    out = dense(out, self.wo[...].astype(dt), n_in=2)
     return out, cache
 
 
@@ -238,7 +233,6 @@ class MLP(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.kind = cfg.mlp
-    self.matmul = cfg.matmul
     d, f = cfg.dim, cfg.ffn_dim
     pd = _dtype(cfg.param_dtype)
     if cfg.mlp == "swiglu":
@@ -248,17 +242,17 @@ class MLP(nnx.Module):
                                     scale=1.0 / (2 * cfg.n_layers))(rngs.params(), (f, d), pd))
 
   def __call__(self, x):
-    dt, mm = x.dtype, self.matmul
-    up = dense(x, self.w_up[...].astype(dt), matmul=mm)
+    dt = x.dtype
+    up = dense(x, self.w_up[...].astype(dt))
     if self.kind == "swiglu":
-      gate = dense(x, self.w_gate[...].astype(dt), matmul=mm)
+      gate = dense(x, self.w_gate[...].astype(dt))
       h = jax.nn.silu(gate) * up
     elif self.kind == "gelu":
       h = jax.nn.gelu(up, approximate=False)
     else:
       h = jax.nn.relu(up)
     h = constrain(h, ("act_batch", "act_seq", "act_mlp"))
-    return dense(h, self.w_down[...].astype(dt), matmul=mm)
+    return dense(h, self.w_down[...].astype(dt))
 
 
 # ---------------------------------------------------------------------------- block
@@ -282,11 +276,9 @@ class Block(nnx.Module):
 # The dot policies also keep what each attention's backward pass reads, so that no attention
 # forward runs twice. The blockwise attention names its output and log-sum-exp (its custom VJP's
 # residuals); without the names the policies would keep the block score matrices the two are
-# made from instead. With model.matmul='mkl' the 2-D products are custom calls, not dots, and
-# keep their outputs by name too (`dense`).
+# made from instead.
 _policies = jax.checkpoint_policies
-_NAMED_RESIDUALS = _policies.save_only_these_names("attention_out", "attention_lse",
-                                                   mkl_gemm.OUTPUT_NAME)
+_NAMED_RESIDUALS = _policies.save_only_these_names("attention_out", "attention_lse")
 
 
 def _cudnn_attention_residuals(prim, *_, **__) -> bool:
@@ -320,8 +312,6 @@ class Llama(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    if cfg.matmul == "mkl":
-      mkl_gemm.require()  # says what is missing (MKL, a compiler, a CPU backend) before any work
     pd = _dtype(cfg.param_dtype)
     self.embed = nnx.Param(_normal(EMBED_STD, ("vocab", "embed"))(rngs.params(), (cfg.vocab_size, cfg.dim), pd))
     if cfg.position == "learned":
@@ -375,10 +365,7 @@ class Llama(nnx.Module):
 
     x = self.final_norm(x)
     head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-    if cfg.matmul == "mkl":  # fp32 throughout, where lm_head_logits is the same computation
-      logits = dense(x, head.astype(dt), matmul="mkl")
-    else:
-      logits = lm_head_logits(x, head.astype(dt))
+    logits = lm_head_logits(x, head.astype(dt))
     logits = constrain(logits, ("act_batch", "act_seq", "act_vocab"))
     return logits if cache is None else (logits, cache)
 
@@ -426,14 +413,3 @@ def abstract_model(cfg: ModelConfig) -> Llama:
   """The model's shapes and logical axes, nothing allocated."""
   return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
 
-
-def count_params(cfg: ModelConfig, *, non_embedding: bool = False) -> int:
-  """Parameter count from abstract shapes. non_embedding drops the token embedding and, when
-  untied, the LM head (Kaplan et al.'s N), plus learned position tables."""
-  state = nnx.state(abstract_model(cfg), nnx.Param)
-  total = 0
-  for path, leaf in nnx.to_flat_state(state):
-    if non_embedding and path[0] in ("embed", "lm_head", "pos_embed"):
-      continue
-    total += math.prod(leaf.shape)
-  return total

@@ -1,21 +1,20 @@
-"""The model's config schema: `config.model` (configs/base.py) is built from ModelConfig's
-defaults, checked here on construction; SIZES holds the published model sizes. llama_jax.model
-re-exports every name."""
+"""The model's config schema: `config.model` (llama_jax.config) is built from ModelConfig's
+defaults, checked here on construction; SIZES holds the published model sizes. Pure Python:
+reading a config needs no jax."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from llama_jax import attention as attention_lib
-
 NORMS = ("rms", "layer")
 MLPS = ("swiglu", "gelu", "relu")
 POSITIONS = ("rope", "learned", "sinusoidal", "none")
 REMATS = ("none", "full", "dots", "dots_no_batch")
-ATTENTIONS = attention_lib.IMPLEMENTATIONS
+# llama_jax.model.attention.attend dispatches on these: XLA's softmax attention, cuDNN's flash
+# attention (GPU), or the blockwise (flash-style) attention written in XLA ops.
+ATTENTIONS = ("xla", "cudnn", "blockwise")
 DTYPES = ("float32", "bfloat16", "float16")
-MATMULS = ("xla", "mkl")  # who runs the matrix products (llama_jax.mkl_gemm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +29,7 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """The model schema: `config.model` in configs/base.py is built from these defaults."""
+  """The model schema: `config.model` (llama_jax.config) is built from these defaults."""
 
   dim: int = 256
   n_layers: int = 4
@@ -52,11 +51,8 @@ class ModelConfig:
   # Keep the projections' outputs, recompute the elementwise ops in the backward pass: less to
   # store per layer, and on CPU faster than remat="none" (docs/PERFORMANCE.md).
   remat: str = "dots_no_batch"
-  attention: str = "blockwise"  # 'xla' | 'cudnn' (GPU) | 'blockwise' (llama_jax.attention)
+  attention: str = "blockwise"  # one of ATTENTIONS
   attention_block: int = 128    # query rows per block of the `blockwise` attention
-  # 'xla', or 'mkl': every fp32 matrix product (projections, MLP, LM head, blockwise attention's
-  # block products) through Intel MKL, on one CPU device (llama_jax.mkl_gemm, docs/PERFORMANCE.md).
-  matmul: str = "xla"
 
   def __post_init__(self):
     if isinstance(self.rope_scaling, dict):
@@ -75,12 +71,9 @@ class ModelConfig:
       raise ValueError(f"RoPE needs an even head dim, got dim/n_heads={self.head_dim}")
     for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("position", POSITIONS),
                           ("remat", REMATS), ("attention", ATTENTIONS), ("dtype", DTYPES),
-                          ("param_dtype", DTYPES), ("matmul", MATMULS)):
+                          ("param_dtype", DTYPES)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
-    if self.matmul == "mkl" and self.dtype != "float32":
-      raise ValueError(f"model.matmul='mkl' computes in float32 only, got model.dtype="
-                       f"{self.dtype!r}; set model.dtype='float32' or model.matmul='xla'")
 
   @property
   def head_dim(self) -> int:

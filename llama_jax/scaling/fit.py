@@ -1,10 +1,7 @@
-"""Compute-optimal scaling: IsoFLOP fits (Chinchilla approach 2) with bootstrap intervals, plots.
+"""Compute-optimal scaling: IsoFLOP fits (Chinchilla approach 2) with bootstrap intervals.
 
-    python -m llama_jax.scaling DIR [--out experiments/results/scaling_isoflop]
-        [--loss eval|train] [--bootstrap 1000] [--seed 0]
-
-reads DIR/results.csv (written by `python -m llama_jax.sweep`) and writes OUT/results.csv (the
-runs, with a `used` column), OUT/report.md, OUT/isoflop.png and OUT/optimal.png.
+`python -m llama_jax.scaling DIR` (llama_jax.scaling.__main__) fits DIR/results.csv, written by
+`python -m llama_jax.sweep`; llama_jax.scaling.report draws the plots and writes the report.
 
 The method (Hoffmann et al. 2022, "approach 2"). Runs are grouped by compute budget C (the
 `flops_budget` column when the sweep tagged one, else runs whose FLOPs agree within 0.05 decades).
@@ -30,26 +27,18 @@ Two conventions are fitted from the same runs:
 Kaplan's counting at small scale is the main reason its exponent (0.73) differs from
 Chinchilla's (~0.5) (Pearce & Song 2024, "Reconciling Kaplan and Chinchilla scaling laws").
 
-Shapes: `model_shape(dim, n_layers)` gives LLaMA-style heads and ffn_dim for a width and depth,
-`param_count(shape)` counts parameters without building anything (equal to
-llama_jax.model.count_params), and `shape_for_params(target)` finds a shape of a given size.
-
-This module fits; llama_jax.scaling_report draws the plots, writes the report and runs the CLI.
+Model shapes and parameter counts for a grid (`model_shape`, `count_params`, `shape_for_params`)
+are llama_jax.model.sizes'.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from llama_jax.model import ModelConfig
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_OUT = os.path.join(REPO_ROOT, "experiments", "results", "scaling_isoflop")
 
 # Published exponents (N* ∝ C^a, D* ∝ C^b) for the report.
 REFERENCES = (
@@ -58,92 +47,6 @@ REFERENCES = (
     ("Chinchilla approach 3, parametric (Hoffmann et al. 2022)", 0.46, 0.54),
     ("Kaplan et al. 2020 (non-embedding N, C = 6ND)", 0.73, 0.27),
 )
-
-# ---------------------------------------------------------------------------- shapes
-
-
-def _default_head_dim(dim: int) -> int:
-  # Small widths get small heads so there are still several of them (RoPE needs it even).
-  target = 8 if dim <= 32 else 16 if dim <= 96 else 32 if dim <= 384 else 64 if dim <= 2048 else 128
-  while dim % target:
-    target //= 2
-  return max(target, 1)
-
-
-def model_shape(dim: int, n_layers: int, *, head_dim: int | None = None,
-                n_kv_heads: int | None = None, mlp: str = "swiglu",
-                multiple_of: int = 8) -> dict[str, int]:
-  """A LLaMA-style shape: n_heads = dim / head_dim, GQA with 2 query heads per kv head when the
-  head count is even, ffn_dim = 8/3 dim (gated) or 4 dim rounded up to `multiple_of`."""
-  head_dim = head_dim or _default_head_dim(dim)
-  if dim % head_dim:
-    raise ValueError(f"dim={dim} is not a multiple of head_dim={head_dim}")
-  n_heads = dim // head_dim
-  if n_kv_heads is None:
-    n_kv_heads = n_heads // 2 if n_heads % 2 == 0 else n_heads
-  ffn = 8 * dim / 3 if mlp == "swiglu" else 4 * dim
-  ffn_dim = int(math.ceil(ffn / multiple_of) * multiple_of)
-  return dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-              ffn_dim=ffn_dim)
-
-
-def _as_model_config(shape: Mapping[str, Any] | ModelConfig) -> ModelConfig:
-  if isinstance(shape, ModelConfig):
-    return shape
-  fields = {k.removeprefix("model."): v for k, v in dict(shape).items()}
-  return ModelConfig(**fields)
-
-
-def param_count(shape: Mapping[str, Any] | ModelConfig, *, non_embedding: bool = False) -> int:
-  """Parameters of a model config (or a dict of its fields, `model.` prefixes allowed, the rest
-  ModelConfig's defaults), from the shapes in llama_jax.model: no arrays built.
-
-  non_embedding drops the token embedding, the LM head when untied and learned positions
-  (Kaplan's N), like llama_jax.model.count_params."""
-  c = _as_model_config(shape)
-  d, h = c.dim, c.head_dim
-  attention = d * c.n_heads * h + 2 * d * c.n_kv_heads * h + c.n_heads * h * d
-  mlp = (3 if c.mlp == "swiglu" else 2) * d * c.ffn_dim
-  norm = (1 if c.norm == "rms" else 2) * d
-  total = c.n_layers * (attention + mlp + 2 * norm) + norm
-  if not non_embedding:
-    total += c.vocab_size * d * (1 if c.tie_embeddings else 2)
-    if c.position == "learned":
-      total += c.max_seq_len * d
-  return total
-
-
-def shape_for_params(target: float, *, non_embedding: bool = False, aspect_ratio: float = 32.0,
-                     tolerance: float = 0.05, dims: Iterable[int] | None = None,
-                     max_layers: int = 128, **model_fields) -> dict[str, int]:
-  """The model_shape() whose parameter count is closest to `target` (within `tolerance`
-  relative, the one whose dim / n_layers is closest to `aspect_ratio`). model_fields are other
-  ModelConfig fields that change the count (vocab_size, mlp, norm, tie_embeddings, ...)."""
-  dims = list(dims) if dims is not None else list(range(16, 1024, 8)) + list(range(1024, 16385, 64))
-  mlp = model_fields.get("mlp", "swiglu")
-  best, best_key = None, None
-  for dim in dims:
-    try:
-      one, two = (param_count({**model_fields, **model_shape(dim, n, mlp=mlp)},
-                              non_embedding=non_embedding) for n in (1, 2))
-    except ValueError:  # a width no valid head layout fits
-      continue
-    per_layer = two - one
-    fixed = one - per_layer
-    est = (target - fixed) / per_layer
-    for n_layers in sorted({max(1, math.floor(est)), max(1, math.ceil(est))}):
-      if n_layers > max_layers:
-        continue
-      n = fixed + per_layer * n_layers
-      miss = abs(math.log(n / target))
-      aspect = abs(math.log(dim / n_layers / aspect_ratio))
-      key = (0, aspect, miss) if miss <= tolerance else (1, miss, aspect)
-      if best_key is None or key < best_key:
-        best, best_key = model_shape(dim, n_layers, mlp=mlp), key
-  if best is None:
-    raise ValueError(f"no shape for {target:g} parameters")
-  return best
-
 
 # ---------------------------------------------------------------------------- data
 
@@ -410,9 +313,3 @@ def fit_isoflop(points: Sequence[Point], *, convention: str = "exact", bootstrap
                     n_bootstrap=bootstrap, n_bootstrap_used=len(samples), notes=notes,
                     bootstrap_method=bootstrap_method)
 
-
-if __name__ == "__main__":
-  import sys
-
-  from llama_jax.scaling_report import main
-  sys.exit(main())

@@ -5,7 +5,6 @@ FLOPs), its run_train.py arguments, and its state on disk (metrics.jsonl, sweep.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -13,7 +12,9 @@ from typing import Any
 
 import ml_collections
 
-from llama_jax.sweep_config import format_value
+from llama_jax.model.config import ModelConfig
+from llama_jax.model.sizes import count_params, flops_per_token, kaplan_flops_per_token
+from llama_jax.sweep.overrides import format_value
 
 STATUSES = ("done", "incomplete", "failed", "pending")
 
@@ -33,19 +34,17 @@ class Run:
   # -- sizes
   @property
   def model_config(self):
-    from llama_jax.model import ModelConfig
     return ModelConfig.from_dict(self.config.model)
 
   def sizes(self) -> dict[str, float]:
     """params, non-embedding params, tokens, exact and Kaplan FLOPs (cached)."""
     if self._sizes is None:
-      from llama_jax.metrics import flops_per_token, kaplan_flops_per_token
       cfg = self.model_config
       seq_len = int(self.config.data.seq_len)
       tokens = int(self.config.train.steps) * int(self.config.data.batch_size) * seq_len
-      non_embed = _count_params(cfg, True)
+      non_embed = count_params(cfg, non_embedding=True)
       self._sizes = dict(
-          params=_count_params(cfg, False),
+          params=count_params(cfg),
           nonembedding_params=non_embed,
           tokens=tokens,
           flops=flops_per_token(cfg, seq_len) * tokens,
@@ -100,13 +99,6 @@ class Run:
     if metrics or attempts:
       return "incomplete"
     return "pending"
-
-
-@functools.lru_cache(maxsize=None)
-def _count_params(cfg, non_embedding: bool) -> int:
-  """llama_jax.model.count_params, once per distinct shape (it traces the model)."""
-  from llama_jax.model import count_params
-  return count_params(cfg, non_embedding=non_embedding)
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:

@@ -10,8 +10,8 @@ import math
 import os
 from typing import Any, Sequence
 
-from llama_jax.sweep_config import get_value
-from llama_jax.sweep_run import Run, final_value, last_step
+from llama_jax.sweep.overrides import get_value
+from llama_jax.sweep.run import Run, final_value, last_step
 
 
 def result_row(run: Run) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The command line of llama_jax.generate: sampling from a llama_jax run or a Hugging Face
+"""The command line of llama_jax.generate (decoding itself: llama_jax.generate.decode): sampling from a llama_jax run or a Hugging Face
 Llama directory, one prompt streamed as it is produced, a batch of prompts, or --interactive.
 
     python -m llama_jax.generate --workdir=DIR --prompt="def " [--prompt=...] [--interactive]
@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import sys
 
-from llama_jax.generate import TextStream, _eos, _strip_eos, encode_prompt, generate
-from llama_jax.hf_tokenizer import HFDirTokenizer
+from llama_jax.generate.decode import TextStream, _eos, _strip_eos, encode_prompt, generate
+from llama_jax.data.hf_tokenizer import HFDirTokenizer
 
 
 def _load(workdir: str | None, hf_dir: str | None, step: int | None, dtype: str | None):

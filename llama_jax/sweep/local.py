@@ -16,8 +16,8 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
-from llama_jax.sweep_config import REPO_ROOT
-from llama_jax.sweep_run import Run, final_value, last_step
+from llama_jax.sweep.overrides import REPO_ROOT
+from llama_jax.sweep.run import Run, final_value, last_step
 
 RUN_TRAIN = os.path.join(REPO_ROOT, "run_train.py")
 TRAIN_CMD_ENV = "LLAMA_JAX_SWEEP_TRAIN_CMD"

@@ -20,27 +20,23 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from llama_jax import mkl_gemm
-
-IMPLEMENTATIONS = ("xla", "cudnn", "blockwise")
-
 # A finite "minus infinity" for masked scores: exp(_MASKED - max) underflows to 0, and unlike
 # -inf it cannot turn into NaN through -inf - (-inf).
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, is_causal: bool, implementation: str,
-           block: int = 128, matmul: str = "xla"):
+           block: int = 128):
   """softmax(q k^T / sqrt(H)) v, [B, T, N, H] x [B, S, K, H] -> [B, T, N, H] (N a multiple of K).
 
   Training passes is_causal=True (optionally with segment_ids [B, T] for packed documents);
   decoding passes the cache's boolean `mask` [B, 1, T, S]. `blockwise` handles the causal
-  training case and hands masks it cannot skip over (decoding) to `xla`; its block products go
-  through `matmul` ('xla' or 'mkl', llama_jax.mkl_gemm).
+  training case and hands masks it cannot skip over (decoding) to `xla`. The implementations
+  are llama_jax.model.config.ATTENTIONS; this is the one place that chooses between them.
   """
   if implementation == "blockwise":
     if is_causal and mask is None and q.shape[1] == k.shape[1]:
-      return blockwise_attention(q, k, v, segment_ids, block, matmul)
+      return blockwise_attention(q, k, v, segment_ids, block)
     implementation = "xla"
   if segment_ids is not None and mask is None:
     mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # [B, 1, T, T]
@@ -100,30 +96,20 @@ def _visible(segment_ids, a, e, g, transposed=False):
   return jnp.swapaxes(visible, -1, -2) if transposed else visible
 
 
-# The block products below as op(a) @ op(b) over the leading [B, K] axes: (transpose a,
-# transpose b) for llama_jax.mkl_gemm, which takes [..., rows, cols] operands as they are stored.
-_PRODUCT_FORMS = {"bkrh,bksh->bkrs": (False, True), "bkrs,bksh->bkrh": (False, False),
-                  "bksh,bkrh->bksr": (False, True), "bksr,bkrh->bksh": (False, False),
-                  "bksr,bksh->bkrh": (True, False)}
-
-
-def _product(spec: str, a, b, matmul: str, a_rows=(0, None), b_rows=(0, None)):
+def _product(spec: str, a, b, a_rows=(0, None), b_rows=(0, None)):
   """One block product with fp32 results, of the row windows [begin, end) of a's and b's axis 2
-  (the query rows of a block, the key prefix it sees): through XLA, an einsum of the slices, or
-  through MKL, which reads the windows in place (slices would be copied for the custom call)."""
-  if matmul == "mkl":
-    return mkl_gemm.product(a, b, *_PRODUCT_FORMS[spec], a_rows=a_rows, b_rows=b_rows)
+  (the query rows of a block, the key prefix it sees)."""
   return jnp.einsum(spec, a[:, :, a_rows[0]:a_rows[1]], b[:, :, b_rows[0]:b_rows[1]],
                     preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def blockwise_attention(q, k, v, segment_ids, block: int, matmul: str = "xla"):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def blockwise_attention(q, k, v, segment_ids, block: int):
   """Causal attention of q [B, T, N, H] over k, v [B, T, K, H], block by block (module doc)."""
-  return _blockwise_forward(q, k, v, segment_ids, block, matmul)[0]
+  return _blockwise_forward(q, k, v, segment_ids, block)[0]
 
 
-def _blockwise_forward(q, k, v, segment_ids, block, matmul="xla"):
+def _blockwise_forward(q, k, v, segment_ids, block):
   t, n, h = q.shape[1:]
   g = n // k.shape[2]
   qr = _query_rows(q * h ** -0.5, k.shape[2])  # scaling q is cheaper than scaling the scores
@@ -131,12 +117,12 @@ def _blockwise_forward(q, k, v, segment_ids, block, matmul="xla"):
   outs, lses = [], []
   for a, e in _blocks(t, block):
     rows, keys = (a * g, e * g), (0, e)  # the block's query rows, the keys they may see
-    s = _product("bkrh,bksh->bkrs", qr, kr, matmul, rows, keys)
+    s = _product("bkrh,bksh->bkrs", qr, kr, rows, keys)
     s = jnp.where(_visible(segment_ids, a, e, g), s, _MASKED)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
-    o = _product("bkrs,bksh->bkrh", p.astype(v.dtype), vr, matmul, b_rows=keys)
+    o = _product("bkrs,bksh->bkrh", p.astype(v.dtype), vr, b_rows=keys)
     outs.append(o / l)  # normalising the [rows, H] output is cheaper than the [rows, keys] probs
     lses.append((m + jnp.log(l))[..., 0])
   out = _from_rows(jnp.concatenate(outs, axis=2), n).astype(q.dtype)
@@ -147,7 +133,7 @@ def _blockwise_forward(q, k, v, segment_ids, block, matmul="xla"):
   return out, (q, k, v, segment_ids, out, lse)
 
 
-def _blockwise_bwd(block, matmul, residuals, d_out):
+def _blockwise_bwd(block, residuals, d_out):
   """Flash attention's backward pass, on transposed [keys, rows] blocks.
 
   Computing s^T = k q^T (instead of s = q k^T) makes dv = p^T do and dk = ds^T q plain GEMMs
@@ -169,14 +155,14 @@ def _blockwise_bwd(block, matmul, residuals, d_out):
   dqs = []
   for a, e in _blocks(t, block):
     rows, keys = (a * g, e * g), (0, e)  # the block's query rows, the keys they may see
-    st = _product("bksh,bkrh->bksr", kr, qr, matmul, keys, rows)
+    st = _product("bksh,bkrh->bksr", kr, qr, keys, rows)
     st = jnp.where(_visible(segment_ids, a, e, g, transposed=True), st, _MASKED)
     pt = jnp.exp(st - lse[:, :, None, a * g:e * g])                        # [B, K, keys, rows]
-    dv = dv.at[:, :, :e].add(_product("bksr,bkrh->bksh", pt, do, matmul, b_rows=rows))
-    dpt = _product("bksh,bkrh->bksr", vr, do, matmul, keys, rows)
+    dv = dv.at[:, :, :e].add(_product("bksr,bkrh->bksh", pt, do, b_rows=rows))
+    dpt = _product("bksh,bkrh->bksr", vr, do, keys, rows)
     dst = pt * (dpt - delta[:, :, None, a * g:e * g])  # d loss / d (scaled scores), transposed
-    dk = dk.at[:, :, :e].add(_product("bksr,bkrh->bksh", dst, qr, matmul, b_rows=rows))
-    dqs.append(_product("bksr,bksh->bkrh", dst, kr, matmul, b_rows=keys))
+    dk = dk.at[:, :, :e].add(_product("bksr,bkrh->bksh", dst, qr, b_rows=rows))
+    dqs.append(_product("bksr,bksh->bkrh", dst, kr, b_rows=keys))
   dq = _from_rows(jnp.concatenate(dqs, axis=2) * scale, n)
   dk, dv = _kv_heads_major(dk), _kv_heads_major(dv)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None

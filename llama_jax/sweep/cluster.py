@@ -9,8 +9,8 @@ import re
 import shlex
 from typing import Sequence
 
-from llama_jax.sweep_config import REPO_ROOT
-from llama_jax.sweep_run import Run
+from llama_jax.sweep.overrides import REPO_ROOT
+from llama_jax.sweep.run import Run
 
 
 def _remote_config(run: Run) -> str:

@@ -42,8 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax.hf_tokenizer import HFDirTokenizer  # noqa: F401 (re-exported: it lived here)
-from llama_jax.model import Llama, init_cache
+from llama_jax.model.llama import Llama, init_cache
 
 PAD_MULTIPLE = 16  # prompt lengths are padded up to this, so nearby lengths share a compile
 _PAD_TOKEN = 0     # fed in padding slots and by finished rows; never attended, never returned
@@ -369,10 +368,3 @@ def sample_text(model: Llama, tokenizer, prompt: str, *, max_new_tokens: int,
   stream.tokens = _strip_eos(new, eos)
   return prompt + stream.text()
 
-
-if __name__ == "__main__":  # the command line lives in llama_jax.generate_cli
-  from absl import app, flags
-  from llama_jax import generate_cli
-  generate_cli._define_flags()
-  flags.adopt_module_key_flags(generate_cli)  # --help lists its flags as this program's
-  app.run(generate_cli.main)

@@ -16,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CONFIG = "configs/default.py"
 
 
@@ -36,7 +36,7 @@ def resolve_path(path: str) -> str:
   raise FileNotFoundError(f"{path!r} not found (looked in {os.getcwd()} and {REPO_ROOT})")
 
 
-def _import_file(path: str, module_name: str):
+def import_file(path: str, module_name: str):
   _ensure_importable()
   spec = importlib.util.spec_from_file_location(module_name, path)
   module = importlib.util.module_from_spec(spec)
@@ -47,11 +47,11 @@ def _import_file(path: str, module_name: str):
 def load_config(config: str) -> ml_collections.ConfigDict:
   """get_config(arg) of a config file given as 'path.py' or 'path.py:arg', like run_train."""
   path, _, arg = config.partition(":")
-  module = _import_file(resolve_path(path), f"_sweep_config_{abs(hash(path))}")
+  module = import_file(resolve_path(path), f"_sweep_config_{abs(hash(path))}")
   return module.get_config(arg or None)
 
 
-def _canonical_key(key: str) -> str:
+def canonical_key(key: str) -> str:
   return key.replace("__", ".")
 
 
@@ -105,7 +105,7 @@ def format_value(value: Any) -> str:
 def parse_value(config: ml_collections.ConfigDict, key: str, text: str) -> Any:
   """A command-line string for `--set key=text`, typed like the field it overrides."""
   import ast
-  current = get_value(config, _canonical_key(key))
+  current = get_value(config, canonical_key(key))
   if isinstance(current, bool):
     if text.lower() not in ("true", "false", "1", "0"):
       raise ValueError(f"{key}: expected true/false, got {text!r}")

@@ -1,5 +1,5 @@
-"""Presentation of IsoFLOP fits: plots, the markdown report, and the CLI behind
-`python -m llama_jax.scaling DIR` (see llama_jax.scaling for the method)."""
+"""Presentation of IsoFLOP fits: plots, the markdown report, and `analyze`, which turns a
+sweep's results.csv into them (the method: llama_jax.scaling.fit)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Sequence
 
 import numpy as np
 
-from llama_jax.scaling import (BOOTSTRAP_METHODS, CONVENTIONS, DEFAULT_OUT, REFERENCES,
-                               IsoFLOPFit, Point, PowerLaw, _finite, _group, fit_isoflop,
-                               points_from_rows)
+from llama_jax.scaling.fit import (BOOTSTRAP_METHODS, CONVENTIONS, REFERENCES,
+                                   IsoFLOPFit, Point, PowerLaw, _finite, _group, fit_isoflop,
+                                   points_from_rows)
 
 
 # ---------------------------------------------------------------------------- plots
@@ -90,7 +90,12 @@ def plot_optimal(fits: Sequence[IsoFLOPFit], path: str) -> None:
 # ---------------------------------------------------------------------------- report
 
 
-def _fmt_ci(law: PowerLaw) -> str:
+def default_out(results_csv: str) -> str:
+  """Where `analyze` writes without --out: DIR/scaling for DIR/results.csv."""
+  return os.path.join(os.path.dirname(os.path.abspath(results_csv)), "scaling")
+
+
+def fmt_ci(law: PowerLaw) -> str:
   lo, hi = law.ci
   return f"{law.exponent:.3f} [{lo:.3f}, {hi:.3f}]"
 
@@ -130,7 +135,7 @@ def report_markdown(fits: Sequence[IsoFLOPFit], *, source: str = "", n_runs: int
             "| convention | a (N*) | b (D*) | a + b | budgets used | bootstrap resamples |",
             "|---|---|---|---:|---:|---:|"]
   for fit in fits:
-    lines.append(f"| {fit.convention} | {_fmt_ci(fit.n_opt)} | {_fmt_ci(fit.d_opt)} | "
+    lines.append(f"| {fit.convention} | {fmt_ci(fit.n_opt)} | {fmt_ci(fit.d_opt)} | "
                  f"{fit.a + fit.b:.3f} | {len(fit.used)} | {fit.n_bootstrap_used}/"
                  f"{fit.n_bootstrap} |")
   if alternates:
@@ -139,7 +144,7 @@ def report_markdown(fits: Sequence[IsoFLOPFit], *, source: str = "", n_runs: int
               "keep 3 distinct sizes, which leaves the refitted parabola barely determined):", "",
               "| convention | a (N*) | b (D*) | bootstrap resamples |", "|---|---|---|---:|"]
     for fit in alternates:
-      lines.append(f"| {fit.convention} | {_fmt_ci(fit.n_opt)} | {_fmt_ci(fit.d_opt)} | "
+      lines.append(f"| {fit.convention} | {fmt_ci(fit.n_opt)} | {fmt_ci(fit.d_opt)} | "
                    f"{fit.n_bootstrap_used}/{fit.n_bootstrap} |")
   lines += ["", "## Against published results", "",
             "| reference | a | b | " + " | ".join(f"a inside {f.convention} CI" for f in fits)
@@ -161,13 +166,15 @@ def report_markdown(fits: Sequence[IsoFLOPFit], *, source: str = "", n_runs: int
 # ---------------------------------------------------------------------------- from a sweep
 
 
-def analyze(results: str, out_dir: str = DEFAULT_OUT, *, loss: str = "eval",
+def analyze(results: str, out_dir: str | None = None, *, loss: str = "eval",
             bootstrap: int = 1000, seed: int = 0,
             bootstrap_method: str = "residual") -> dict[str, IsoFLOPFit]:
   """results.csv (or the sweep directory holding it) -> OUT/{results.csv, report.md,
-  isoflop.png, optimal.png}; returns the fits by convention."""
-  from llama_jax.sweep import read_results
+  isoflop.png, optimal.png}; returns the fits by convention. OUT defaults to a folder
+  `scaling` beside the results.csv."""
+  from llama_jax.sweep.results import read_results
   path = os.path.join(results, "results.csv") if os.path.isdir(results) else results
+  out_dir = out_dir or default_out(path)
   rows = read_results(path)
   loss_key = "final_eval_loss" if loss == "eval" else "final_loss"
   used, dropped = [], []
@@ -202,25 +209,3 @@ def analyze(results: str, out_dir: str = DEFAULT_OUT, *, loss: str = "eval",
                             dropped=[str(r.get("name")) for r in dropped],
                             alternates=alternates))
   return fits
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m llama_jax.scaling",
-                              description="IsoFLOP fit of a scaling sweep's results.csv")
-  p.add_argument("results", help="sweep workdir holding results.csv, or the csv itself")
-  p.add_argument("--out", default=DEFAULT_OUT)
-  p.add_argument("--loss", choices=("eval", "train"), default="eval")
-  p.add_argument("--bootstrap", type=int, default=1000)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--bootstrap_method", choices=BOOTSTRAP_METHODS, default="residual")
-  args = p.parse_args(argv)
-  fits = analyze(args.results, args.out, loss=args.loss, bootstrap=args.bootstrap,
-                 seed=args.seed, bootstrap_method=args.bootstrap_method)
-  for conv, fit in fits.items():
-    print(f"{conv}: a = {_fmt_ci(fit.n_opt)}, b = {_fmt_ci(fit.d_opt)}")
-  print(f"wrote {args.out}/{{results.csv,report.md,isoflop.png,optimal.png}}")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -1,0 +1,69 @@
+"""Trains a LLaMA model: python -m llama_jax --config=configs/default.py --workdir=DIR
+(run_train.py at the repository root is the same program).
+
+Overrides: --config.model.dim=512 --config.optim.lr=1e-3 (type-checked; an unknown key stops
+the run at start). A DIR with checkpoints is resumed from its newest complete one.
+--dry_run compiles the train step for the configured mesh on fake CPU devices, allocating
+nothing, and prints one JSON line with per-device memory and FLOPs.
+Multi-process: --coordinator_address=HOST:PORT --num_processes=N --process_id=I (detected
+automatically on TPU pods and under SLURM).
+"""
+
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the step only; print memory/FLOPs.")
+_DRY_DEVICES = flags.DEFINE_integer(
+    "dry_run_devices", 8, "With --dry_run and a mesh axis of -1: the device count to fake.")
+_COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+# The errors a user can fix; each is printed as one line, no traceback.
+USER_ERRORS = ("ConfigError", "ShardingError", "DataError", "NonFiniteLossError",
+               "CheckpointError")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax and tfds log every file at INFO
+  config = _CONFIG.value
+  if _DRY_RUN.value:
+    from llama_jax import dry_run
+    n = dry_run.mesh_devices(config, _DRY_DEVICES.value)
+    dry_run.fake_cpu_devices(n)
+    return _guard(lambda: print(json.dumps(dry_run.dry_run(config, n))))
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required")
+
+  from llama_jax import sharding
+  from llama_jax.train import train
+
+  def run():
+    sharding.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+    return train(config, _WORKDIR.value)
+
+  _guard(run)
+
+
+def _guard(fn):
+  try:
+    return fn()
+  except Exception as e:  # noqa: BLE001
+    if type(e).__name__ in USER_ERRORS:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    raise
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,127 @@
+"""The one home of model arithmetic: parameter counts, FLOPs per token and model shapes.
+
+Everything here is computed from a ModelConfig alone (no jax, no arrays), so sweeps, scaling
+fits, MFU and the dry run agree on one count; tests/test_model.py checks the counts against the
+traced model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping
+
+from llama_jax.model.config import ModelConfig
+
+# ---------------------------------------------------------------------------- FLOPs
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Matmul FLOPs of one forward pass per token, every matmul counted (2 FLOPs per MAC).
+
+  Per layer: q, k, v, o projections 2*D*H*(2N + 2K); attention scores and the weighted sum
+  2 * 2*N*H*T each token attending over the full T (XLA computes the whole T x T block even
+  though half is masked); the MLP 2*D*F times 3 (gated) or 2 matrices. Plus the LM head 2*D*V.
+  Norms, RoPE, softmax and the embedding lookup are not matmuls and are left out.
+  """
+  d, n, k, h, f = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+  projections = 2 * d * h * (2 * n + 2 * k)
+  attention = 2 * 2 * n * h * seq_len
+  mlp = 2 * d * f * (3 if cfg.mlp == "swiglu" else 2)
+  return float(cfg.n_layers * (projections + attention + mlp) + 2 * d * cfg.vocab_size)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token: forward + backward (twice the forward), remat not counted."""
+  return 3.0 * forward_flops_per_token(cfg, seq_len)
+
+
+def kaplan_flops_per_token(non_embedding_params: int) -> float:
+  """Kaplan et al. 2020's C = 6 N per token, N without embeddings."""
+  return 6.0 * non_embedding_params
+
+
+# ---------------------------------------------------------------------------- shapes
+
+
+def _default_head_dim(dim: int) -> int:
+  # Small widths get small heads so there are still several of them (RoPE needs it even).
+  target = 8 if dim <= 32 else 16 if dim <= 96 else 32 if dim <= 384 else 64 if dim <= 2048 else 128
+  while dim % target:
+    target //= 2
+  return max(target, 1)
+
+
+def model_shape(dim: int, n_layers: int, *, head_dim: int | None = None,
+                n_kv_heads: int | None = None, mlp: str = "swiglu",
+                multiple_of: int = 8) -> dict[str, int]:
+  """A LLaMA-style shape: n_heads = dim / head_dim, GQA with 2 query heads per kv head when the
+  head count is even, ffn_dim = 8/3 dim (gated) or 4 dim rounded up to `multiple_of`."""
+  head_dim = head_dim or _default_head_dim(dim)
+  if dim % head_dim:
+    raise ValueError(f"dim={dim} is not a multiple of head_dim={head_dim}")
+  n_heads = dim // head_dim
+  if n_kv_heads is None:
+    n_kv_heads = n_heads // 2 if n_heads % 2 == 0 else n_heads
+  ffn = 8 * dim / 3 if mlp == "swiglu" else 4 * dim
+  ffn_dim = int(math.ceil(ffn / multiple_of) * multiple_of)
+  return dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+              ffn_dim=ffn_dim)
+
+
+def _as_model_config(shape: Mapping[str, Any] | ModelConfig) -> ModelConfig:
+  if isinstance(shape, ModelConfig):
+    return shape
+  fields = {k.removeprefix("model."): v for k, v in dict(shape).items()}
+  return ModelConfig(**fields)
+
+
+def count_params(shape: Mapping[str, Any] | ModelConfig, *, non_embedding: bool = False) -> int:
+  """Parameters of a model config (or a dict of its fields, `model.` prefixes allowed, the rest
+  ModelConfig's defaults), counted from the shapes the layers create: no arrays built.
+  tests/test_model.py checks it equals the count of the traced model for every variant.
+
+  non_embedding drops the token embedding, the LM head when untied and learned positions
+  (Kaplan et al.'s N)."""
+  c = _as_model_config(shape)
+  d, h = c.dim, c.head_dim
+  attention = d * c.n_heads * h + 2 * d * c.n_kv_heads * h + c.n_heads * h * d
+  mlp = (3 if c.mlp == "swiglu" else 2) * d * c.ffn_dim
+  norm = (1 if c.norm == "rms" else 2) * d
+  total = c.n_layers * (attention + mlp + 2 * norm) + norm
+  if not non_embedding:
+    total += c.vocab_size * d * (1 if c.tie_embeddings else 2)
+    if c.position == "learned":
+      total += c.max_seq_len * d
+  return total
+
+
+def shape_for_params(target: float, *, non_embedding: bool = False, aspect_ratio: float = 32.0,
+                     tolerance: float = 0.05, dims: Iterable[int] | None = None,
+                     max_layers: int = 128, **model_fields) -> dict[str, int]:
+  """The model_shape() whose parameter count is closest to `target` (within `tolerance`
+  relative, the one whose dim / n_layers is closest to `aspect_ratio`). model_fields are other
+  ModelConfig fields that change the count (vocab_size, mlp, norm, tie_embeddings, ...)."""
+  dims = list(dims) if dims is not None else list(range(16, 1024, 8)) + list(range(1024, 16385, 64))
+  mlp = model_fields.get("mlp", "swiglu")
+  best, best_key = None, None
+  for dim in dims:
+    try:
+      one, two = (count_params({**model_fields, **model_shape(dim, n, mlp=mlp)},
+                              non_embedding=non_embedding) for n in (1, 2))
+    except ValueError:  # a width no valid head layout fits
+      continue
+    per_layer = two - one
+    fixed = one - per_layer
+    est = (target - fixed) / per_layer
+    for n_layers in sorted({max(1, math.floor(est)), max(1, math.ceil(est))}):
+      if n_layers > max_layers:
+        continue
+      n = fixed + per_layer * n_layers
+      miss = abs(math.log(n / target))
+      aspect = abs(math.log(dim / n_layers / aspect_ratio))
+      key = (0, aspect, miss) if miss <= tolerance else (1, miss, aspect)
+      if best_key is None or key < best_key:
+        best, best_key = model_shape(dim, n_layers, mlp=mlp), key
+  if best is None:
+    raise ValueError(f"no shape for {target:g} parameters")
+  return best

@@ -1,0 +1,40 @@
+"""python -m llama_jax.scaling DIR [--out OUT] [--loss eval|train] [--bootstrap 1000] [--seed 0]
+
+IsoFLOP fit of a sweep's DIR/results.csv (the method: llama_jax.scaling.fit), written to OUT
+(default DIR/scaling): results.csv with a `used` column, report.md, isoflop.png, optimal.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from llama_jax.scaling.fit import BOOTSTRAP_METHODS
+from llama_jax.scaling.report import analyze, default_out, fmt_ci
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m llama_jax.scaling",
+                              description="IsoFLOP fit of a scaling sweep's results.csv")
+  p.add_argument("results", help="sweep workdir holding results.csv, or the csv itself")
+  p.add_argument("--out", help="output folder (default: a folder `scaling` beside the "
+                 "results.csv)")
+  p.add_argument("--loss", choices=("eval", "train"), default="eval")
+  p.add_argument("--bootstrap", type=int, default=1000)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--bootstrap_method", choices=BOOTSTRAP_METHODS, default="residual")
+  args = p.parse_args(argv)
+  fits = analyze(args.results, args.out, loss=args.loss, bootstrap=args.bootstrap,
+                 seed=args.seed, bootstrap_method=args.bootstrap_method)
+  for conv, fit in fits.items():
+    print(f"{conv}: a = {fmt_ci(fit.n_opt)}, b = {fmt_ci(fit.d_opt)}")
+  out = args.out or default_out(args.results if args.results.endswith(".csv")
+                                else os.path.join(args.results, "results.csv"))
+  print(f"wrote {out}/{{results.csv,report.md,isoflop.png,optimal.png}}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -4,20 +4,16 @@
 
 Takes run_train.py's flags; data is synthetic (the batch is built once, so only the step is
 timed). Reports the median step time over --steps steps after --warmup steps, tokens/s, exact
-FLOPs per token (llama_jax.metrics), MFU against the device's peak and how that peak was found,
+FLOPs per token (llama_jax.model.sizes), MFU against the device's peak and how that peak was found,
 compile time and per-device memory from XLA's memory analysis.
 """
 
 import json
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
 
 
 def build(config):
@@ -31,10 +27,12 @@ def build(config):
   import numpy as np
   from flax import nnx
 
+  from llama_jax import config as config_lib
   from llama_jax import metrics, train
   from llama_jax.model import sizes
 
   config.data.name = "synthetic"
+  config_lib.validate(config)
   setup = train.make_setup(config)
   b, t = config.data.batch_size, config.data.seq_len
   with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(setup.rules):
@@ -121,7 +119,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # Flags only when run as a script: benchmarks/compare.py imports this module with its own.
+  # Flags only when run as a script: compare.py, gemm_shapes.py, profile_step.py and
+  # gpu_check.py import this module and define their own.
   _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.")
   _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
   _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")

@@ -11,6 +11,7 @@ and MFU >= 60% of the measured matmul peak on B. Results: docs/PERFORMANCE.md.
 """
 
 from configs import base
+from llama_jax.config import ConfigError
 
 SHAPES = {
     "A": dict(model=dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=688,
@@ -21,6 +22,8 @@ SHAPES = {
 
 
 def get_config(arg="A"):
+  if (arg or "A") not in SHAPES:
+    raise ConfigError(f"configs/cpu_bench.py:{arg}: the shapes are {sorted(SHAPES)}")
   shape = SHAPES[arg or "A"]
   config = base.get_config()
   config.model.update(shape["model"])

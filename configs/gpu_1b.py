@@ -7,14 +7,13 @@
 dim 2048, 16 layers, 32 heads / 8 kv heads, ffn 8192 (Llama-3.2-1B's shape), vocab 32000,
 8 x 2048 tokens per step; bf16 compute with fp32 params and optimizer state, cuDNN flash
 attention. Should reach: >= 55% MFU against the dense bf16 peak of 989 TFLOP/s (MaxText reports
-about 50% for Llama-2-7B on H100). Measured on one H200 with jax 0.11.2 (docs/PERFORMANCE.md):
-57.3% MFU, 80,500 tokens/s, 0.203 s a step; the benchmark takes 25 s in all.
+about 50% for Llama-2-7B on H100). Measured results: docs/PERFORMANCE.md.
 
-  Unrolled layers (scan_layers=False): the scan's stacking of each layer's saved activations
-  and slicing of its weights cost 15 ms of memcpy in a 230 ms step; compile time is no concern
-  at 16 layers (5-12 s, scanned 10-11 s). Scanned, remat dots_no_batch was the faster policy (50.8%
-  vs 47.5% MFU); unrolled, nothing is stacked and keeping every activation (remat none, 26 GB
-  of temporaries) is faster than recomputing the elementwise ops (57.3% vs 55.4%).
+  Unrolled layers (scan_layers=False): the scan stacks each layer's saved activations and
+  slices its weights, which is memcpy the unrolled step does not do, and at 16 layers the
+  unrolled compile is no slower. Unrolled, keeping every activation (remat none) beats
+  recomputing the elementwise ops; scanned, dots_no_batch was the faster policy
+  (docs/PERFORMANCE.md, "Remat").
 """
 
 from configs import base

@@ -1,68 +1,63 @@
 """Trains a LLaMA model: python -m llama_jax --config=configs/default.py --workdir=DIR
 (run_train.py at the repository root is the same program).
 
-Overrides: --config.model.dim=512 --config.optim.lr=1e-3 (type-checked; an unknown key stops
-the run at start). A DIR with checkpoints is resumed from its newest complete one.
+Overrides: --config.model.dim=512 --config.optim.lr=1e-3 (an unknown key or a value of the
+wrong type stops the run at start, naming the closest key or the type). A DIR with checkpoints
+is resumed from its newest complete one.
 --dry_run compiles the train step for the configured mesh on fake CPU devices, allocating
 nothing, and prints one JSON line with per-device memory and FLOPs.
 Multi-process: --coordinator_address=HOST:PORT --num_processes=N --process_id=I (detected
 automatically on TPU pods and under SLURM).
+A user's mistake (a bad config, data that is not there, a mesh that does not fit, a NaN loss)
+is one line `error: ...` and exit status 2 (llama_jax.errors); anything else is a bug and
+keeps its traceback.
 """
 
 import json
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from llama_jax import config as config_lib
+from llama_jax import errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the step only; print memory/FLOPs.")
 _DRY_DEVICES = flags.DEFINE_integer(
-    "dry_run_devices", 8, "With --dry_run and a mesh axis of -1: the device count to fake.")
+    "dry_run_devices", 8, "With --dry_run and a mesh axis of -1: the device count to fake.",
+    lower_bound=1)
 _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index.")
-
-# The errors a user can fix; each is printed as one line, no traceback.
-USER_ERRORS = ("ConfigError", "ShardingError", "DataError", "NonFiniteLossError",
-               "CheckpointError")
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax and tfds log every file at INFO
   config = _CONFIG.value
+  # The one validation, before anything is built (and before jax starts, which the dry run's
+  # fake devices need): everything below trusts the config.
+  config_lib.validate(config)
   if _DRY_RUN.value:
     from llama_jax import dry_run
     n = dry_run.mesh_devices(config, _DRY_DEVICES.value)
     dry_run.fake_cpu_devices(n)
-    return _guard(lambda: print(json.dumps(dry_run.dry_run(config, n))))
+    print(json.dumps(dry_run.dry_run(config, n)))
+    return
   if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
+    raise errors.UserError("--workdir is required: the run's checkpoints and metrics go "
+                           "there (a directory with checkpoints is resumed)")
 
   from llama_jax import sharding
   from llama_jax.train import train
 
-  def run():
-    sharding.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
-    return train(config, _WORKDIR.value)
-
-  _guard(run)
-
-
-def _guard(fn):
-  try:
-    return fn()
-  except Exception as e:  # noqa: BLE001
-    if type(e).__name__ in USER_ERRORS:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-    raise
+  sharding.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+  train(config, _WORKDIR.value)
 
 
 def run():
-  app.run(main)
+  errors.run(main, config_lib.parse_flags)
 
 
 if __name__ == "__main__":

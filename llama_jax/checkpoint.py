@@ -17,10 +17,11 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from llama_jax import config as config_lib
+from llama_jax.errors import UserError
 
 
-class CheckpointError(RuntimeError):
-  pass
+class CheckpointError(UserError):
+  """A workdir without the checkpoint asked for; the message names the directory and the fix."""
 
 
 class Checkpointer:
@@ -97,6 +98,9 @@ def restore_params(workdir: str, step: int | None = None):
     steps = ckpt.steps()
     if not steps:
       raise none
+    if step is not None and step not in steps:
+      raise CheckpointError(f"no checkpoint of step {step} in {ckpt.directory}; it holds steps "
+                            f"{steps}: pick one of them or leave the step out for the newest")
     step = steps[-1] if step is None else step
     config = ckpt.restore_config(step)
     model_cfg = ModelConfig.from_dict(config.model)

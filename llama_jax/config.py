@@ -1,29 +1,126 @@
-"""Config checks and (de)serialisation: every config has exactly the schema of configs/base.py.
+"""The config schema: its defaults, its one check, its command-line overrides, (de)serialisation.
 
-ml_collections already rejects an unknown `--config.a.b` key and a wrongly typed value at
-flag-parsing time; `validate` additionally catches keys a preset file added by mistake (a
-typo in a config file is not silently accepted) and values outside their allowed sets, before
-anything expensive starts.
+`defaults(size)` is the whole schema (../shared/DESIGN.md, "Config schema"); every config is a
+delta over it (configs/base.py's get_config returns it) and has exactly its keys. `validate`
+is the one check, called by each entry point before anything is built; the code below it
+(train, sharding, the data loaders) trusts what it checked and checks only what needs runtime
+facts (the device count, the data on disk). `parse_flags` checks `--config.KEY=VALUE`
+overrides against the schema before absl and ml_collections parse them. Plain Python: reading
+or checking a config needs no jax.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
 import os
+import re
 from typing import Any
 
 import ml_collections
 
-from llama_jax.model.config import ModelConfig
+from llama_jax import errors
+from llama_jax.model.config import SIZES, ModelConfig
+
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+OPTIMIZERS = ("adamw",)
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes. Parameters are split over fsdp on their `embed` axis (ZeRO-3
+# style) and over tensor on heads / mlp / vocab (Megatron style); activations are split over
+# data and fsdp on the batch axis and over tensor on heads / mlp / vocab.
+SHARDING_RULES = (
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("layers", None),
+    ("act_batch", ("data", "fsdp")),
+    ("act_seq", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
 
 
-class ConfigError(ValueError):
-  """A config problem, reported as one line naming the key."""
+class ConfigError(errors.UserError, ValueError):
+  """A config problem, reported as one line naming the key (a ValueError too, for callers
+  that caught the ValueErrors of earlier versions)."""
 
 
-def base_config() -> ml_collections.ConfigDict:
-  from configs import base  # configs/ sits beside the package in the repo
-  return base.get_config()
+# ---------------------------------------------------------------------------- the schema
+
+
+def model_defaults(size: str | None = None) -> ml_collections.ConfigDict:
+  """config.model from ModelConfig's defaults (the single source of the model schema), with
+  the dimensions of a named size of SIZES; None keeps ModelConfig's own (the 'small' size)."""
+  fields = dataclasses.asdict(ModelConfig())
+  # A None field could not be overridden from the command line; placeholder(dict) keeps the
+  # type so `--config.model.rope_scaling=...` is still checked.
+  fields["rope_scaling"] = ml_collections.config_dict.placeholder(dict)
+  model = ml_collections.ConfigDict(fields)
+  if size is not None:
+    if size not in SIZES:
+      raise ConfigError(f"unknown size {size!r}; known sizes: {sorted(SIZES)}")
+    model.update(SIZES[size])
+  return model
+
+
+def defaults(size: str | None = None) -> ml_collections.ConfigDict:
+  """The whole schema with its defaults: a small LLaMA on the Python standard library."""
+  config = ml_collections.ConfigDict()
+  config.model = model_defaults(size)
+
+  config.data = ml_collections.ConfigDict(dict(
+      name="python_stdlib",  # 'python_stdlib' | 'text_files' | 'synthetic' | any tfds name
+      files="",              # comma-separated globs, for name='text_files'
+      data_dir="",           # tfds data_dir and token caches; '' = ~/tensorflow_datasets
+      tokenizer="spm",       # 'spm' (trained on the corpus) | 'byte' | path to tokenizer.model
+      text_feature="text",   # the text feature of a tfds catalog dataset
+      seq_len=256,
+      batch_size=16,         # global, in sequences
+      seed=0,
+      packing=False,         # True: segment ids + positions so attention stays in a document
+  ))
+
+  config.optim = ml_collections.ConfigDict(dict(
+      name="adamw",
+      lr=3e-3,
+      schedule="cosine",     # 'cosine' | 'linear' | 'constant' | 'wsd'
+      warmup_steps=50,
+      min_lr_ratio=0.1,
+      decay_fraction=0.2,    # wsd: the last 20% of steps decay linearly to min_lr
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,
+      decay_embeddings=False,
+      clip_norm=1.0,         # 0 turns clipping off
+      grad_accum=1,          # microbatches per step, inside the jitted step
+      z_loss=0.0,            # PaLM's z-loss weight on log(Z)^2; 1e-4 is the usual value
+  ))
+
+  config.train = ml_collections.ConfigDict(dict(
+      steps=1000,
+      seed=0,
+      log_every=10,
+      eval_every=200,
+      eval_steps=10,
+      checkpoint_every=200,
+      keep_checkpoints=3,
+      sample_prompt="def ",
+      sample_tokens=64,
+  ))
+
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.sharding_rules = SHARDING_RULES
+  return config
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -37,41 +134,149 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def _schema() -> dict[str, Any]:
+  """Every leaf key of the schema ('model.dim', ...) -> its default."""
+  return _flatten(defaults().to_dict())
+
+
+def _unknown_key(key: str, known) -> str:
+  close = difflib.get_close_matches(key, sorted(known), n=1)
+  hint = (f"did you mean {close[0]!r}?" if close
+          else "the keys and their defaults are in llama_jax/config.py")
+  return f"unknown config key {key!r}; {hint}"
+
+
+def rule_axes(target) -> tuple[str, ...]:
+  """A rule's target (None, an axis name, or a sequence of them) as a tuple of axis names."""
+  if target is None:
+    return ()
+  return (target,) if isinstance(target, str) else tuple(target)
+
+
+# ---------------------------------------------------------------------------- the check
+
+
 def validate(config: ml_collections.ConfigDict) -> ModelConfig:
-  """Checks the whole config; returns the ModelConfig. Raises ConfigError naming the key."""
-  schema = _flatten(base_config().to_dict())
+  """Checks the whole config; returns the ModelConfig. Raises ConfigError naming the key.
+
+  Only what the config alone decides: what depends on the devices (does the mesh fit, does
+  each split divide) is checked by sharding, what depends on the data by llama_jax.data."""
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"the config is a {type(config).__name__}, not a ConfigDict: check that "
+                      "the --config file exists and its get_config() returns a ConfigDict")
+  schema = _schema()
   given = _flatten(config.to_dict())
   unknown = sorted(set(given) - set(schema))
   if unknown:
-    raise ConfigError(f"unknown config key {unknown[0]!r} (all unknown: {unknown}); "
-                      "check the spelling against configs/base.py")
+    also = f"; also unknown: {unknown[1:]}" if len(unknown) > 1 else ""
+    raise ConfigError(f"{_unknown_key(unknown[0], schema)} (a config file may only change "
+                      f"the keys of llama_jax.config.defaults(){also})")
   missing = sorted(set(schema) - set(given))
   if missing:
-    raise ConfigError(f"config is missing key(s) {missing}; build it from configs/base.py")
+    raise ConfigError(f"config is missing key(s) {missing}; build it from "
+                      "llama_jax.config.defaults() (configs/base.py's get_config)")
   try:
     model = ModelConfig.from_dict(config.model)
   except (TypeError, ValueError) as e:
     raise ConfigError(str(e)) from None
-  d, t = config.data, config.train
+
+  d, o, t = config.data, config.optim, config.train
   if d.seq_len > model.max_seq_len:
-    raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
+    raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={model.max_seq_len}; "
+                      "lower data.seq_len or raise model.max_seq_len")
   for key, value in (("data.seq_len", d.seq_len), ("data.batch_size", d.batch_size),
                      ("train.steps", t.steps), ("train.log_every", t.log_every),
                      ("train.eval_every", t.eval_every), ("train.eval_steps", t.eval_steps),
                      ("train.checkpoint_every", t.checkpoint_every),
                      ("train.keep_checkpoints", t.keep_checkpoints),
-                     ("optim.grad_accum", config.optim.grad_accum)):
+                     ("optim.grad_accum", o.grad_accum)):
     if value <= 0:
       raise ConfigError(f"{key}={value} must be positive")
-  if d.batch_size % config.optim.grad_accum:
+  if d.seed < 0:  # numpy's seed sequences take no negative entropy
+    raise ConfigError(f"data.seed={d.seed} must be >= 0")
+  if d.batch_size % o.grad_accum:
     raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by "
-                      f"optim.grad_accum={config.optim.grad_accum}")
-  from llama_jax.optim import SCHEDULES
-  if config.optim.schedule not in SCHEDULES:
-    raise ConfigError(f"optim.schedule={config.optim.schedule!r} is not one of {SCHEDULES}")
-  if config.optim.name != "adamw":
-    raise ConfigError(f"optim.name={config.optim.name!r}: only 'adamw' is implemented")
+                      f"optim.grad_accum={o.grad_accum}")
+  if o.schedule not in SCHEDULES:
+    raise ConfigError(f"optim.schedule={o.schedule!r} is not one of {SCHEDULES}")
+  if o.name not in OPTIMIZERS:
+    raise ConfigError(f"optim.name={o.name!r}: only {OPTIMIZERS} are implemented")
+
+  for a in MESH_AXES:
+    if config.mesh[a] == 0 or config.mesh[a] < -1:
+      raise ConfigError(f"mesh.{a}={config.mesh[a]} must be positive or -1 (-1: the devices "
+                        "the other axes leave)")
+  free = [f"mesh.{a}" for a in MESH_AXES if config.mesh[a] == -1]
+  if len(free) > 1:
+    raise ConfigError(f"only one mesh axis may be -1, got {' and '.join(free)}; give the "
+                      "others their sizes")
+  for name, target in config.sharding_rules:
+    for a in rule_axes(target):
+      if a not in MESH_AXES:
+        raise ConfigError(f"sharding rule {name!r} -> {target!r} names mesh axis {a!r}, "
+                          f"which is not one of {MESH_AXES}")
   return model
+
+
+# ---------------------------------------------------------------------------- command line
+
+# What ml_collections parses an override of each type with (its _FIELD_TYPE_TO_PARSER); the
+# other types (str, tuple, dict) are left to it.
+_TYPES = {bool: "a bool (true or false)", int: "an int", float: "a float"}
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)(?:=(.*))?$", re.DOTALL)
+
+
+def check_overrides(argv: list[str]) -> None:
+  """The --config file exists, each `--config.KEY[=VALUE]` in argv names a schema key (or
+  section) and its VALUE parses as the key's type; a ConfigError names the closest key or the
+  expected type."""
+  from absl import flags
+  parsers = {bool: flags.BooleanParser(), int: flags.IntegerParser(),
+             float: flags.FloatParser()}
+  schema = _schema()
+  sections = {k.rsplit(".", i)[0] for k in schema for i in range(1, k.count(".") + 1)}
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == "--":  # absl stops parsing flags here
+      break
+    if arg in ("-config", "--config") or arg.startswith(("-config=", "--config=")):
+      path = (arg.split("=", 1)[1] if "=" in arg else
+              argv[i + 1] if i + 1 < len(argv) else "").split(":")[0]
+      if not os.path.isfile(path):  # ml_collections would defer this to a later AttributeError
+        raise ConfigError(f"config file {path!r} not found in {os.getcwd()}; give a path "
+                          "such as configs/default.py")
+      continue
+    m = _OVERRIDE.match(arg)
+    if not m:
+      continue
+    key, value = m.group(1), m.group(2)
+    if key not in schema and key not in sections:
+      raise ConfigError(_unknown_key(key, schema))
+    default = schema.get(key)
+    parser = parsers.get(type(default))
+    if value is None or parser is None:
+      continue
+    try:
+      parser.parse(value)
+    except (TypeError, ValueError):
+      example = str(default).lower() if isinstance(default, bool) else default
+      raise ConfigError(f"config key {key!r} takes {_TYPES[type(default)]}, got {value!r}; "
+                        f"e.g. --config.{key}={example}") from None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """The flags parser of an entry point with a --config flag (`errors.run(main,
+  config.parse_flags)`): the overrides are checked first, since ml_collections meets an unknown
+  key with an AttributeError traceback and a wrongly typed value with a bare int() message."""
+  from absl import flags
+  try:
+    expanded = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)  # --flagfile=F
+  except flags.Error:
+    expanded = argv  # errors.parse_flags reports the flag file it cannot read
+  check_overrides(expanded)
+  return errors.parse_flags(argv)
+
+
+# ---------------------------------------------------------------------------- (de)serialisation
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
@@ -88,8 +293,9 @@ def write(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def from_dict(d: dict) -> ml_collections.ConfigDict:
-  """Rebuilds a config from its JSON form on top of base (so types come from the schema)."""
-  config = base_config()
+  """Rebuilds a config from its JSON form on top of the defaults (so types come from the
+  schema)."""
+  config = defaults()
   d = dict(d)
   rules = d.pop("sharding_rules", None)
   config.update_from_flattened_dict(_flatten(d))

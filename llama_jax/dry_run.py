@@ -22,7 +22,8 @@ def fake_cpu_devices(n: int) -> None:
 
 
 def dry_run(config, n_devices: int) -> dict:
-  """Lowers and compiles train_step on abstract inputs; per-device bytes from the shardings."""
+  """Lowers and compiles train_step on abstract inputs; per-device bytes from the shardings.
+  The config has passed config.validate (llama_jax.__main__ calls it before faking devices)."""
   import jax
   import jax.numpy as jnp
   from flax import nnx

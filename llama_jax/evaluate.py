@@ -21,24 +21,22 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
-from llama_jax.loss import cross_entropy
+from llama_jax import errors
+from llama_jax.loss import batch_loss
 from llama_jax.model.llama import Llama
 
 
 @jax.jit(static_argnums=0)
 def _batch_nll(graphdef, params, batch):
-  """(summed next-token NLL in nats, number of target tokens) of one batch."""
-  model = nnx.merge(graphdef, params)
-  logits = model(batch["inputs"], positions=batch.get("positions"),
-                 segment_ids=batch.get("segment_ids"))
-  _, mean = cross_entropy(logits, batch["targets"])
+  """(summed next-token NLL in nats, number of target tokens) of one batch: the token mean
+  that training's eval step reports, times the batch's target tokens."""
+  _, mean = batch_loss(nnx.merge(graphdef, params), batch)
   return mean * batch["targets"].size, batch["targets"].size
 
 
@@ -90,24 +88,21 @@ def evaluate(model: Llama, loader, n_batches: int | None = None, *,
 
 def main(argv):
   del argv
-  from absl import flags
+  from absl import flags, logging
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
   f = flags.FLAGS
   from llama_jax.checkpoint import restore_params
   from llama_jax.data import make_loaders
 
-  try:
-    model, config, step = restore_params(f.workdir, f.step)
-    tokenizer, train_loader, eval_loader = make_loaders(config)
-    loader = {"validation": eval_loader, "train": train_loader}[f.split]
-    n_batches = f.max_batches or None  # one pass over the split
-    if n_batches is None and config.data.name == "synthetic":  # endless: the run's eval size
-      n_batches = int(config.train.eval_steps)
-    result = evaluate(model, loader, n_batches, tokenizer=tokenizer)
-  except Exception as e:  # noqa: BLE001 — user-fixable errors as one line, no traceback
-    if isinstance(e, ValueError) or type(e).__name__ in ("CheckpointError", "DataError"):
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(1)
-    raise
+  # A workdir without checkpoints (CheckpointError) or without its data (DataError) is a user
+  # error: errors.run prints it as one line and exits 2.
+  model, config, step = restore_params(f.workdir, f.step)
+  tokenizer, train_loader, eval_loader = make_loaders(config)
+  loader = {"validation": eval_loader, "train": train_loader}[f.split]
+  n_batches = f.max_batches or None  # one pass over the split
+  if n_batches is None and config.data.name == "synthetic":  # endless: the run's eval size
+    n_batches = int(config.train.eval_steps)
+  result = evaluate(model, loader, n_batches, tokenizer=tokenizer)
   print(json.dumps({**result, "split": f.split, "step": int(step),
                     "seq_len": int(config.data.seq_len), "workdir": f.workdir}))
 
@@ -117,11 +112,10 @@ def _define_flags():
   flags.DEFINE_string("workdir", None, "A llama_jax run directory.", required=True)
   flags.DEFINE_enum("split", "validation", ["validation", "train"], "The split to evaluate.")
   flags.DEFINE_integer("max_batches", 0, "At most this many batches (0 = one pass over the "
-                       "split; train.eval_steps for synthetic data).")
+                       "split; train.eval_steps for synthetic data).", lower_bound=0)
   flags.DEFINE_integer("step", None, "The checkpoint step (default: the newest).")
 
 
 if __name__ == "__main__":
-  from absl import app
   _define_flags()
-  app.run(main)
+  errors.run(main)

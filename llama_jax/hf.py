@@ -29,9 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llama_jax.errors import UserError
+from llama_jax.model.config import ModelConfig, RopeScaling
 from llama_jax.model.llama import Llama, abstract_model
 
-from llama_jax.model.config import ModelConfig, RopeScaling
+
+class HFError(UserError, ValueError):
+  """A checkpoint or config this conversion cannot take (or produce), named in one line."""
+
 
 # (HF tensor name, our parameter path, leading input axes in our layout; 0 = copied as is).
 # `{i}` marks a per-layer tensor, stacked along our leading `layers` axis.
@@ -89,7 +94,7 @@ def _rope_from_hf(c: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
   if kind in (None, "default"):
     return theta, None
   if kind != "llama3":
-    raise ValueError(f"rope type {kind!r} is not supported (only 'default' and Llama-3.1 "
+    raise HFError(f"rope type {kind!r} is not supported (only 'default' and Llama-3.1 "
                      f"'llama3' scaling): {dict(scaling)}")
   return theta, RopeScaling(
       factor=float(scaling["factor"]), low_freq_factor=float(scaling["low_freq_factor"]),
@@ -101,19 +106,19 @@ def config_from_hf(c: Mapping[str, Any], **overrides) -> ModelConfig:
   """ModelConfig from a transformers Llama config dict; a non-Llama feature is a ValueError."""
   model_type = c.get("model_type")
   if model_type != "llama":
-    raise ValueError(f"not a Llama checkpoint: config model_type is {model_type!r}, "
+    raise HFError(f"not a Llama checkpoint: config model_type is {model_type!r}, "
                      "expected 'llama'")
   archs = c.get("architectures") or ["LlamaForCausalLM"]
   if "LlamaForCausalLM" not in archs:
-    raise ValueError(f"config architectures is {archs}, expected LlamaForCausalLM")
+    raise HFError(f"config architectures is {archs}, expected LlamaForCausalLM")
   for key in ("attention_bias", "mlp_bias"):
     if c.get(key):
-      raise ValueError(f"config {key}=True is not supported: llama_jax has no bias terms")
+      raise HFError(f"config {key}=True is not supported: llama_jax has no bias terms")
   if c.get("hidden_act", "silu") != "silu":
-    raise ValueError(f"config hidden_act={c['hidden_act']!r} is not supported, expected 'silu'")
+    raise HFError(f"config hidden_act={c['hidden_act']!r} is not supported, expected 'silu'")
   dim, n_heads = int(c["hidden_size"]), int(c["num_attention_heads"])
   if c.get("head_dim") is not None and int(c["head_dim"]) * n_heads != dim:
-    raise ValueError(f"config head_dim={c['head_dim']} != hidden_size/num_attention_heads="
+    raise HFError(f"config head_dim={c['head_dim']} != hidden_size/num_attention_heads="
                      f"{dim}/{n_heads}: llama_jax needs head_dim = dim / n_heads")
   theta, scaling = _rope_from_hf(c)
   kw = dict(
@@ -132,7 +137,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
   both load; each version ignores the other's keys."""
   for name, want in (("norm", "rms"), ("mlp", "swiglu"), ("position", "rope")):
     if getattr(cfg, name) != want:
-      raise ValueError(f"model.{name}={getattr(cfg, name)!r} cannot be exported to a HF Llama "
+      raise HFError(f"model.{name}={getattr(cfg, name)!r} cannot be exported to a HF Llama "
                        f"checkpoint, which needs model.{name}={want!r}")
   s = cfg.rope_scaling
   scaling = None if s is None else {
@@ -161,7 +166,7 @@ def _build(cfg: ModelConfig, get: Callable[[str], np.ndarray], available: set[st
   expected = _expected_names(cfg)
   missing = [name for name, *_ in expected if name not in available]
   if missing:
-    raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {missing[:12]}"
+    raise HFError(f"checkpoint is missing {len(missing)} tensor(s): {missing[:12]}"
                      + (" ..." if len(missing) > 12 else ""))
   # A tied checkpoint may still carry lm_head.weight (a copy of the embedding).
   unused = available - {e[0] for e in expected}
@@ -169,7 +174,7 @@ def _build(cfg: ModelConfig, get: Callable[[str], np.ndarray], available: set[st
     unused.discard("lm_head.weight")
   unexpected = sorted(n for n in unused if not _IGNORED.search(n))
   if unexpected:
-    raise ValueError(f"checkpoint has tensor(s) a {cfg.n_layers}-layer llama_jax model does not "
+    raise HFError(f"checkpoint has tensor(s) a {cfg.n_layers}-layer llama_jax model does not "
                      f"use: {unexpected[:12]}" + (" ..." if len(unexpected) > 12 else ""))
 
   graphdef, state = nnx.split(abstract_model(cfg))
@@ -181,7 +186,7 @@ def _build(cfg: ModelConfig, get: Callable[[str], np.ndarray], available: set[st
     shape = shapes[path][1:] if layer is not None else shapes[path]
     w = np.asarray(get(name))
     if w.size != math.prod(shape):
-      raise ValueError(f"tensor {name} has shape {w.shape}, which does not fit {path} {shape}")
+      raise HFError(f"tensor {name} has shape {w.shape}, which does not fit {path} {shape}")
     w = _to_ours(w, n_in, shape).astype(dtype)
     if layer is None:
       values[path] = w
@@ -217,7 +222,7 @@ def load_hf(path_or_model, *, dtype: str | None = None, param_dtype: str | None 
   path = os.fspath(path_or_model)
   config_path = os.path.join(path, "config.json")
   if not os.path.exists(config_path):
-    raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
+    raise HFError(f"{path} has no config.json: not a Hugging Face model directory")
   with open(config_path) as f:
     cfg = config_from_hf(json.load(f), **overrides)
   index_path = os.path.join(path, "model.safetensors.index.json")
@@ -228,7 +233,7 @@ def load_hf(path_or_model, *, dtype: str | None = None, param_dtype: str | None 
     with safe_open(os.path.join(path, "model.safetensors"), framework="np") as f:
       weight_map = {k: "model.safetensors" for k in f.keys()}
   else:
-    raise ValueError(f"{path} has neither model.safetensors nor model.safetensors.index.json "
+    raise HFError(f"{path} has neither model.safetensors nor model.safetensors.index.json "
                      "(.bin checkpoints are not read: re-save with safe_serialization=True)")
   handles = {}
 
@@ -328,7 +333,7 @@ def load_meta(path: str, *, dtype: str | None = None, param_dtype: str | None = 
     p = json.load(f)
   files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
   if not files:
-    raise ValueError(f"{path} has no consolidated.*.pth shards")
+    raise HFError(f"{path} has no consolidated.*.pth shards")
   shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files]
   dim, n_heads = int(p["dim"]), int(p["n_heads"])
   n_kv_heads = int(p.get("n_kv_heads") or n_heads)
@@ -350,7 +355,7 @@ def load_meta(path: str, *, dtype: str | None = None, param_dtype: str | None = 
   w1 = shards[0].get("layers.0.feed_forward.w1.weight")
   ffn_dim = meta_ffn_dim(dim, int(p.get("multiple_of", 256)), p.get("ffn_dim_multiplier"))
   if w1 is not None and w1.shape[0] * len(shards) != ffn_dim:
-    raise ValueError(f"params.json gives ffn dim {ffn_dim} (multiple_of={p.get('multiple_of')}, "
+    raise HFError(f"params.json gives ffn dim {ffn_dim} (multiple_of={p.get('multiple_of')}, "
                      f"ffn_dim_multiplier={p.get('ffn_dim_multiplier')}) but w1 has "
                      f"{w1.shape[0] * len(shards)} rows")
   vocab = int(p.get("vocab_size", -1))
@@ -373,7 +378,7 @@ def load_meta(path: str, *, dtype: str | None = None, param_dtype: str | None = 
         to_hf[h] = (m, axis)
   missing = [m for m, _ in to_hf.values() if m not in keys]
   if missing:
-    raise ValueError(f"Meta checkpoint is missing {len(missing)} tensor(s): {missing[:12]}")
+    raise HFError(f"Meta checkpoint is missing {len(missing)} tensor(s): {missing[:12]}")
 
   def get(hf_name: str) -> np.ndarray:
     meta_name, axis = to_hf[hf_name]
@@ -387,5 +392,5 @@ def load_meta(path: str, *, dtype: str | None = None, param_dtype: str | None = 
   unknown = sorted(k for k in keys if k not in {m for m, _ in to_hf.values()}
                    and k != "rope.freqs")  # Llama 2 ships its RoPE table; we recompute it.
   if unknown:
-    raise ValueError(f"Meta checkpoint has tensor(s) llama_jax does not use: {unknown[:12]}")
+    raise HFError(f"Meta checkpoint has tensor(s) llama_jax does not use: {unknown[:12]}")
   return _build(cfg, get, set(to_hf)), cfg

@@ -1,4 +1,5 @@
-"""Next-token cross-entropy in fp32, with PaLM's optional z-loss."""
+"""Next-token cross-entropy in fp32, with PaLM's optional z-loss, and the loss of one batch
+that the train step, the eval step and llama_jax.evaluate all use."""
 
 from __future__ import annotations
 
@@ -24,3 +25,13 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, z_loss: float = 0.0,
   ce = (nll * weights).sum() / denom
   total = ce + z_loss * (jnp.square(log_z) * weights).sum() / denom if z_loss else ce
   return total, ce
+
+
+def batch_loss(model, batch: dict[str, jax.Array],
+               z_loss: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """(loss to minimise, mean cross-entropy) of `model` on one batch: {'inputs', 'targets'}
+  [B, T] int32, with 'positions' and 'segment_ids' [B, T] when documents are packed (each
+  document then attends only to itself, its positions restarting at 0)."""
+  logits = model(batch["inputs"], positions=batch.get("positions"),
+                 segment_ids=batch.get("segment_ids"))
+  return cross_entropy(logits, batch["targets"], z_loss)

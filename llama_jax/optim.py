@@ -11,13 +11,10 @@ import jax
 import ml_collections
 import optax
 
-SCHEDULES = ("cosine", "linear", "constant", "wsd")
-
 
 def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to lr over warmup_steps, then the named decay to lr*min_lr_ratio."""
-  if optim.schedule not in SCHEDULES:
-    raise ValueError(f"optim.schedule={optim.schedule!r} is not one of {SCHEDULES}")
+  """Linear warmup from 0 to lr over warmup_steps, then the named decay to lr*min_lr_ratio
+  (one of llama_jax.config.SCHEDULES: config.validate has checked the name)."""
   lr, warmup = optim.lr, min(optim.warmup_steps, total_steps)
   end = lr * optim.min_lr_ratio
   decay_steps = max(total_steps - warmup, 1)
@@ -28,13 +25,15 @@ def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.S
     main = optax.linear_schedule(lr, end, decay_steps)
   elif optim.schedule == "constant":
     main = optax.constant_schedule(lr)
-  else:
+  elif optim.schedule == "wsd":
     # Warmup-stable-decay (MiniCPM, Hägele et al. 2024): constant, then the last
     # decay_fraction of all steps decays linearly to min_lr.
     cooldown = max(int(round(optim.decay_fraction * total_steps)), 1)
     stable = max(decay_steps - cooldown, 0)
     main = optax.join_schedules(
         [optax.constant_schedule(lr), optax.linear_schedule(lr, end, cooldown)], [stable])
+  else:  # not a user error: every entry point validates the config first
+    raise AssertionError(f"unvalidated optim.schedule={optim.schedule!r}")
   if warm is None:
     return main
   return optax.join_schedules([warm, main], [warmup])
@@ -57,8 +56,7 @@ def decay_mask(params, decay_embeddings: bool):
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  if optim.name != "adamw":
-    raise ValueError(f"optim.name={optim.name!r}: only 'adamw' is implemented")
+  """AdamW (the one optim.name validate accepts) after optional global-norm clipping."""
   schedule = make_schedule(optim, total_steps)
   parts = []
   if optim.clip_norm > 0:

@@ -17,7 +17,8 @@ from flax.core import spmd as core_spmd
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from llama_jax.config import MESH_AXES, rule_axes
+from llama_jax.errors import UserError
 
 
 def logical_to_spec(names: Sequence[str | None], rules=None) -> PartitionSpec:
@@ -39,19 +40,15 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 # ---------------------------------------------------------------------------- mesh
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError, ValueError):
   """A mesh / size mismatch, reported as one line naming both numbers and the axis."""
 
 
 def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
-  """(data, fsdp, tensor) with at most one -1 replaced by the devices left over."""
+  """(data, fsdp, tensor) with the -1 (at most one, sizes positive: config.validate) replaced
+  by the devices left over."""
   sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
   free = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
-  if len(free) > 1:
-    raise ShardingError(f"only one mesh axis may be -1, got {free}")
-  for a, s in zip(MESH_AXES, sizes):
-    if s == 0 or s < -1:
-      raise ShardingError(f"mesh.{a}={s} must be positive or -1")
   fixed = math.prod(s for s in sizes if s != -1)
   if free:
     if n_devices % fixed:
@@ -86,33 +83,18 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
 
 # ---------------------------------------------------------------------------- size checks
 
-def _mesh_axes(target) -> tuple[str, ...]:
-  """A rule's target (None, an axis name, or a sequence of them) as a tuple of axis names."""
-  if target is None:
-    return ()
-  return (target,) if isinstance(target, str) else tuple(target)
-
-
 def _rule_size(mesh: Mesh, target) -> int:
-  return math.prod(mesh.shape[a] for a in _mesh_axes(target))
-
-
-def check_rules(rules, mesh: Mesh) -> None:
-  for name, target in rules:
-    for a in _mesh_axes(target):
-      if a not in mesh.shape:
-        raise ShardingError(f"sharding rule {name!r} -> {target!r} names mesh axis {a!r}, "
-                            f"which is not one of {tuple(mesh.shape)}")
+  return math.prod(mesh.shape[a] for a in rule_axes(target))
 
 
 def resolve_rules(config, model_cfg, mesh: Mesh, warn=print):
-  """Checks every split size against the mesh; returns the rules to use.
+  """Checks every split size against the mesh (config.validate has checked that the rules
+  name only mesh axes); returns the rules to use.
 
   The one documented fallback: kv heads that the tensor axis does not divide (e.g. 8 kv heads
   on tensor=16) are replicated instead of split, with a warning, as MaxText does.
   """
   rules = tuple((n, tuple(t) if isinstance(t, list) else t) for n, t in config.sharding_rules)
-  check_rules(rules, mesh)
   table = dict(rules)
   sizes = {
       "embed": ("model.dim", model_cfg.dim),

@@ -3,7 +3,8 @@ jitted train_step with donated state, eval, logs, checkpoints, a sample at the e
 
 The step number is the only loop state outside the train state: the data position and the
 learning-rate schedule both derive from it, so a resumed run is bitwise the run that was
-never interrupted.
+never interrupted. The config is trusted: every entry point has passed it through
+llama_jax.config.validate before calling in here.
 """
 
 from __future__ import annotations
@@ -28,15 +29,16 @@ from llama_jax import checkpoint as ckpt_lib
 from llama_jax import config as config_lib
 from llama_jax import metrics as metrics_lib
 from llama_jax import sharding
-from llama_jax.loss import cross_entropy
+from llama_jax.errors import UserError
+from llama_jax.loss import batch_loss
 from llama_jax.model import sizes
 from llama_jax.model.llama import Llama
 from llama_jax.model.config import ModelConfig
 from llama_jax.optim import make_optimizer, make_schedule
 
 
-class NonFiniteLossError(RuntimeError):
-  pass
+class NonFiniteLossError(UserError):
+  """A NaN / Inf loss: the run stops at that step, keeping the last good checkpoint."""
 
 
 # ============================================================================ state
@@ -58,7 +60,11 @@ class Setup:
 
 
 def make_setup(config: ml_collections.ConfigDict, devices=None, log=print) -> Setup:
-  model_cfg = config_lib.validate(config)
+  """The Setup of a validated config on `devices` (default all); what needs the devices (the
+  mesh fits them, each split divides its size) raises ShardingError here."""
+  # Building the ModelConfig is not a second validation: its checks are the dataclass's own
+  # invariants, which config.validate reached by building it too.
+  model_cfg = ModelConfig.from_dict(config.model)
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.resolve_rules(config, model_cfg, mesh, warn=log)
   optimizer = make_optimizer(config.optim, config.train.steps)
@@ -122,11 +128,7 @@ def make_train_step(setup: Setup) -> Callable:
   schedule = make_schedule(config.optim, config.train.steps)
 
   def loss_fn(params, batch):
-    model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], positions=batch.get("positions"),
-                   segment_ids=batch.get("segment_ids"))
-    total, ce = cross_entropy(logits, batch["targets"], z_loss)
-    return total, ce
+    return batch_loss(nnx.merge(graphdef, params), batch, z_loss)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -162,10 +164,7 @@ def make_eval_step(setup: Setup) -> Callable:
   graphdef = setup.graphdef
 
   def eval_step(params, batch):
-    model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], positions=batch.get("positions"),
-                   segment_ids=batch.get("segment_ids"))
-    return cross_entropy(logits, batch["targets"])[1]
+    return batch_loss(nnx.merge(graphdef, params), batch)[1]
 
   return jax.jit(eval_step, in_shardings=(setup.state_shardings["params"], setup.batch_sharding))
 
@@ -201,6 +200,41 @@ class _StopSignal:
       signal.signal(sig, handler)
 
 
+def itstime(step: int, every: int, total: int) -> bool:
+  """Whether something done every `every` steps (log, eval, checkpoint) is due once `step`
+  steps of `total` are done: at each multiple of `every`, and at the last step whatever
+  `every` is (big_vision's utils.itstime)."""
+  return step % every == 0 or step == total
+
+
+class Throughput:
+  """Tokens/s over the steps since the last reading. The first step is left out (it includes
+  compilation) and so is whatever `restart()` follows (an eval)."""
+
+  def __init__(self, tokens_per_step: int):
+    self.tokens_per_step = tokens_per_step
+    self.start: float | None = None
+    self.steps = 0
+
+  def step(self, loss: jax.Array) -> None:
+    """Counts one dispatched step; the first is waited for and the clock starts at its end."""
+    if self.start is None:
+      jax.block_until_ready(loss)
+      self.restart()
+    else:
+      self.steps += 1
+
+  def restart(self) -> None:
+    self.start, self.steps = time.perf_counter(), 0
+
+  def read(self) -> float:
+    """Tokens/s since the last reading or restart (0.0 when no step was timed); restarts."""
+    now = time.perf_counter()
+    tps = self.steps * self.tokens_per_step / max(now - self.start, 1e-9) if self.steps else 0.0
+    self.start, self.steps = now, 0
+    return tps
+
+
 def _check_finite(pending: list[tuple[int, Any]]) -> None:
   """Raises on the first step whose loss is NaN/Inf among those not yet checked."""
   for step, loss in pending:
@@ -216,7 +250,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
   is_main = jax.process_index() == 0
   log = log if is_main else (lambda *a, **k: None)
 
-  # ---- config, mesh, shardings (all checks happen here, before data or params) ----------
+  # ---- mesh, shardings (the checks that need the devices, before data or params) --------
   setup = make_setup(config, log=log)
   _check_workdir_config(config, workdir)
   if is_main:
@@ -251,16 +285,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
         f"mesh {dict(setup.mesh.shape)}")
 
     # ---- loop ---------------------------------------------------------------------------
+    def run_eval(done: int, params) -> float:
+      loss = evaluate(eval_step, params, eval_loader, t_cfg.eval_steps)
+      writer.write(done, {"eval_loss": loss})
+      log(f"step {done}: eval_loss {loss:.4f}")
+      return loss
+
     progress = _progress(start_step, t_cfg.steps, is_main)
-    pending: list[tuple[int, Any]] = []
-    last_stats, last_eval = None, None
-    t_last, steps_since = None, 0
+    throughput = Throughput(tokens_per_step)
+    pending: list[tuple[int, Any]] = []  # (step, loss) not yet checked for NaN / Inf
+    last_stats, last_eval, stopped_by = None, None, None
     step = start_step
-    stopped_by = None
     if start_step == 0:  # the starting loss, so every curve shows how far training took it
-      last_eval = evaluate(eval_step, state["params"], eval_loader, t_cfg.eval_steps)
-      writer.write(0, {"eval_loss": last_eval})
-      log(f"step 0: eval_loss {last_eval:.4f}")
+      last_eval = run_eval(0, state["params"])
     try:
       with _StopSignal() as stop:
         for step, batch in train_loader.iterate(start_step):
@@ -269,24 +306,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
           state, stats = train_step(state, batch)
           done = step + 1
           pending.append((done, stats["loss"]))
-          if t_last is None:  # the first step includes compilation: time from its end
-            jax.block_until_ready(stats["loss"])
-            t_last, steps_since = time.perf_counter(), 0
-          else:
-            steps_since += 1
+          throughput.step(stats["loss"])
           progress.update(1)
 
-          at_log = done % t_cfg.log_every == 0 or done == t_cfg.steps
-          at_eval = done % t_cfg.eval_every == 0 or done == t_cfg.steps
-          at_ckpt = done % t_cfg.checkpoint_every == 0 or done == t_cfg.steps
-          if at_log or at_eval or at_ckpt or stop.received:
+          at_log, at_eval, at_ckpt = (itstime(done, every, t_cfg.steps) for every in (
+              t_cfg.log_every, t_cfg.eval_every, t_cfg.checkpoint_every))
+          if at_log or at_eval or at_ckpt or stop.received:  # nothing saved or logged is NaN
             _check_finite(pending)
             pending.clear()
           if at_log:
             stats = jax.device_get(stats)
-            now = time.perf_counter()
-            tps = steps_since * tokens_per_step / max(now - t_last, 1e-9) if steps_since else 0.0
-            t_last, steps_since = now, 0
+            tps = throughput.read()
             last_stats = {"loss": float(stats["loss"]), "lr": float(stats["lr"]),
                           "grad_norm": float(stats["grad_norm"]), "tokens_per_s": tps,
                           "mfu": metrics_lib.mfu(tps, flops_tok, peak, peak_units),
@@ -294,10 +324,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
             writer.write(done, last_stats)
             progress.set_postfix(loss=f"{last_stats['loss']:.3f}", tok_s=f"{tps:,.0f}")
           if at_eval:
-            last_eval = evaluate(eval_step, state["params"], eval_loader, t_cfg.eval_steps)
-            writer.write(done, {"eval_loss": last_eval})
-            log(f"step {done}: eval_loss {last_eval:.4f}")
-            t_last, steps_since = time.perf_counter(), 0  # keep eval time out of tokens/s
+            last_eval = run_eval(done, state["params"])
+            throughput.restart()  # keep eval time out of tokens/s
           if at_ckpt or stop.received:
             checkpointer.save(done, state, config)
           if stop.received:

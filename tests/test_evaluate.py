@@ -172,4 +172,25 @@ def test_cli_evaluate_and_generate_on_workdir(trained_workdir):
   assert g.stdout.startswith("--- [0]\nhéllo") and "--- [1]\nbe" in g.stdout
 
   bad = _run("llama_jax.evaluate", f"--workdir={workdir}/nothing")
-  assert bad.returncode == 1 and "Traceback" not in bad.stderr
+  assert bad.returncode == 2, bad.stderr[-3000:]
+  assert bad.stderr.strip().splitlines() == [
+      f"error: no checkpoint under {workdir}/nothing/checkpoints; train first with "
+      f"run_train.py --workdir={workdir}/nothing"]
+  bad = _run("llama_jax.evaluate", f"--workdir={workdir}", "--step=7")
+  assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+      f"error: no checkpoint of step 7 in {workdir}/checkpoints; it holds steps [2]: pick one "
+      "of them or leave the step out for the newest"], bad.stderr[-3000:]
+
+
+def test_evaluate_scores_with_the_train_loops_batch_loss():
+  """evaluate's per-batch NLL is training's batch_loss (mean CE) times the target tokens."""
+  from llama_jax import evaluate as evaluate_lib
+  from llama_jax.loss import batch_loss
+  rng = np.random.RandomState(5)
+  m = _model(lambda shape: 0.2 * rng.randn(*shape))
+  batch = FakeLoader(_windows(2, seed=4), batch_size=2).batch(0)
+  graphdef, params = nnx.split(m)
+  nll, count = jax.device_get(evaluate_lib._batch_nll(graphdef, params, batch))
+  assert count == batch["targets"].size == 2 * 17
+  mean = float(nnx.jit(batch_loss)(m, batch)[1])
+  assert float(nll) == pytest.approx(mean * count, rel=1e-6)

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from llama_jax import config as config_lib
 from llama_jax import sharding, train
+from llama_jax.errors import UserError
 from tests.test_train import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,12 +89,22 @@ def _get(tree, path):
 
 @pytest.mark.parametrize("mesh, match", [
     ((3, 1, 1), r"data\*fsdp\*tensor = 3\*1\*1 = 3 but there are 8 devices"),
-    ((-1, -1, 1), "only one mesh axis may be -1"),
     ((3, -1, 1), "multiply to 3, which does not divide the 8 devices"),
 ])
-def test_bad_meshes(mesh, match):
+def test_meshes_that_do_not_fit_the_devices(mesh, match):
+  """What needs the device count is checked where the devices are: the config alone is valid."""
+  c = _config(mesh)
+  config_lib.validate(c)
   with pytest.raises(sharding.ShardingError, match=match):
-    train.make_setup(_config(mesh))
+    train.make_setup(c)
+  assert isinstance(sharding.ShardingError("x"), UserError)
+
+
+def test_a_mesh_wrong_on_any_devices_is_a_config_error():
+  """Two -1 axes are wrong whatever the devices: config.validate's to refuse, before a mesh."""
+  with pytest.raises(config_lib.ConfigError, match="only one mesh axis may be -1"):
+    config_lib.validate(_config((-1, -1, 1)))
+  config_lib.validate(_config((-1, 1, 1)))  # the control: one -1 is fine
 
 
 def test_indivisible_sizes_name_field_and_axis():

@@ -55,8 +55,10 @@ def test_schedules_values():
   s = optim.make_schedule(o, 110)
   assert float(s(50)) == pytest.approx(1.0) and float(s(88)) == pytest.approx(1.0)
   assert float(s(99)) == pytest.approx(0.55, rel=1e-5) and float(s(110)) == pytest.approx(0.1)
+  # An unknown name is config.validate's to refuse (test_config_errors); unvalidated, it is a
+  # bug, never a silent fallback to one of the schedules.
   o.schedule = "bogus"
-  with pytest.raises(ValueError, match="optim.schedule"):
+  with pytest.raises(AssertionError, match="unvalidated optim.schedule='bogus'"):
     optim.make_schedule(o, 10)
 
 
@@ -186,16 +188,46 @@ def test_refuses_resuming_a_different_model(tmp_path):
     (lambda c: c.model.__setitem__("n_heads", 5), "model.dim=48 is not divisible by model.n_heads=5"),
     (lambda c: c.model.__setitem__("norm", "batch"), "model.norm"),
     (lambda c: c.data.__setitem__("seq_len", 64), "data.seq_len=64 exceeds model.max_seq_len"),
+    (lambda c: c.data.__setitem__("batch_size", 0), "data.batch_size=0 must be positive"),
+    (lambda c: c.data.__setitem__("seed", -1), "data.seed=-1 must be >= 0"),
     (lambda c: c.optim.__setitem__("grad_accum", 3), "optim.grad_accum=3"),
-    (lambda c: c.train.__setitem__("stepz", 3), "unknown config key 'train.stepz'"),
+    (lambda c: c.train.__setitem__("stepz", 3),
+     r"unknown config key 'train.stepz'; did you mean 'train.steps'\?"),
     (lambda c: c.optim.__setitem__("schedule", "cosin"), "optim.schedule"),
+    (lambda c: c.optim.__setitem__("name", "sgd"), "optim.name='sgd'"),
+    (lambda c: c.mesh.update(dict(data=-1, fsdp=-1)), "only one mesh axis may be -1"),
+    (lambda c: c.mesh.__setitem__("tensor", 0), "mesh.tensor=0 must be positive or -1"),
+    (lambda c: c.__setitem__("sharding_rules", (("embed", "fdsp"),)),
+     "names mesh axis 'fdsp', which is not one of"),
 ])
 def test_config_errors(mutate, match):
   c = tiny_config()
+  config_lib.validate(c)  # the control: valid before the change
   with c.unlocked():
     mutate(c)
   with pytest.raises(config_lib.ConfigError, match=match):
     config_lib.validate(c)
+
+
+def test_itstime_at_multiples_and_the_last_step():
+  assert [s for s in range(1, 11) if train.itstime(s, 3, 10)] == [3, 6, 9, 10]
+  assert [s for s in range(1, 11) if train.itstime(s, 100, 10)] == [10]
+  assert [s for s in range(1, 5) if train.itstime(s, 1, 4)] == [1, 2, 3, 4]
+
+
+def test_throughput_leaves_out_the_first_step_and_restarts():
+  t = train.Throughput(tokens_per_step=1000)
+  t.step(jnp.zeros(()))  # the first step (compilation): starts the clock, is not counted
+  assert t.steps == 0 and t.read() == 0.0  # nothing timed yet
+  for _ in range(3):
+    t.step(jnp.zeros(()))
+  assert t.steps == 3
+  t.start -= 2.0  # as if the three steps took 2 s: 3 * 1000 tokens / 2 s
+  assert t.read() == pytest.approx(1500.0, rel=1e-3)
+  assert t.steps == 0  # a reading restarts the count
+  t.step(jnp.zeros(()))
+  t.restart()  # e.g. after an eval: the step before it is not counted
+  assert t.steps == 0 and t.read() == 0.0
 
 
 def test_config_json_round_trip(tmp_path):

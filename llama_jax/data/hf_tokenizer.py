@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+from llama_jax.data.errors import DataError
+
 
 class HFDirTokenizer:
   """The tokenizer of a Hugging Face model directory: tokenizer.model (SentencePiece) or
@@ -25,7 +27,7 @@ class HFDirTokenizer:
       try:
         import tokenizers
       except ImportError as e:
-        raise ValueError(f"{path} has only tokenizer.json, which needs the `tokenizers` "
+        raise DataError(f"{path} has only tokenizer.json, which needs the `tokenizers` "
                          "library: pip install tokenizers") from e
       self._tok = tokenizers.Tokenizer.from_file(json_path)
       self._encode = lambda s: self._tok.encode(s, add_special_tokens=False).ids
@@ -33,7 +35,7 @@ class HFDirTokenizer:
       self.vocab_size = self._tok.get_vocab_size()
       bos, eos = None, None
     else:
-      raise ValueError(f"{path} has neither tokenizer.model nor tokenizer.json")
+      raise DataError(f"{path} has neither tokenizer.model nor tokenizer.json")
     self.bos_id = ids.get("bos", bos)
     self.eos_id = ids.get("eos", eos)
 

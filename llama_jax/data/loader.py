@@ -243,28 +243,15 @@ def make_tokenizer(config) -> Tokenizer:
   return load_tokenizer(config.data, int(config.model.vocab_size))
 
 
-def _check_config(config):
-  data = config.data
-  for name in ("seq_len", "batch_size"):
-    if int(data[name]) < 1:
-      raise DataError(f"data.{name} must be >= 1, got {data[name]}")
-  if int(data.seed) < 0:
-    raise DataError(f"data.seed must be >= 0, got {data.seed}")
-  max_len = int(config.model.get("max_seq_len", data.seq_len))
-  if int(data.seq_len) > max_len:
-    raise DataError(f"data.seq_len={data.seq_len} exceeds model.max_seq_len={max_len}; "
-                    f"lower data.seq_len or raise model.max_seq_len")
-
-
 def make_loaders(config, batch_sharding=None, process_index: int | None = None,
                  process_count: int | None = None) -> tuple[Tokenizer, Loader, Loader]:
   """(tokenizer, train_loader, eval_loader) for config; builds every cache it needs first.
 
   batch_sharding: a NamedSharding of the [B, T] batch (batch axis over data/fsdp): batches are
   then global jax.Arrays. Without it batches are numpy arrays of this process's rows
-  (process_index / process_count default to jax's).
+  (process_index / process_count default to jax's). The sizes in config.data are trusted
+  (llama_jax.config.validate checks them); what is checked here is what needs the data.
   """
-  _check_config(config)
   data = config.data
   tokenizer = make_tokenizer(config)
   common = dict(

@@ -1,5 +1,6 @@
-"""The command line of llama_jax.generate (decoding itself: llama_jax.generate.decode): sampling from a llama_jax run or a Hugging Face
-Llama directory, one prompt streamed as it is produced, a batch of prompts, or --interactive.
+"""The command line of llama_jax.generate (decoding itself: llama_jax.generate.decode):
+sampling from a llama_jax run or a Hugging Face Llama directory, one prompt streamed as it is
+produced, a batch of prompts, or --interactive.
 
     python -m llama_jax.generate --workdir=DIR --prompt="def " [--prompt=...] [--interactive]
     python -m llama_jax.generate --hf_dir=path/to/Llama-3.2-1B --prompt="The capital of France"
@@ -11,18 +12,26 @@ from __future__ import annotations
 import os
 import sys
 
+from llama_jax.errors import UserError, report, run
 from llama_jax.generate.decode import TextStream, _eos, _strip_eos, encode_prompt, generate
 from llama_jax.data.hf_tokenizer import HFDirTokenizer
 
 
 def _load(workdir: str | None, hf_dir: str | None, step: int | None, dtype: str | None):
   if bool(workdir) == bool(hf_dir):
-    raise ValueError("give exactly one of --workdir (a llama_jax run) or --hf_dir "
-                     "(a Hugging Face Llama directory)")
+    raise UserError("give exactly one of --workdir (a llama_jax run) or --hf_dir "
+                    "(a Hugging Face Llama directory)")
   if hf_dir:
     from llama_jax.hf import load_hf
-    model, _ = load_hf(hf_dir, dtype=dtype, param_dtype=dtype)
-    return model, HFDirTokenizer(hf_dir)
+    if not os.path.isdir(hf_dir):
+      raise UserError(f"--hf_dir={hf_dir} is not a directory; give a Hugging Face Llama "
+                      "directory (config.json, *.safetensors, a tokenizer)")
+    try:
+      model, _ = load_hf(hf_dir, dtype=dtype, param_dtype=dtype)
+      tokenizer = HFDirTokenizer(hf_dir)
+    except ValueError as e:  # hf.py and HFDirTokenizer: what the directory lacks or holds
+      raise UserError(f"--hf_dir={hf_dir}: {e}") from e
+    return model, tokenizer
   from llama_jax import data
   from llama_jax.checkpoint import restore_params
   model, config, step = restore_params(workdir, step)
@@ -37,6 +46,12 @@ def _load(workdir: str | None, hf_dir: str | None, step: int | None, dtype: str 
 def _complete(model, tokenizer, prompts: list[str], flags_, out=sys.stdout) -> list[str]:
   """Samples a completion for each prompt; one prompt streams its text as it is produced."""
   encoded = [encode_prompt(tokenizer, p) for p in prompts]
+  room = model.cfg.max_seq_len - flags_["max_new_tokens"]
+  for p, toks in zip(prompts, encoded):
+    if len(toks) > room:
+      raise UserError(f"the prompt {p[:40]!r} is {len(toks)} tokens and --max_new_tokens="
+                      f"{flags_['max_new_tokens']} more do not fit the model's max_seq_len="
+                      f"{model.cfg.max_seq_len}: shorten the prompt or lower --max_new_tokens")
   eos = _eos(tokenizer)
   kw = dict(max_new_tokens=flags_["max_new_tokens"], temperature=flags_["temperature"],
             top_k=flags_["top_k"], top_p=flags_["top_p"], seed=flags_["seed"], eos_id=eos)
@@ -68,37 +83,31 @@ def _complete(model, tokenizer, prompts: list[str], flags_, out=sys.stdout) -> l
 
 def main(argv):
   del argv
-  from absl import flags
+  from absl import flags, logging
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
   f = flags.FLAGS
-  try:
-    model, tokenizer = _load(f.workdir, f.hf_dir, f.step, f.dtype)
-    settings = {k: f[k].value for k in ("max_new_tokens", "temperature", "top_k", "top_p",
-                                         "seed")}
-    if not f.prompt and not f.interactive:
-      raise ValueError("give --prompt=TEXT (repeatable) or --interactive")
-    if f.prompt:
-      _complete(model, tokenizer, list(f.prompt), settings)
-    if f.interactive:
-      while True:
-        try:
-          prompt = input("> ")
-        except EOFError:
-          break
-        if not prompt.strip():
-          continue
-        try:
-          _complete(model, tokenizer, [prompt], settings)
-        except ValueError as e:
-          print(f"error: {e}", file=sys.stderr)
-        settings["seed"] += 1  # a new draw for the next prompt
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  except Exception as e:  # noqa: BLE001 — the user-fixable errors of the loaders: one line
-    if type(e).__name__ in ("CheckpointError", "ConfigError", "DataError"):
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(1)
-    raise
+  if not f.prompt and not f.interactive:
+    raise UserError("give --prompt=TEXT (repeatable) or --interactive")
+  # A workdir without checkpoints (CheckpointError), a tokenizer that cannot be rebuilt
+  # (DataError): user errors, one line from errors.run.
+  model, tokenizer = _load(f.workdir, f.hf_dir, f.step, f.dtype)
+  settings = {k: f[k].value for k in ("max_new_tokens", "temperature", "top_k", "top_p",
+                                       "seed")}
+  if f.prompt:
+    _complete(model, tokenizer, list(f.prompt), settings)
+  if f.interactive:
+    while True:
+      try:
+        prompt = input("> ")
+      except EOFError:
+        break
+      if not prompt.strip():
+        continue
+      try:
+        _complete(model, tokenizer, [prompt], settings)
+      except UserError as e:  # a prompt too long for the model: report it, take the next one
+        report(e)
+      settings["seed"] += 1  # a new draw for the next prompt
 
 
 def _define_flags():
@@ -111,14 +120,15 @@ def _define_flags():
                       "(float32, bfloat16); default float32.")
   flags.DEFINE_multi_string("prompt", [], "A prompt; repeat for a batch.")
   flags.DEFINE_bool("interactive", False, "Read prompts from stdin, one per line.")
-  flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt.")
-  flags.DEFINE_float("temperature", 0.8, "0 = greedy.")
-  flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
-  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+  # The bounds make a bad value a flag error (one line, exit 2) before any model is loaded.
+  flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt.", lower_bound=0)
+  flags.DEFINE_float("temperature", 0.8, "0 = greedy.", lower_bound=0.0)
+  flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).", lower_bound=0)
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1] (1 = off).", upper_bound=1.0)
+  flags.register_validator("top_p", lambda p: p > 0, message="--top_p must be in (0, 1]")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
 if __name__ == "__main__":
-  from absl import app
   _define_flags()
-  app.run(main)
+  run(main)

@@ -6,32 +6,39 @@ IsoFLOP fit of a sweep's DIR/results.csv (the method: llama_jax.scaling.fit), wr
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Sequence
 
+from llama_jax import errors
 from llama_jax.scaling.fit import BOOTSTRAP_METHODS
 from llama_jax.scaling.report import analyze, default_out, fmt_ci
 
 
+@errors.cli
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m llama_jax.scaling",
-                              description="IsoFLOP fit of a scaling sweep's results.csv")
+  p = errors.ArgumentParser(prog="python -m llama_jax.scaling",
+                            description="IsoFLOP fit of a scaling sweep's results.csv")
   p.add_argument("results", help="sweep workdir holding results.csv, or the csv itself")
   p.add_argument("--out", help="output folder (default: a folder `scaling` beside the "
                  "results.csv)")
   p.add_argument("--loss", choices=("eval", "train"), default="eval")
-  p.add_argument("--bootstrap", type=int, default=1000)
+  p.add_argument("--bootstrap", type=int, default=1000, help="resamples (0 = no intervals)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--bootstrap_method", choices=BOOTSTRAP_METHODS, default="residual")
   args = p.parse_args(argv)
+  csv_path = (os.path.join(args.results, "results.csv") if os.path.isdir(args.results)
+              else args.results)  # as analyze reads it
+  if not os.path.isfile(csv_path):
+    raise errors.UserError(f"{csv_path} not found: give a sweep workdir holding results.csv "
+                           "(python -m llama_jax.sweep ... --collect writes it) or the csv")
+  if args.bootstrap < 0:
+    raise errors.UserError(f"--bootstrap={args.bootstrap} must be >= 0")
   fits = analyze(args.results, args.out, loss=args.loss, bootstrap=args.bootstrap,
                  seed=args.seed, bootstrap_method=args.bootstrap_method)
   for conv, fit in fits.items():
     print(f"{conv}: a = {fmt_ci(fit.n_opt)}, b = {fmt_ci(fit.d_opt)}")
-  out = args.out or default_out(args.results if args.results.endswith(".csv")
-                                else os.path.join(args.results, "results.csv"))
+  out = args.out or default_out(csv_path)
   print(f"wrote {out}/{{results.csv,report.md,isoflop.png,optimal.png}}")
   return 0
 

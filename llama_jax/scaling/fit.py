@@ -39,6 +39,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from llama_jax.errors import UserError
+
+
+class ScalingError(UserError, ValueError):
+  """Results that cannot be fitted (too few budgets or sizes, an unknown method): one line."""
+
 
 # Published exponents (N* ∝ C^a, D* ∝ C^b) for the report.
 REFERENCES = (
@@ -159,7 +165,7 @@ def fit_budget(points: Sequence[Point], convention: str = "exact") -> BudgetFit:
   logc = np.array([p.log_c for p in points])
   budget = points[0].group
   if len(np.unique(x)) < 3:
-    raise ValueError(f"budget {budget:.3g}: a parabola needs >= 3 distinct sizes, "
+    raise ScalingError(f"budget {budget:.3g}: a parabola needs >= 3 distinct sizes, "
                      f"got {len(np.unique(x))}")
   c2, c1, c0 = np.polyfit(x, y, 2)
   valid = bool(c2 > 0)
@@ -260,7 +266,7 @@ def fit_isoflop(points: Sequence[Point], *, convention: str = "exact", bootstrap
   'runs' redraws whole runs; with 5 runs a budget, many draws keep only 3 distinct sizes and
   the refitted parabola is then barely determined, which inflates the interval."""
   if bootstrap_method not in BOOTSTRAP_METHODS:
-    raise ValueError(f"bootstrap_method={bootstrap_method!r} is not one of {BOOTSTRAP_METHODS}")
+    raise ScalingError(f"bootstrap_method={bootstrap_method!r} is not one of {BOOTSTRAP_METHODS}")
   groups = _group(points)
   notes: list[str] = []
   for budget, g in list(groups.items()):
@@ -281,7 +287,7 @@ def fit_isoflop(points: Sequence[Point], *, convention: str = "exact", bootstrap
     used = [f for f in fits if f.valid]
     notes.append("fewer than 2 budgets have an interior minimum: edge minima used anyway")
   if len(used) < 2:
-    raise ValueError(f"need >= 2 budgets with a minimum, got {len(used)} of {len(fits)}")
+    raise ScalingError(f"need >= 2 budgets with a minimum, got {len(used)} of {len(fits)}")
   a, a0, b, b0 = _line(used)
 
   rng = np.random.default_rng(seed)

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from llama_jax.scaling.fit import (BOOTSTRAP_METHODS, CONVENTIONS, REFERENCES,
+from llama_jax.scaling.fit import (BOOTSTRAP_METHODS, CONVENTIONS, REFERENCES, ScalingError,
                                    IsoFLOPFit, Point, PowerLaw, _finite, _group, fit_isoflop,
                                    points_from_rows)
 
@@ -183,7 +183,7 @@ def analyze(results: str, out_dir: str | None = None, *, loss: str = "eval",
     r["used"] = "true" if ok else "false"
     (used if ok else dropped).append(r)
   if not used:
-    raise ValueError(f"{path}: no finished run with a {loss_key}")
+    raise ScalingError(f"{path}: no finished run with a {loss_key}")
   for r in used:
     r["loss"] = float(r[loss_key])
   fits, alternates, points = {}, [], {}

@@ -12,14 +12,11 @@ on a batch sharding over all local devices. --nocold uses config.data.data_dir a
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.")
 _COLD = flags.DEFINE_bool("cold", True, "Build every cache in a fresh temporary data_dir.")

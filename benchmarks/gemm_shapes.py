@@ -9,7 +9,7 @@ blockwise-attention block against every key) is timed as XLA's dot and as torch.
 rounds that alternate the libraries (a drift in the machine's speed hits both alike). Within a
 round each library makes one untimed call and then --repeats timed ones: right after a torch
 call its OpenMP threads still spin for some milliseconds and would take a core from the next
-XLA call (a 3.6 ms GEMM measured 6.8 ms when called straight after torch's). GFLOP/s are
+XLA call, slowing it. GFLOP/s are
 2 * batch * m * k * n over the median time. This is the profile behind docs/PERFORMANCE.md's
 "what limits it": comparing a run on every core with one pinned to a single core shows which
 products use the second core.
@@ -18,12 +18,12 @@ products use the second core.
 import json
 import os
 import statistics
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
+from ml_collections import config_flags
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+# A sibling script: Python puts the running script's folder first on its import path.
+from train_step import time_in_turns
 
 # Layouts as (lhs contracting, rhs contracting) axes of 2-D operands [m, k] / [k, n]:
 # NN is x @ w (forward), NT is dy @ w.T (input gradient), TN is x.T @ dy (weight gradient).
@@ -94,7 +94,6 @@ def _digits(x: float | None) -> float | None:
 
 
 def measure(config, repeats: int, rounds: int) -> dict:
-  from benchmarks.train_step import time_in_turns
   cores = len(os.sched_getaffinity(0))  # what `taskset` left this process
   try:
     import torch

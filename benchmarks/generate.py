@@ -13,14 +13,10 @@ batch * max_new_tokens new tokens over its wall time.
 """
 
 import json
-import os
-import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Prompts decoded together.")

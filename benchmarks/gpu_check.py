@@ -1,6 +1,7 @@
 """The GPU checks of docs/PERFORMANCE.md in one run of a few minutes: one JSON line per check.
 
   python benchmarks/gpu_check.py [--config=configs/gpu_1b.py] [--steps=10] [--remat=dots_no_batch]
+      [--trace_dir=DIR]
 
 Made to be run once on a lent GPU (its time is scarce), so every check prints its line as soon
 as it is done and a failing check is reported without stopping the others:
@@ -11,30 +12,32 @@ as it is done and a failing check is reported without stopping the others:
               differences, and forward + backward milliseconds of each.
   train_step  train_step.py's record for the config (tokens/s, MFU against the spec-sheet peak,
               compile time, memory), and the same for each --remat policy.
-  profile     profile_step.py's split of the step by kind of op (matmul, attention, ...).
+  profile     profile_step.py's split of the step by kind of op (matmul, attention, ...); its
+              trace stays in --trace_dir (default: a new temporary directory, in the record).
 
 Stops at once, before compiling anything, when jax has no GPU.
 """
 
 import json
-import os
 import statistics
 import sys
 import tempfile
 import traceback
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
+from ml_collections import config_flags
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+# Sibling scripts: Python puts the running script's folder first on its import path.
+import profile_step
+import train_step
 
 
 def _timed_ms(fn, args, repeats: int = 10) -> float:
   """Median milliseconds of a compiled call, after one untimed call."""
   import jax
 
-  from benchmarks.train_step import time_in_turns
-  times = time_in_turns({"call": lambda: jax.block_until_ready(fn(*args))}, repeats, 1)["call"]
+  call = {"call": lambda: jax.block_until_ready(fn(*args))}
+  times = train_step.time_in_turns(call, repeats, 1)["call"]
   return round(statistics.median(times) * 1e3, 3)
 
 
@@ -92,9 +95,6 @@ def main(argv):
   del argv
   import jax
 
-  import profile_step
-  import train_step
-
   if jax.default_backend() != "gpu":
     sys.exit(f"gpu_check.py needs a GPU; jax's backend is {jax.default_backend()!r} "
              f"(devices: {jax.devices()}). Install jax[cuda] or run on a GPU machine.")
@@ -115,7 +115,7 @@ def main(argv):
 
   for remat in [m.remat] + [r for r in _REMAT.value if r != m.remat]:
     _run_check("train_step", lambda remat=remat: step_record(remat))
-  trace_dir = tempfile.mkdtemp(prefix="llama_jax_gpu_profile_")
+  trace_dir = _TRACE_DIR.value or tempfile.mkdtemp(prefix="llama_jax_gpu_profile_")
   _run_check("profile", lambda: {"check": "profile", **profile_step.profile(
       config.copy_and_resolve_references(), steps=3, warmup=2, top=15, trace_dir=trace_dir)})
 
@@ -126,4 +126,6 @@ if __name__ == "__main__":
   _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
   _REMAT = flags.DEFINE_list("remat", ["dots_no_batch"],
                              "Remat policies to time besides the config's own.")
+  _TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Where the profile check's trace goes "
+                                   "(default: a new temporary directory, printed as trace_dir).")
   app.run(main)

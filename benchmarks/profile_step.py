@@ -28,13 +28,13 @@ import gzip
 import json
 import os
 import re
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
+from ml_collections import config_flags
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+# A sibling script: Python puts the running script's folder first on its import path.
+import train_step
 
 CATEGORIES = ("matmul", "attention", "collective", "data_movement", "elementwise")
 
@@ -189,8 +189,6 @@ def read_trace(trace_dir: str) -> list[dict]:
 
 def profile(config, steps: int, warmup: int, top: int, trace_dir: str) -> dict:
   import jax
-
-  import train_step
 
   step, summarize = train_step.build(config)
   train_step.time_in_turns({"llama_jax": step}, 0, warmup)  # warm-up steps, not traced

@@ -12,11 +12,14 @@ reported next to the spread). Every run has the same steps, batch and sequence l
 same exact training FLOPs (1.1e13 each, flops_per_token = 26.8M at seq 256); learned positions
 add 65k parameters (a 256 x 256 table), LayerNorm 2.3k biases.
 
-Cost: 12 runs x 1.1e13 = 1.3e14 FLOPs: 2.5 minutes a run alone on 2 CPU cores (about 35
-minutes in all), a few minutes on one accelerator. Launch (from the repository root), then summarise:
+Cost: 12 runs x 1.1e13 = 1.3e14 FLOPs (the --dry listing turns it into hours at a CPU's
+rate). Launch from the repository root (CONFIG is relative to it), then summarise:
 
   python -m llama_jax.sweep experiments/ablations.py --workdir /tmp/ablations
-  python experiments/ablations.py /tmp/ablations    # -> experiments/results/ablations/
+  python experiments/ablations.py /tmp/ablations experiments/results/ablations
+
+The summary goes to OUT_DIR, the second argument (default: SWEEP_WORKDIR/ablations, beside the
+sweep's results.csv).
 
 The summary (report.md, ablations.png, results.csv) gives per variant the final validation loss
 as mean ± std over seeds with its range, and the seed-paired difference to the baseline; the
@@ -35,8 +38,8 @@ import sys
 CONFIG = "configs/default.py"
 SEEDS = (0, 1)
 
-# Shorter than configs/default.py so the 12 runs fit in about half an hour on 2 CPU cores:
-# 200 steps of 8 x 256 tokens = 410k tokens per run (flops_per_token 26.8M -> 1.1e13 FLOPs).
+# Shorter than configs/default.py (300 steps of 16 x 256) so that 12 runs cost what 4 of its
+# runs do: 200 steps of 8 x 256 tokens = 410k tokens per run (flops_per_token 26.8M -> 1.1e13).
 BASE = {
     "data.batch_size": 8,
     "train.steps": 200,
@@ -56,10 +59,6 @@ VARIANTS = {
     "mlp_relu": ("mlp", {"model.mlp": "relu", "model.ffn_dim": 1032}),
     "norm_layer": ("norm", {"model.norm": "layer"}),
 }
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_OUT = os.path.join(REPO_ROOT, "experiments", "results", "ablations")
-
 
 def sweep(add):
   for variant, (factor, overrides) in VARIANTS.items():
@@ -162,10 +161,12 @@ def eval_curves(workdir, rows):
   return {v: (sorted(d), [sum(d[s]) / len(d[s]) for s in sorted(d)]) for v, d in acc.items()}
 
 
-def analyze(workdir, out_dir=DEFAULT_OUT, metric="final_eval_loss"):
-  """WORKDIR/results.csv (from the sweep) -> OUT/{results.csv, report.md, ablations.png}."""
+def analyze(workdir, out_dir=None, metric="final_eval_loss"):
+  """WORKDIR/results.csv (from the sweep) -> OUT/{results.csv, report.md, ablations.png}; OUT
+  defaults to WORKDIR/ablations."""
   import shutil
   from llama_jax.sweep.results import read_results
+  out_dir = out_dir or os.path.join(workdir, "ablations")
   rows = read_results(os.path.join(workdir, "results.csv"))
   table = summarize(rows, metric)
   if not table:
@@ -184,6 +185,7 @@ def analyze(workdir, out_dir=DEFAULT_OUT, metric="final_eval_loss"):
 
 if __name__ == "__main__":
   if len(sys.argv) not in (2, 3):
-    sys.exit("usage: python experiments/ablations.py SWEEP_WORKDIR [OUT_DIR]")
+    sys.exit("usage: python experiments/ablations.py SWEEP_WORKDIR [OUT_DIR]  "
+             "(OUT_DIR default: SWEEP_WORKDIR/ablations)")
   result = analyze(*sys.argv[1:])
   print(markdown_table(result))

@@ -7,7 +7,7 @@ loss, and how do the optimal N*(C) and tokens D*(C) grow with C? Chinchilla (Hof
 Grid: 4 budgets, half a decade apart, 1e11 .. 3.16e12 FLOPs (1.5 decades), each trained with the
 5 consecutive sizes of LADDER around its optimum (one rung up per half decade), with 2 seeds
 per point (SEEDS), 40 runs in all.
-C is counted exactly with llama_jax.metrics.flops_per_token (attention and the LM head
+C is counted exactly with llama_jax.model.sizes.flops_per_token (attention and the LM head
 included); each run's steps = round(C / (flops_per_token * 8 * 128)), so the runs of a budget
 spend the same compute to within rounding. Every run: the byte tokenizer (259 ids), seq 128,
 batch 8 (1024 tokens / step), AdamW at the default lr with a cosine schedule fitted to its own
@@ -19,12 +19,12 @@ and the LM head at most of the FLOPs for every model this compute can train, and
 budget's loss fell monotonically towards the smallest model (no interior minimum). With 259
 byte ids the transformer blocks are most of N and of the FLOPs, as in the large-scale studies.
 
-Cost: 4.6e13 FLOPs: about an hour on 2 CPU cores including the ~40 compilations (62 min wall,
-while the cores also ran a test suite and the runs paused for benchmarks). Launch, then fit:
+Cost: 4.6e13 FLOPs and 40 compilations (the --dry listing turns the FLOPs into hours at a
+CPU's rate). Launch from the repository root (CONFIG is relative to it), then fit:
 
   python -m llama_jax.sweep experiments/scaling_isoflop.py --workdir /tmp/isoflop --dry
   python -m llama_jax.sweep experiments/scaling_isoflop.py --workdir /tmp/isoflop
-  python -m llama_jax.scaling /tmp/isoflop     # -> experiments/results/scaling_isoflop/
+  python -m llama_jax.scaling /tmp/isoflop --out experiments/results/scaling_isoflop
 
 An interrupted sweep is resumed by the same command. If a budget's minimum lands on the edge of
 its 5 sizes, the report says so and leaves it out of the exponent fit: move that budget's
@@ -51,9 +51,8 @@ How this grid came about, in order (every step taken after seeing the previous f
      1.4393 at 3.16e12, 2.2969 vs 2.3208 at 1e11).
 """
 
-from llama_jax.model.sizes import flops_per_token
 from llama_jax.model.config import ModelConfig
-from llama_jax.model.sizes import model_shape
+from llama_jax.model.sizes import flops_per_token, model_shape
 
 CONFIG = "configs/default.py"
 

@@ -72,12 +72,15 @@ def test_gemm_shapes_times_every_product_of_the_step():
 
 
 def _benchmark_module(name: str):
-  """A script of benchmarks/ imported as a module (they import each other by bare name)."""
-  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  """A script of benchmarks/ imported as a module, the way Python runs one: with its folder
+  first on the import path, where its sibling imports (`import train_step`) resolve. The
+  scripts import their siblings at the top, so those are loaded here too."""
+  folder = os.path.join(REPO, "benchmarks")
+  sys.path.insert(0, folder)
   try:
     return importlib.import_module(name)
   finally:
-    sys.path.pop(0)
+    sys.path.remove(folder)
 
 
 def test_profile_step_splits_a_traced_step_by_category(tmp_path):

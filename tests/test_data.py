@@ -1,7 +1,7 @@
 """Data pipeline: corpora, tokenizers, token cache, step-indexed loaders and bad input.
 
 Every test works in a tmp data_dir on tiny corpora: a few generated files (text_files) and a
-30-file slice of the real standard-library corpus, each built once per module.
+30-file slice of the real standard-library corpus (built through the public build_corpus).
 """
 
 import json
@@ -330,7 +330,11 @@ def test_bad_inputs(tmp_path, files_cfg):
   _err(make_config(dd, tokenizer=str(tmp_path / "missing.model"), files=files_cfg.data.files),
        "does not exist")
   _err(make_config(dd, files=files_cfg.data.files, vocab_size=100_000), "cannot train")
-  _err(make_config(dd, files=files_cfg.data.files, seq_len=1000), "max_seq_len")
+  # A sequence longer than the model's positions is a config mistake: llama_jax.config.validate
+  # refuses it before any data is read (make_loaders trusts the sizes it checked).
+  from llama_jax.config import ConfigError, validate
+  with pytest.raises(ConfigError, match="max_seq_len"):
+    validate(make_config(dd, files=files_cfg.data.files, seq_len=1000))
 
 
 def test_tfds_catalog_not_prepared(tmp_path):
@@ -386,12 +390,18 @@ def test_stdlib_file_selection():
   assert val == corpora.validation_keys(list(reversed(files)))  # stable
 
 
+def _stdlib_slice(n=30):
+  """n evenly spaced files of the real default corpus: a small corpus of the same kind."""
+  files = data.stdlib_files()
+  return files[::len(files) // n][:n]
+
+
 def test_python_stdlib_builder(tmp_path):
-  """The real default corpus on a 30-file slice: tfds build, tfds.data_source read, loaders."""
+  """The real default corpus's builder on a 30-file slice: tfds build, tfds.data_source read,
+  the token cache and a loader over it."""
   c = make_config(tmp_path, name="python_stdlib", tokenizer="byte", vocab_size=259)
-  c.data.max_files = 30
-  tok, train, ev = data.make_loaders(c)
-  corpus = data.open_corpus(c.data)
+  files = _stdlib_slice()
+  corpus = data.build_corpus(data.PythonStdlib, data.stdlib_config(files), c.data)
   assert corpus.key.startswith(f"python_stdlib-py{sys.version_info.major}.")
   assert 25 <= corpus.num_docs("train") + corpus.num_docs("validation") <= 30  # no empty files
   assert corpus.num_docs("validation") >= 1
@@ -401,9 +411,19 @@ def test_python_stdlib_builder(tmp_path):
   assert rec["key"].decode().endswith(".py") and len(rec["text"]) > 0
   meta = tfds.builder(f"python_stdlib/{config_name}", data_dir=str(tmp_path)).info.metadata
   assert meta["n_files"] == 30 and len(meta["content_hash"]) == 64
+  assert sorted(meta["files"]) == sorted(files)
   assert "tensorflow" not in sys.modules  # read and written without TensorFlow
-  assert "def " in tok.decode(train.tokens[:100_000])
+  tok = data.make_tokenizer(c)
+  tokens = data.token_file(corpus, "train", tok, data.cache_root(c.data))
+  assert "def " in tok.decode(tokens.tokens[:100_000])
+  train = data.TokenLoader(tokens, seed=0, shuffle=True, bos_id=tok.bos_id, seq_len=SEQ,
+                           batch_size=BATCH, process_index=0, process_count=1)
   assert train.batch(0)["inputs"].shape == (BATCH, SEQ)
+  # The same files give the same corpus (config name from their content); others another.
+  assert data.stdlib_config(list(reversed(files))).name == config_name
+  assert data.stdlib_config(files[:-1]).name != config_name
+  with pytest.raises(data.DataError, match="no_such_module.py"):
+    data.stdlib_config(["os.py", "no_such_module.py"])
 
 
 def test_synthetic(tmp_path):

@@ -17,7 +17,7 @@ from flax import nnx
 from llama_jax.data.hf_tokenizer import HFDirTokenizer
 from llama_jax.generate import decode as gen
 from llama_jax.model.config import ModelConfig
-from llama_jax.model.llama import abstract_model
+from llama_jax.model.llama import abstract_model, init_cache
 
 TOL = 1e-4
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,28 +76,62 @@ def _forward(graphdef, params, tokens):
   return nnx.merge(graphdef, params)(tokens)
 
 
+@jax.jit(static_argnums=(0, 4))
+def _prefill_logits(graphdef, params, tokens, positions, width):
+  """The logits prefill samples the first new token from: the model's cached forward over the
+  left-padded prompts into a fresh cache of P + width slots, at the last column."""
+  model = nnx.merge(graphdef, params)
+  cache = init_cache(model.cfg, tokens.shape[0], tokens.shape[1] + width)
+  return model(tokens, positions=positions, cache=cache)[0][:, -1]
+
+
+@jax.jit(static_argnums=0)
+def _next_logits(graphdef, params, carry):
+  """The logits decode_step samples its next token from: the model's one-token cached step on
+  what the carry holds (the cache, each row's last token and position)."""
+  logits, _ = nnx.merge(graphdef, params)(carry["token"][:, None],
+                                          positions=carry["pos"][:, None], cache=carry["cache"])
+  return logits[:, 0]
+
+
 # ---------------------------------------------------------------------------- cache == forward
 
 @pytest.mark.parametrize("cfg", [GQA, LEARNED], ids=["gqa_scan", "learned_tied_unscanned"])
-@pytest.mark.parametrize("stream", [True, False], ids=["python_loop", "while_loop"])
-def test_cached_decoding_matches_full_forward(cfg, stream):
+def test_cached_decoding_matches_full_forward(cfg):
   """Every step's logits (prefill and each one-token cached step) equal the uncached forward
   pass over prompt + the tokens generated so far, for left-padded prompts of three lengths.
-  The logits are recorded on the streamed path; the while_loop runs the same step function,
-  and its greedy tokens must be the argmax of the uncached logits."""
+  The steps are driven here through the public prefill / decode_step; a step's logits are the
+  model's cached step on the carry decode_step receives. generate's two paths (the streamed
+  Python loop and the while_loop) run the same step function: both give the same greedy
+  tokens, the argmax of the uncached logits."""
   m = _random_model(cfg)
   prompts = _prompts(cfg.vocab_size, (5, 13, 1))
-  n = 9
-  res = gen._decode(m, prompts, max_new_tokens=n, temperature=0.0, top_k=0, top_p=1.0, seed=0,
-                    eos_id=None, callback=(lambda t: None) if stream else None, record=stream)
+  n, width = 9, 16  # width: the output buffer, >= n (generate rounds n up to 16 too)
+  graphdef, params = gen.split_model(m)
+  tokens, positions, lengths = gen.pad_prompts(prompts, n, cfg.max_seq_len, cfg.vocab_size)
+  no_eos = np.full(4, -1, np.int32)
+  sampling = (np.float32(1.0), np.int32(0), np.float32(1.0))  # unread when greedy
+  common = dict(graphdef=graphdef, params=params, key=jax.random.PRNGKey(0), sampling=sampling,
+                eos=no_eos, greedy=True)
+  carry = gen.prefill(tokens=tokens, positions=positions, lengths=lengths, width=width, **common)
+  logits = [_prefill_logits(graphdef, params, tokens, positions, width)]
+  for _ in range(1, n):
+    logits.append(_next_logits(graphdef, params, carry))
+    carry = gen.decode_step(carry=carry, **common)  # donates the carry: read it before
+  out = np.asarray(carry["out"])[:, :n]
+  logits = np.stack(logits, 1)  # [B, n, V]
   for b, p in enumerate(prompts):
-    new = res["out"][b].tolist()
+    new = out[b].tolist()
     assert len(new) == n and min(new) >= 0
     full = _full_logits(m, p + new[:-1])
     want = full[len(p) - 1:]  # the logits that predicted new[0], ..., new[n-1]
-    if stream:
-      np.testing.assert_allclose(res["logits"][b], want, atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(logits[b], want, atol=TOL, rtol=TOL)
     assert new == np.argmax(want, -1).tolist()
+  streamed = []
+  assert gen.generate(m, prompts, max_new_tokens=n, temperature=0.0,
+                      callback=streamed.append) == out.tolist()
+  assert np.stack(streamed, 1).tolist() == out.tolist()
+  assert gen.generate(m, prompts, max_new_tokens=n, temperature=0.0) == out.tolist()
 
 
 def test_batched_equals_single(model):
@@ -320,5 +354,5 @@ def test_cli_hf_dir(tmp_path):
 
   bad = subprocess.run(cmd[:4] + ["--prompt=x", "--max_new_tokens=100"], capture_output=True,
                        text=True, cwd=REPO, env=env, timeout=600)
-  assert bad.returncode == 1 and "max_seq_len=32" in bad.stderr
+  assert bad.returncode == 2 and "max_seq_len=32" in bad.stderr  # a user error: one line, 2
   assert "Traceback" not in bad.stderr

@@ -1,6 +1,8 @@
 """llama_jax.sweep: expansion and checks, the local runner (skip / resume / parallel) with a fake
-trainer, results.csv, and the TPU / SLURM scripts executed against fake gcloud / srun."""
+trainer, results.csv, the TPU / SLURM scripts executed against fake gcloud / srun, and a sweep
+started outside the repository running the real trainer."""
 
+import importlib.util
 import json
 import os
 import shlex
@@ -13,6 +15,7 @@ import time
 
 import pytest
 
+from llama_jax.errors import UserError
 from llama_jax.sweep import __main__ as sweep_cli
 from llama_jax.sweep import cluster as cluster_lib
 from llama_jax.sweep import experiment as experiment_lib
@@ -20,9 +23,9 @@ from llama_jax.sweep import local as local_lib
 from llama_jax.sweep import overrides as overrides_lib
 from llama_jax.sweep import results as results_lib
 from llama_jax.sweep import run as run_lib
-from llama_jax.model.sizes import flops_per_token
+from llama_jax.sweep.errors import SweepError
 from llama_jax.model.config import ModelConfig
-from llama_jax.model.sizes import count_params
+from llama_jax.model.sizes import count_params, flops_per_token
 
 # A trainer stand-in: logs steps to metrics.jsonl like run_train (resuming after the last logged
 # step), writes config.json and calls.txt, can crash at FAKE_CRASH_AT and sleep FAKE_SLEEP.
@@ -56,6 +59,8 @@ FAKE_TRAIN = textwrap.dedent("""
     print("trained", steps)
 """)
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 EXPERIMENT = textwrap.dedent('''
     """A small test sweep."""
     CONFIG = "configs/base.py:tiny"
@@ -67,6 +72,13 @@ EXPERIMENT = textwrap.dedent('''
           add(name=f"{pos}_s{seed}", tags={"budget": 1e9},
               **{"model.position": pos}, train__seed=seed)
 ''')
+
+
+@pytest.fixture(autouse=True)
+def at_repo_root(monkeypatch):
+  """Relative config and experiment paths resolve against the current directory: here the
+  repository root, where a user launches the experiments/ files from."""
+  monkeypatch.chdir(REPO)
 
 
 @pytest.fixture
@@ -101,7 +113,7 @@ def test_expand_names_overrides_and_command(tmp_path):
   assert r.tags == {"budget": 1e9}
   assert r.workdir == str(tmp_path / "out" / "learned_s0")
   args = r.train_args()
-  assert args[0] == f"--config={os.path.join(overrides_lib.REPO_ROOT, 'configs/base.py')}:tiny"
+  assert args[0] == f"--config={os.path.join(REPO, 'configs/base.py')}:tiny"  # made absolute
   assert args[1] == f"--workdir={tmp_path / 'out' / 'learned_s0'}"
   assert args[2:] == ["--config.data.seq_len=32", "--config.model.max_seq_len=32",
                       "--config.train.steps=6", "--config.model.position=learned",
@@ -116,6 +128,11 @@ def test_format_value_round_trips_through_config_flags_parsers():
   assert overrides_lib.format_value((("embed", "fsdp"),)) == "(('embed', 'fsdp'),)"
 
 
+# Every run below shares the tiny config with its sequence length inside max_seq_len (the tiny
+# size's 128 positions against base's 256-token sequences would be a mistake of its own).
+MISTAKE = 'CONFIG = "configs/base.py:tiny"\nBASE = {"data.seq_len": 128}\ndef sweep(add):\n  %s\n'
+
+
 @pytest.mark.parametrize("body, message", [
     ('add(name="a", **{"model.dim": 32}); add(name="a", **{"model.dim": 64})',
      "duplicate run name"),
@@ -125,6 +142,9 @@ def test_format_value_round_trips_through_config_flags_parsers():
     ('add(name="a", **{"model": 3})', "is a section"),
     ('add(name="a", **{"model.n_heads": 5})', "not divisible"),
     ('add(name="a", **{"model.mlp": "swish"})', "model.mlp"),
+    ('add(name="a", **{"data.seq_len": 256})', "exceeds model.max_seq_len"),  # validate()'s
+    ('add(name="a", **{"train.steps": 0})', "train.steps=0 must be positive"),
+    ('add(name="a", tags="big")', "tags must be a dict"),
     ('add(name="a b")', "run name"),
     ('add(name="../x")', "run name"),
     ('add(**{"model.dim": 32})', "needs name"),
@@ -132,9 +152,32 @@ def test_format_value_round_trips_through_config_flags_parsers():
     ('pass', "added no runs"),
 ])
 def test_expand_rejects_mistakes_before_running(tmp_path, body, message):
-  path = write_experiment(tmp_path, f'CONFIG = "configs/base.py:tiny"\ndef sweep(add):\n  {body}\n')
-  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+  path = write_experiment(tmp_path, MISTAKE % body)
+  with pytest.raises(SweepError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
     experiment_lib.expand(path, str(tmp_path / "out"))
+  assert isinstance(e.value, UserError) and "\n" not in str(e.value)
+
+
+def test_expand_accepts_the_same_file_without_the_mistake(tmp_path):
+  """The control: the mistake file's frame expands when the body is right."""
+  runs = experiment_lib.expand(write_experiment(tmp_path, MISTAKE % 'add(name="a", model__dim=32)'),
+                               str(tmp_path / "out"))
+  assert [(r.name, r.config.model.dim, r.config.data.seq_len) for r in runs] == [("a", 32, 128)]
+
+
+def test_paths_resolve_against_the_current_directory(tmp_path, monkeypatch):
+  path = write_experiment(tmp_path)  # CONFIG = "configs/base.py:tiny"
+  monkeypatch.chdir(tmp_path)        # no configs/ here
+  with pytest.raises(SweepError, match=f"config file 'configs/base.py' not found in {tmp_path}"):
+    experiment_lib.expand(path, "out")
+  with pytest.raises(SweepError, match="experiment file 'experiments/ablations.py' not found"):
+    experiment_lib.load_experiment("experiments/ablations.py")
+  # An absolute config path is kept as it is, wherever the sweep runs.
+  runs = experiment_lib.expand(path, "out", config=os.path.join(REPO, "configs/base.py:tiny"))
+  assert runs[0].workdir == str(tmp_path / "out" / "rope_s0")
+  monkeypatch.chdir(REPO)
+  runs = experiment_lib.expand(path, "out")  # relative workdirs too: under the cwd
+  assert runs[0].workdir == os.path.join(REPO, "out", "rope_s0")
 
 
 def test_only_and_extra(tmp_path):
@@ -144,7 +187,7 @@ def test_only_and_extra(tmp_path):
   assert runs[0].config.train.steps == 2
   assert [r.name for r in experiment_lib.expand(path, str(tmp_path), only=["*_s0"])] == [
       "rope_s0", "learned_s0"]
-  with pytest.raises(ValueError, match="not in the sweep"):
+  with pytest.raises(SweepError, match="not in the sweep"):
     experiment_lib.expand(path, str(tmp_path), only=["nope"])
 
 
@@ -196,7 +239,8 @@ def test_skips_finished_and_resumes_interrupted_runs(tmp_path, fake, monkeypatch
                         extra={"train.steps": 8})
   assert longer[0].status() == "incomplete"
   messages = []
-  assert local_lib.run_local(longer, train_cmd=fake, print_fn=messages.append) == {"rope_s0": "done"}
+  assert local_lib.run_local(longer, train_cmd=fake,
+                             print_fn=messages.append) == {"rope_s0": "done"}
   assert any("other overrides" in m for m in messages)
   assert json.loads(open(out / "rope_s0" / "calls.txt").readlines()[-2])["from"] == 6
 
@@ -242,25 +286,42 @@ def test_results_csv(tmp_path, fake):
   assert rows[3]["status"] == "pending"
 
 
-def test_cli_runs_collects_and_dry(tmp_path, fake, monkeypatch, capsys):
+def test_cli_runs_collects_and_dry(tmp_path, fake, capsys):
   path = write_experiment(tmp_path)
   out = tmp_path / "out"
-  monkeypatch.setenv(local_lib.TRAIN_CMD_ENV, shlex.join(fake))
   assert sweep_cli.main([path, "--workdir", str(out), "--dry"]) == 0
   listing = capsys.readouterr().out
   assert listing.count("[pending]") == 4 and "4 run(s)" in listing
   assert "--workdir=" + str(out / "rope_s1") in listing
+  # The trainer is the package's own program under this Python.
+  assert listing.count(f"  {shlex.join([sys.executable, '-m', 'llama_jax'])} --config=") == 4
   assert not out.exists()
+  train_cmd = ["--train_cmd", shlex.join(fake)]
+  assert sweep_cli.main([path, "--workdir", str(out), "--dry", *train_cmd]) == 0
+  assert capsys.readouterr().out.count(f"  {shlex.join(fake)} --config=") == 4
 
   assert sweep_cli.main([path, "--workdir", str(out), "--parallel", "2", "--only", "rope_s0",
-                     "learned_s0", "--set", "train.steps=4"]) == 0
+                         "learned_s0", "--set", "train.steps=4", *train_cmd]) == 0
+  assert json.load(open(out / "rope_s0" / "sweep.json"))["command"].startswith(shlex.join(fake))
   rows = results_lib.read_results(str(out / "results.csv"))
   assert [(r["name"], r["steps"], r["status"]) for r in rows] == [
       ("rope_s0", 4, "done"), ("learned_s0", 4, "done")]
   assert sweep_cli.main([path, "--workdir", str(out), "--collect"]) == 0
   assert len(results_lib.read_results(str(out / "results.csv"))) == 4
-  assert sweep_cli.main([path, "--workdir", str(out), "--set", "train.stepz=4"]) == 2
-  assert "did you mean train.steps" in capsys.readouterr().err
+  capsys.readouterr()
+  # Mistakes in the flags: one line `error: ...`, exit status 2, nothing run.
+  for flags, message in ((["--set", "train.stepz=4"], "did you mean train.steps"),
+                         (["--set", "train.steps=four"], "expected an integer (the field holds"),
+                         (["--set", "train.steps"], "--set needs KEY=VALUE"),
+                         (["--only", "nope"], "--only names not in the sweep: ['nope']"),
+                         (["--train_cmd", "python 'x"], "--train_cmd"),
+                         (["--config", "configs/nothing.py"], "'configs/nothing.py' not found")):
+    with pytest.raises(SystemExit) as e:
+      sweep_cli.main([path, "--workdir", str(tmp_path / "other"), *train_cmd, *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err, (flags, err)
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+  assert not (tmp_path / "other").exists()
 
 
 # ---------------------------------------------------------------------------- cluster scripts
@@ -268,6 +329,7 @@ def test_cli_runs_collects_and_dry(tmp_path, fake, monkeypatch, capsys):
 # A value that needs quoting at two levels (the local shell and the remote one).
 TRICKY = textwrap.dedent('''
     CONFIG = "configs/base.py:tiny"
+    BASE = {"data.seq_len": 128}
     def sweep(add):
       add(name="plain", **{"model.dim": 96, "train.steps": 7})
       add(name="quoted", train__steps=7,
@@ -309,8 +371,9 @@ def test_tpu_script_runs_every_run_on_all_workers_with_exact_argv(tmp_path):
     assert len(command) == 1
     words = shlex.split(command[0].removeprefix("--command="))  # what the remote shell sees
     assert words[:4] == ["cd", "code/llama jax", "&&", "python"]
-    assert words[4] == "run_train.py"
-    assert words[5:] == run.train_args(config_file="configs/base.py:tiny")
+    assert words[4:6] == ["-m", "llama_jax"]
+    # The config inside the current directory (the checkout) is relative to it.
+    assert words[6:] == run.train_args(config_file="configs/base.py:tiny")
   assert "--config.train.sample_prompt=def f(x): return 'a b' $HOME \"q\" ;" in \
       shlex.split(calls[1][-1].removeprefix("--command="))
   assert "--config.model.tie_embeddings=true" in calls[2][-1]
@@ -341,9 +404,10 @@ def test_slurm_script_array_tasks_run_exact_argv(tmp_path):
     env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", SLURM_ARRAY_TASK_ID=str(i))
     subprocess.run(["bash", str(script)], env=env, check=True)
   calls = [json.loads(l) for l in open(tmp_path / "calls_srun.jsonl")]
-  assert calls == [["python", "run_train.py"] + r.train_args(config_file="configs/base.py:tiny")
+  assert calls == [["python", "-m", "llama_jax"] + r.train_args(config_file="configs/base.py:tiny")
                    for r in runs]
-  assert calls[0][3] == f"--workdir={out}/plain"  # a path with a space survives
+  assert calls[0][4] == f"--workdir={out}/plain"  # a path with a space survives
+  assert f"cd {REPO}\n" in text  # the default checkout: the current directory
   env["SLURM_ARRAY_TASK_ID"] = "3"
   assert subprocess.run(["bash", str(script)], env=env, capture_output=True).returncode != 0
 
@@ -384,12 +448,17 @@ def test_ablations_are_at_equal_compute():
       by["mlp_relu_s0"].sizes()["params"]
 
 
+def _experiment_module(name):
+  """An experiments/ file imported by its path (experiments/ is a folder of scripts)."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "experiments",
+                                                                   f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def test_ablation_summary_and_plot(tmp_path):
-  sys.path.insert(0, os.path.join(overrides_lib.REPO_ROOT, "experiments"))
-  try:
-    import ablations
-  finally:
-    sys.path.pop(0)
+  ablations = _experiment_module("ablations")
   rows = []
   for variant in ("baseline", "mlp_gelu"):
     for seed, loss in ((0, 3.0), (1, 3.2)):
@@ -415,13 +484,17 @@ def test_ablation_summary_and_plot(tmp_path):
   report = open(tmp_path / "res" / "report.md").read()
   assert "| mlp_gelu |" in report and "+0.1000" in report
   assert open(tmp_path / "res" / "ablations.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+  ablations.analyze(str(tmp_path))  # the default output folder: beside results.csv
+  assert sorted(os.listdir(tmp_path / "ablations")) == ["ablations.png", "report.md",
+                                                        "results.csv"]
 
 
 def test_sigterm_stops_the_runs_and_leaves_them_resumable(tmp_path, fake):
   out = tmp_path / "out"
-  env = dict(os.environ, FAKE_SLEEP="60", **{local_lib.TRAIN_CMD_ENV: shlex.join(fake)})
+  env = dict(os.environ, FAKE_SLEEP="60")
   proc = subprocess.Popen([sys.executable, "-m", "llama_jax.sweep", write_experiment(tmp_path),
-                           "--workdir", str(out), "--parallel", "2"], env=env,
+                           "--workdir", str(out), "--parallel", "2",
+                           "--train_cmd", shlex.join(fake)], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     deadline = time.time() + 60
@@ -443,3 +516,54 @@ def test_sigterm_stops_the_runs_and_leaves_them_resumable(tmp_path, fake):
     pid = json.loads(open(out / name / "calls.txt").readline())["pid"]
     with pytest.raises(ProcessLookupError):  # the trainer was stopped, not orphaned
       os.kill(pid, 0)
+
+
+# ---------------------------------------------------------------------------- outside the repo
+
+# A user's own config in a folder of their own: `configs` is an installed package (setup.cfg).
+OUTSIDE_CONFIG = textwrap.dedent('''
+    from configs import base
+
+    def get_config(arg=None):
+      config = base.get_config("tiny")
+      config.data.update(name="synthetic", seq_len=32, batch_size=4)
+      config.model.max_seq_len = 32
+      config.train.update(steps=2, log_every=1, eval_every=2, eval_steps=1, checkpoint_every=2,
+                          sample_tokens=0)
+      return config
+''')
+
+
+@pytest.mark.slow
+def test_a_sweep_outside_the_repository_runs_the_real_trainer(tmp_path):
+  """Started in a folder that holds no checkout: the experiment's relative CONFIG resolves
+  there, the config file imports configs.base, and the run is `python -m llama_jax` (the real
+  trainer, two steps on synthetic tokens) started there; the SLURM script from there runs in
+  that folder with the config relative to it."""
+  (tmp_path / "cfg").mkdir()
+  (tmp_path / "cfg" / "small.py").write_text(OUTSIDE_CONFIG)
+  write_experiment(tmp_path, 'CONFIG = "cfg/small.py"\n'
+                   'def sweep(add):\n  add(name="only", **{"model.dim": 48})\n')
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")  # one CPU device, as a user has
+  sweep = [sys.executable, "-m", "llama_jax.sweep", "exp.py"]
+  r = subprocess.run(sweep + ["--workdir", "out"], cwd=tmp_path, env=env, capture_output=True,
+                     text=True, timeout=600)
+  run_dir = tmp_path / "out" / "only"
+  log = (run_dir / "log.txt").read_text() if (run_dir / "log.txt").exists() else ""
+  assert r.returncode == 0, r.stderr[-2000:] + log[-3000:]
+  record = json.load(open(run_dir / "sweep.json"))
+  assert os.path.realpath(record["cwd"]) == os.path.realpath(tmp_path)
+  assert record["command"].startswith(shlex.join(
+      [sys.executable, "-m", "llama_jax", f"--config={tmp_path / 'cfg' / 'small.py'}"]))
+  assert (run_dir / "DONE").exists()
+  metrics = run_lib.read_jsonl(run_dir / "metrics.jsonl")
+  assert run_lib.last_step(metrics) == 2 and run_lib.final_value(metrics, "eval_loss") > 0
+  assert json.load(open(run_dir / "config.json"))["model"]["dim"] == 48  # the override arrived
+  assert [row["status"] for row in results_lib.read_results(str(tmp_path / "out" / "results.csv"))
+          ] == ["done"]
+
+  r = subprocess.run(sweep + ["--workdir", "elsewhere", "--launcher", "slurm", "--dry"],
+                     cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert f"cd {tmp_path}\n" in r.stdout
+  assert "srun python -m llama_jax --config=cfg/small.py " in r.stdout

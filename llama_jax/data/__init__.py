@@ -8,8 +8,8 @@ Importing this package registers the `python_stdlib` and `text_files` tfds build
 """
 
 from llama_jax.data.cache import TokenFile, token_file
-from llama_jax.data.corpora import (Corpus, PythonStdlib, TextFiles, cache_root, data_root,
-                                    open_corpus, stdlib_files)
+from llama_jax.data.corpora import (Corpus, PythonStdlib, TextFiles, build_corpus, cache_root,
+                                    data_root, open_corpus, stdlib_config, stdlib_files)
 from llama_jax.data.errors import DataError
 from llama_jax.data.loader import (Loader, SyntheticLoader, TokenLoader, make_loaders,
                                    make_tokenizer, segments)
@@ -18,7 +18,7 @@ from llama_jax.data.tokenizer import (ByteTokenizer, SpmTokenizer, Tokenizer, lo
 
 __all__ = [
     "ByteTokenizer", "Corpus", "DataError", "Loader", "PythonStdlib", "SpmTokenizer",
-    "SyntheticLoader", "TextFiles", "TokenFile", "TokenLoader", "Tokenizer", "cache_root",
-    "data_root", "load_tokenizer", "make_loaders", "make_tokenizer", "open_corpus", "segments",
-    "stdlib_files", "token_file", "tokenizer_from_path", "train_spm",
+    "SyntheticLoader", "TextFiles", "TokenFile", "TokenLoader", "Tokenizer", "build_corpus",
+    "cache_root", "data_root", "load_tokenizer", "make_loaders", "make_tokenizer", "open_corpus",
+    "segments", "stdlib_config", "stdlib_files", "token_file", "tokenizer_from_path", "train_spm",
 ]

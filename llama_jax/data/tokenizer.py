@@ -32,8 +32,9 @@ UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 MODEL_FILE = "tokenizer.model"
 BYTE_FILE = "byte_tokenizer.json"  # not tokenizer.json: that name is Hugging Face's format
 
-# LLaMA's trainer options (its tokenizer.model's trainer_spec), with the sample capped so the
-# default corpus trains in a few seconds on 2 cores: ~280k stdlib lines -> ~2 s.
+# LLaMA's trainer options (its tokenizer.model's trainer_spec). The sample is capped
+# (SPM_MAX_SENTENCES, SPM_MAX_CHARS) so that a large corpus trains in bounded time; the
+# default corpus (~280k standard-library lines) is below both caps.
 SPM_OPTIONS = dict(
     model_type="bpe",
     byte_fallback=True,               # any byte sequence encodes: no <unk> in practice
@@ -47,7 +48,7 @@ SPM_OPTIONS = dict(
     max_sentence_length=16384,        # bytes; longer lines are cut to this before training
     unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
 )
-SPM_MAX_SENTENCES = 1_000_000        # lines fed to the trainer at most (~10 s for 32k pieces)
+SPM_MAX_SENTENCES = 1_000_000        # lines fed to the trainer at most
 SPM_MAX_CHARS = 50_000_000           # and characters at most
 
 

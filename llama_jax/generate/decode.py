@@ -151,7 +151,7 @@ def _is_eos(tokens, eos):
 
 
 def _prefill_impl(model: Llama, tokens, positions, lengths, key, sampling, eos, *, width,
-                  greedy, record):
+                  greedy):
   """Runs the prompts through the model into a fresh cache; samples the first new token.
   `width` is the static output width (>= max_new_tokens); the cache holds P + width slots."""
   b, p = tokens.shape
@@ -160,11 +160,8 @@ def _prefill_impl(model: Llama, tokens, positions, lengths, key, sampling, eos, 
   last = logits[:, -1]  # [B, V]: left padding puts every row's last prompt token at P-1
   new = _sample(last, key, 0, greedy, sampling)
   out = jnp.full((b, width), -1, jnp.int32).at[:, 0].set(new)
-  carry = {"cache": cache, "token": new, "pos": lengths.astype(jnp.int32),
-           "done": _is_eos(new, eos), "step": jnp.ones((), jnp.int32), "out": out}
-  if record:
-    carry["logits"] = jnp.zeros((b, width, last.shape[-1]), jnp.float32).at[:, 0].set(last)
-  return carry
+  return {"cache": cache, "token": new, "pos": lengths.astype(jnp.int32),
+          "done": _is_eos(new, eos), "step": jnp.ones((), jnp.int32), "out": out}
 
 
 def _step_impl(model: Llama, carry, key, sampling, eos, *, greedy):
@@ -175,13 +172,10 @@ def _step_impl(model: Llama, carry, key, sampling, eos, *, greedy):
   logits = logits[:, 0]
   new = _sample(logits, key, step, greedy, sampling)
   new = jnp.where(done, _PAD_TOKEN, new)  # finished rows keep feeding padding
-  carry = dict(carry, cache=cache, token=new, pos=carry["pos"] + 1, step=step + 1,
-               done=done | _is_eos(new, eos),
-               out=jax.lax.dynamic_update_index_in_dim(
-                   carry["out"], jnp.where(done, -1, new), step, 1))
-  if "logits" in carry:
-    carry["logits"] = jax.lax.dynamic_update_index_in_dim(carry["logits"], logits, step, 1)
-  return carry
+  return dict(carry, cache=cache, token=new, pos=carry["pos"] + 1, step=step + 1,
+              done=done | _is_eos(new, eos),
+              out=jax.lax.dynamic_update_index_in_dim(
+                  carry["out"], jnp.where(done, -1, new), step, 1))
 
 
 def _no_constraints(fn):
@@ -196,13 +190,13 @@ def _no_constraints(fn):
   return wrapped
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "width", "greedy", "record"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "width", "greedy"))
 @_no_constraints
 def prefill(graphdef, params, tokens, positions, lengths, key, sampling, eos, *, width,
-            greedy, record=False):
+            greedy):
   """Jitted prefill: the decoding carry after the prompts and the first sampled token."""
   return _prefill_impl(nnx.merge(graphdef, params), tokens, positions, lengths, key, sampling,
-                       eos, width=width, greedy=greedy, record=record)
+                       eos, width=width, greedy=greedy)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "greedy"), donate_argnums=2)
@@ -212,14 +206,14 @@ def decode_step(graphdef, params, carry, key, sampling, eos, *, greedy):
   return _step_impl(nnx.merge(graphdef, params), carry, key, sampling, eos, greedy=greedy)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "width", "greedy", "record"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "width", "greedy"))
 @_no_constraints
 def _generate_loop(graphdef, params, tokens, positions, lengths, key, sampling, eos, n, *,
-                   width, greedy, record=False):
+                   width, greedy):
   """Prefill plus a while_loop of cached steps until n tokens or every row is done."""
   model = nnx.merge(graphdef, params)
   carry = _prefill_impl(model, tokens, positions, lengths, key, sampling, eos, width=width,
-                        greedy=greedy, record=record)
+                        greedy=greedy)
 
   def cond(c):
     return (c["step"] < n) & ~jnp.all(c["done"])
@@ -238,9 +232,8 @@ def split_model(model: Llama):
 
 
 def _decode(model: Llama, prompts, *, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
-            callback, record=False) -> dict[str, np.ndarray]:
-  """generate's engine: 'out' [B, N] (-1 after a row's EOS), and with record=True 'logits'
-  [B, N, V], the logits each new token was sampled from.
+            callback) -> np.ndarray:
+  """generate's engine: the new tokens [B, N], -1 after a row's EOS.
 
   Shapes are bucketed (prompt width and output width rounded up to PAD_MULTIPLE) and the
   sampling settings, EOS ids and N are traced values, so one compilation serves every call
@@ -251,10 +244,7 @@ def _decode(model: Llama, prompts, *, max_new_tokens, temperature, top_k, top_p,
                                            cfg.vocab_size)
   b, n = len(prompts), max_new_tokens
   if n == 0:
-    out = {"out": np.zeros((b, 0), np.int32)}
-    if record:
-      out["logits"] = np.zeros((b, 0, cfg.vocab_size), np.float32)
-    return out
+    return np.zeros((b, 0), np.int32)
   graphdef, params = split_model(model)
   key = jax.random.PRNGKey(seed)
   sampling = (np.float32(max(temperature, 1e-6)), np.int32(top_k), np.float32(top_p))
@@ -264,10 +254,10 @@ def _decode(model: Llama, prompts, *, max_new_tokens, temperature, top_k, top_p,
   if callback is None:
     carry = _generate_loop(params=params, tokens=tokens, positions=positions, lengths=lengths,
                            key=key, sampling=sampling, eos=eos, n=np.int32(n), width=width,
-                           record=record, **static)
+                           **static)
   else:
     carry = prefill(params=params, tokens=tokens, positions=positions, lengths=lengths,
-                    key=key, sampling=sampling, eos=eos, width=width, record=record, **static)
+                    key=key, sampling=sampling, eos=eos, width=width, **static)
     new, done = jax.device_get((carry["token"], carry["done"]))
     callback(np.asarray(new))
     for _ in range(1, n):
@@ -278,8 +268,7 @@ def _decode(model: Llama, prompts, *, max_new_tokens, temperature, top_k, top_p,
       done_before = done
       new, done = jax.device_get((carry["token"], carry["done"]))
       callback(np.where(done_before, -1, new))
-  keys = ["out"] + (["logits"] if record else [])
-  return {k: np.asarray(jax.device_get(carry[k]))[:, :n] for k in keys}
+  return np.asarray(jax.device_get(carry["out"]))[:, :n]
 
 
 def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -295,7 +284,7 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
   prompt whose length + max_new_tokens exceeds the model's max_seq_len.
   """
   out = _decode(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id, callback=callback)["out"]
+                top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id, callback=callback)
   # Once a row is done the rest of its buffer is -1.
   return [[int(t) for t in row[row >= 0]] for row in out]
 

@@ -11,43 +11,55 @@ An experiment file (experiments/*.py) is plain Python:
         add(name=f"rope_s{seed}", **{"model.position": "rope", "train.seed": seed})
 
 `add(name=..., tags=None, **overrides)` adds one run. Overrides are dotted config keys exactly
-as on the run_train.py command line (`"model.dim": 128` is `--config.model.dim=128`); as a
+as on the trainer's command line (`"model.dim": 128` is `--config.model.dim=128`); as a
 keyword-friendly spelling a double underscore stands for the dot (`model__dim=128`). `tags` is
 a dict of extra columns for results.csv that are not config values (e.g. the compute budget a
-run belongs to). Every run is resolved against the base config when the sweep is expanded, so a
-misspelt key, a value of the wrong type or an invalid model shape fails before anything runs.
+run belongs to). Every run is resolved against the base config and checked by
+llama_jax.config.validate when the sweep is expanded, so a misspelt key, a value of the wrong
+type or an invalid model shape fails before anything runs: a SweepError (a UserError), which
+the CLI prints as one line `error: ...` with exit status 2.
 
     python -m llama_jax.sweep experiments/X.py --workdir DIR [--parallel N] [--dry]
         [--launcher local|tpu|slurm] [--only NAME|PATTERN ...] [--set KEY=VALUE ...] [--collect]
 
-Local launcher: each run is `python run_train.py --config=CONFIG --workdir=DIR/<name>
---config.k=v ...` in its own subprocess (at most --parallel at once), stdout+stderr appended to
-DIR/<name>/log.txt. A run is finished when DIR/<name>/DONE exists or its metrics.jsonl has a
-line with step >= train.steps (run_train logs the number of completed updates as `step`);
-DONE records train.steps, so raising train.steps makes a finished run unfinished again. Finished
-runs are skipped, and any other run is started again, which resumes it from the
-checkpoints in its workdir. The sweep writes DONE after a run exits 0 having reached
-train.steps, and DIR/<name>/sweep.json (overrides, command, attempts with wall time and exit
-code). Afterwards (and with --collect alone) it writes DIR/results.csv: one row per run with its
+Paths. The experiment file, its CONFIG and --config are relative to the current directory
+(absolute paths are kept): run the sweep from the root of a checkout for `configs/...` and
+`experiments/...`. Config files importing `configs.base` work from anywhere, since setup.cfg
+installs configs/ as a package.
+
+Local launcher: each run is `python -m llama_jax --config=CONFIG --workdir=DIR/<name>
+--config.k=v ...` (the program run_train.py runs) in its own subprocess, started in the current
+directory (at most --parallel at once), stdout+stderr appended to DIR/<name>/log.txt. A run is
+finished when DIR/<name>/DONE exists or its metrics.jsonl has a line with step >= train.steps
+(the trainer logs the number of completed updates as `step`); DONE records train.steps, so
+raising train.steps makes a finished run unfinished again. Finished runs are skipped, and any
+other run is started again, which resumes it from the checkpoints in its workdir. The sweep
+writes DONE after a run exits 0 having reached train.steps, and DIR/<name>/sweep.json
+(overrides, command, the directory it ran in, attempts with wall time and exit code).
+Afterwards (and with --collect alone) it writes DIR/results.csv: one row per run with its
 overrides and tags, params, non-embedding params, tokens (= steps * batch_size * seq_len), exact
-FLOPs (llama_jax.metrics.flops_per_token * tokens), Kaplan FLOPs (6 N_nonembed tokens), final
+FLOPs (llama_jax.model.sizes.flops_per_token * tokens), Kaplan FLOPs (6 N_nonembed tokens), final
 train and eval loss, wall time and status (done | incomplete | failed | pending).
 
+A different trainer (a wrapper such as `nice`, another Python, a stand-in in tests) is given as
+`--train_cmd 'CMD ...'` (a shell-quoted prefix that replaces `python -m llama_jax`; each run's
+flags follow it), or as the `train_cmd=[...]` argument of `run_local`.
+
 TPU launcher: writes DIR/launch_tpu.sh (or --script), one `gcloud compute tpus tpu-vm ssh
-"$TPU_NAME" --zone="$ZONE" --worker=all --command='cd REPO && python run_train.py ...'` per run,
-run one after another, the same command on every host (jax.distributed auto-detects the pod).
-The workdir must be reachable from every host (gs://bucket/...); REPO (--remote_dir) is the
-checkout on the TPU VMs, relative to the home directory unless absolute.
+"$TPU_NAME" --zone="$ZONE" --worker=all --command='cd REPO && python -m llama_jax ...'` per
+run, run one after another, the same command on every host (jax.distributed auto-detects the
+pod). The workdir must be reachable from every host (gs://bucket/...); REPO (--remote_dir) is
+the checkout on the TPU VMs, relative to the home directory unless absolute.
 
 SLURM launcher: writes DIR/launch_slurm.sh, an sbatch job array (one array task per unfinished
-run, at most --parallel at once) with `#SBATCH --nodes=N --ntasks-per-node=1` and `srun python run_train.py
-...` in each task (jax.distributed auto-detects SLURM). Submit with `sbatch DIR/launch_slurm.sh`.
+run, at most --parallel at once) with `#SBATCH --nodes=N --ntasks-per-node=1` and `srun python
+-m llama_jax ...` in each task (jax.distributed auto-detects SLURM), run in --remote_dir
+(default: the current directory). Submit with `sbatch DIR/launch_slurm.sh`.
 
-The run command can be replaced (tests use a fake trainer) by the `train_cmd` argument of
-`run_local` or the environment variable LLAMA_JAX_SWEEP_TRAIN_CMD (a shell-quoted prefix that
-replaces `python run_train.py`).
+In both scripts a config path inside the current directory is written relative to it, so that
+it names the same file in the cluster's checkout.
 
 Modules: experiment (an experiment file expanded into runs), overrides (config files, dotted
 overrides), run (Run: sizes, command, state on disk), local (the local launcher), results
-(results.csv), cluster (the TPU / SLURM scripts); the CLI is __main__.
+(results.csv), cluster (the TPU / SLURM scripts), errors (SweepError); the CLI is __main__.
 """

@@ -1,5 +1,6 @@
 """The sweep's command line: python -m llama_jax.sweep experiments/X.py --workdir DIR ...
-(the experiment file format and the launchers: llama_jax.sweep)."""
+(the experiment file format and the launchers: llama_jax.sweep). A mistake in the experiment
+file or the flags is one line `error: ...` and exit status 2 (llama_jax.errors.cli)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import signal
 import sys
 from typing import Sequence
 
-from llama_jax.sweep.cluster import slurm_script, tpu_script
+from llama_jax.errors import cli
+from llama_jax.sweep.cluster import relative_to_cwd, slurm_script, tpu_script
+from llama_jax.sweep.errors import SweepError
 from llama_jax.sweep.experiment import absolute_config, expand, is_remote, load_experiment
 from llama_jax.sweep.local import default_train_cmd, run_local
-from llama_jax.sweep.overrides import REPO_ROOT, canonical_key, load_config, parse_value
+from llama_jax.sweep.overrides import canonical_key, load_config, parse_value
 from llama_jax.sweep.results import collect_results
 from llama_jax.sweep.run import Run
 
@@ -55,11 +58,26 @@ def dry_listing(runs: Sequence[Run], train_cmd: Sequence[str]) -> str:
   return out.getvalue()
 
 
+def _train_cmd(text: str | None) -> list[str]:
+  if text is None:
+    return default_train_cmd()
+  try:
+    argv = shlex.split(text)
+  except ValueError as e:  # an unclosed quote
+    raise SweepError(f"--train_cmd {text!r}: {e}; quote it as a shell command") from None
+  if not argv:
+    raise SweepError("--train_cmd is empty; give the trainer's command, e.g. "
+                     "'python -m llama_jax'")
+  return argv
+
+
+@cli
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(
       prog="python -m llama_jax.sweep",
       description="Run an experiment file's sweep locally, or write a TPU / SLURM launch script.")
-  p.add_argument("experiment", help="experiments/NAME.py defining sweep(add)")
+  p.add_argument("experiment", help="experiments/NAME.py defining sweep(add); relative paths "
+                 "here and in its CONFIG are relative to the current directory")
   p.add_argument("--workdir", required=True, help="parent directory of the runs' workdirs")
   p.add_argument("--parallel", type=int, default=1,
                  help="local: runs at once; slurm: array throttle (%%N)")
@@ -75,24 +93,26 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--script", help="tpu/slurm: where to write the script "
                  "(default WORKDIR/launch_<launcher>.sh)")
   p.add_argument("--remote_dir", help="tpu: the checkout on the TPU VMs (default llama_jax, "
-                 "relative to home); slurm: the checkout on the cluster (default this one)")
+                 "relative to home); slurm: the checkout on the cluster (default: the current "
+                 "directory)")
   p.add_argument("--python", default="python", help="tpu/slurm: the Python on the hosts")
+  p.add_argument("--train_cmd", help="local: the trainer, a shell-quoted command to which each "
+                 "run's --config, --workdir and --config.k=v flags are appended (default: this "
+                 "Python's `-m llama_jax`); the way to run a different trainer or a wrapper, "
+                 "e.g. 'nice -n 10 python -m llama_jax'")
   p.add_argument("--nodes", type=int, default=1, help="slurm: nodes per run")
   p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                  help="slurm: extra #SBATCH line, e.g. --sbatch=--gpus-per-node=8")
   args = p.parse_args(argv)
 
   try:
-    return _main(p, args)
-  except (KeyError, ValueError, TypeError, FileNotFoundError) as e:
-    print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-    return 2
+    return _main(args)
   except KeyboardInterrupt:
     print("[sweep] stopped; run the same command again to resume", file=sys.stderr)
     return 130
 
 
-def _main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def _main(args: argparse.Namespace) -> int:
   experiment = load_experiment(args.experiment)
   extra = {}
   if args.set:
@@ -100,11 +120,11 @@ def _main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for item in args.set:
       key, sep, text = item.partition("=")
       if not sep:
-        p.error(f"--set needs KEY=VALUE, got {item!r}")
+        raise SweepError(f"--set needs KEY=VALUE, got {item!r}")
       extra[canonical_key(key)] = parse_value(base_config, key, text)
   runs = expand(experiment, args.workdir, config=args.config, extra=extra, only=args.only)
   workdir = args.workdir.rstrip("/") if is_remote(args.workdir) else os.path.abspath(args.workdir)
-  rel_experiment = os.path.relpath(experiment.path, REPO_ROOT)
+  rel_experiment = relative_to_cwd(experiment.path)
 
   if args.launcher != "local":
     if args.launcher == "slurm" and not is_remote(workdir):
@@ -122,7 +142,7 @@ def _main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
       text = tpu_script(runs, experiment=rel_experiment,
                         remote_dir=args.remote_dir or "llama_jax", python=args.python)
     else:
-      text = slurm_script(runs, experiment=rel_experiment, repo_dir=args.remote_dir or REPO_ROOT,
+      text = slurm_script(runs, experiment=rel_experiment, repo_dir=args.remote_dir or os.getcwd(),
                           python=args.python, nodes=args.nodes,
                           parallel=args.parallel if args.parallel > 1 else None,
                           log_dir=None if is_remote(workdir) else workdir,
@@ -133,7 +153,7 @@ def _main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     script = args.script or (None if is_remote(workdir)
                              else os.path.join(workdir, f"launch_{args.launcher}.sh"))
     if script is None:
-      p.error("a remote workdir needs --script PATH for the launch script")
+      raise SweepError("a remote workdir needs --script PATH for the launch script")
     if args.launcher == "slurm" and not is_remote(workdir):
       os.makedirs(workdir, exist_ok=True)  # sbatch's --output directory must exist
     os.makedirs(os.path.dirname(os.path.abspath(script)), exist_ok=True)
@@ -144,8 +164,9 @@ def _main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
   if is_remote(args.workdir):
-    p.error("the local launcher needs a local --workdir")
-  train_cmd = default_train_cmd()
+    raise SweepError(f"the local launcher needs a local --workdir, got {args.workdir}; use "
+                     "--launcher tpu or slurm for a gs:// workdir")
+  train_cmd = _train_cmd(args.train_cmd)
   if args.dry:
     print(dry_listing(runs, train_cmd), end="")
     return 0

@@ -1,5 +1,9 @@
 """Launch scripts for a sweep on a cluster: a bash script running each run on every host of a
 Cloud TPU slice (tpu_script), or an sbatch job array (slurm_script). See llama_jax.sweep.
+
+Each run is `python -m llama_jax ...` started in a checkout on the cluster (remote_dir /
+repo_dir); config paths inside the current directory are written relative to it, so that a
+sweep started at the root of a checkout names the same files in the cluster's checkout.
 """
 
 from __future__ import annotations
@@ -9,25 +13,28 @@ import re
 import shlex
 from typing import Sequence
 
-from llama_jax.sweep.overrides import REPO_ROOT
+from llama_jax.sweep.errors import SweepError
 from llama_jax.sweep.run import Run
+
+TRAINER = ["-m", "llama_jax"]  # after the hosts' python: the package's training program
+
+
+def relative_to_cwd(path: str) -> str:
+  """A path inside the current directory relative to it (it resolves the same in the
+  cluster's checkout), any other path as it is."""
+  rel = os.path.relpath(path)
+  return path if rel == ".." or rel.startswith(".." + os.sep) else rel
 
 
 def _remote_config(run: Run) -> str:
-  """The config path relative to the repository root when it lies inside it (so it resolves in
-  the remote checkout), else as is."""
   path, sep, arg = run.config_file.partition(":")
-  rel = os.path.relpath(path, REPO_ROOT)
-  if not rel.startswith(".."):
-    path = rel
-  return path + sep + arg
+  return relative_to_cwd(path) + sep + arg
 
 
 def remote_command(run: Run, *, repo_dir: str, python: str = "python",
                    workdir: str | None = None) -> str:
-  """`cd REPO && python run_train.py ...` as one shell string, every word quoted."""
-  argv = [python, "run_train.py"] + run.train_args(config_file=_remote_config(run),
-                                                   workdir=workdir)
+  """`cd REPO && python -m llama_jax ...` as one shell string, every word quoted."""
+  argv = [python, *TRAINER] + run.train_args(config_file=_remote_config(run), workdir=workdir)
   return f"cd {shlex.quote(repo_dir)} && {shlex.join(argv)}"
 
 
@@ -41,8 +48,8 @@ def tpu_script(runs: Sequence[Run], *, experiment: str = "", remote_dir: str = "
       "# jax.distributed.initialize() finds the other hosts on its own.",
       "#   TPU_NAME=my-tpu ZONE=us-central2-b [PROJECT=my-project] bash THIS_SCRIPT",
       f"# Needs the same checkout of this repository at ~/{remote_dir} (or that absolute path)",
-      "# on every host, and a workdir every host can reach (gs://...). A run that stops is",
-      "# resumed from its checkpoints by running this script again.",
+      "# on every host, installed (pip install -e .), and a workdir every host can reach",
+      "# (gs://...). A run that stops is resumed from its checkpoints by running this again.",
       "set -uo pipefail",
       ': "${TPU_NAME:?set TPU_NAME to the TPU VM name}"',
       ': "${ZONE:?set ZONE to its zone}"',
@@ -64,13 +71,16 @@ def tpu_script(runs: Sequence[Run], *, experiment: str = "", remote_dir: str = "
   return "\n".join(lines)
 
 
-def slurm_script(runs: Sequence[Run], *, experiment: str = "", repo_dir: str = REPO_ROOT,
+def slurm_script(runs: Sequence[Run], *, experiment: str = "", repo_dir: str | None = None,
                  python: str = "python", nodes: int = 1, parallel: int | None = None,
                  log_dir: str | None = None, sbatch_options: Sequence[str] = ()) -> str:
-  """An sbatch job array: task i runs run i with `srun` on `nodes` nodes, one task per node."""
+  """An sbatch job array: task i runs run i with `srun` on `nodes` nodes, one task per node,
+  in repo_dir (default: the current directory, for a cluster whose nodes share it)."""
+  repo_dir = repo_dir or os.getcwd()
   for value in (log_dir or "",) + tuple(sbatch_options):
     if any(c.isspace() for c in value):
-      raise ValueError(f"#SBATCH lines cannot hold whitespace: {value!r}")
+      raise SweepError(f"#SBATCH lines cannot hold whitespace: {value!r}; use a path or "
+                       "option without spaces")
   name = re.sub(r"[^A-Za-z0-9_.-]", "_",
                 os.path.splitext(os.path.basename(experiment))[0] if experiment else "sweep")
   array = f"0-{len(runs) - 1}" + (f"%{parallel}" if parallel else "")
@@ -94,7 +104,7 @@ def slurm_script(runs: Sequence[Run], *, experiment: str = "", repo_dir: str = R
       'case "${SLURM_ARRAY_TASK_ID:?not inside a SLURM array job}" in',
   ]
   for i, run in enumerate(runs):
-    argv = ["srun", python, "run_train.py"] + run.train_args(config_file=_remote_config(run))
+    argv = ["srun", python, *TRAINER] + run.train_args(config_file=_remote_config(run))
     lines.append(f"  {i}) # {run.name}")
     lines.append(f"    {shlex.join(argv)} ;;")
   lines += [

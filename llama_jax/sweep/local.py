@@ -1,6 +1,7 @@
-"""The local launcher of llama_jax.sweep: each run is a run_train.py subprocess (at most
-`parallel` at once), logged to <workdir>/log.txt and recorded in <workdir>/sweep.json; a run
-that reaches train.steps gets a DONE file, and an interrupted one resumes when started again.
+"""The local launcher of llama_jax.sweep: each run is a trainer subprocess (`python -m
+llama_jax`, at most `parallel` at once) started in the current directory, logged to
+<workdir>/log.txt and recorded in <workdir>/sweep.json; a run that reaches train.steps gets a
+DONE file, and an interrupted one resumes when started again.
 """
 
 from __future__ import annotations
@@ -16,18 +17,12 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
-from llama_jax.sweep.overrides import REPO_ROOT
 from llama_jax.sweep.run import Run, final_value, last_step
-
-RUN_TRAIN = os.path.join(REPO_ROOT, "run_train.py")
-TRAIN_CMD_ENV = "LLAMA_JAX_SWEEP_TRAIN_CMD"
 
 
 def default_train_cmd() -> list[str]:
-  env = os.environ.get(TRAIN_CMD_ENV)
-  if env:
-    return shlex.split(env)
-  return [sys.executable, RUN_TRAIN]
+  """The package's training program under this Python (the same one as run_train.py)."""
+  return [sys.executable, "-m", "llama_jax"]
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -72,7 +67,8 @@ def run_one(run: Run, train_cmd: Sequence[str], children: _Children | None = Non
   if record.get("overrides") not in (None, run.overrides):
     print_fn(f"[sweep] warning: {run.name}: {run.workdir} was started with other overrides "
              f"({record['overrides']}); its checkpoints are resumed with the new ones")
-  record.update(name=run.name, overrides=run.overrides, tags=run.tags, command=shlex.join(cmd))
+  record.update(name=run.name, overrides=run.overrides, tags=run.tags, command=shlex.join(cmd),
+                cwd=os.getcwd())
   record.setdefault("attempts", [])
   start = time.time()
   attempt = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "resumed_from_step":
@@ -82,8 +78,10 @@ def run_one(run: Run, train_cmd: Sequence[str], children: _Children | None = Non
   with open(os.path.join(run.workdir, "log.txt"), "a") as log:
     log.write(f"\n===== {attempt['started']} sweep: {shlex.join(cmd)}\n")
     log.flush()
+    # The run inherits the current directory: the config path is absolute, and a relative
+    # data.files glob or data_dir means what it means where the sweep was started.
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            cwd=REPO_ROOT, start_new_session=True)
+                            start_new_session=True)
     if children is not None:
       with children.lock:
         children.procs.add(proc)
@@ -123,7 +121,8 @@ def run_local(runs: Sequence[Run], *, parallel: int = 1, train_cmd: Sequence[str
   """Runs every unfinished run, at most `parallel` at once; returns {name: status}.
 
   Finished runs are skipped; interrupted ones are started again and resume from their
-  checkpoints. Ctrl-C stops the runs this call started, then re-raises.
+  checkpoints. Ctrl-C stops the runs this call started, then re-raises. train_cmd is the
+  trainer's argv prefix (default: default_train_cmd()); each run's train_args() follow it.
   """
   train_cmd = list(train_cmd) if train_cmd is not None else default_train_cmd()
   statuses: dict[str, str] = {}

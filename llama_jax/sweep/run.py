@@ -1,5 +1,5 @@
 """One run of a sweep: its name, overrides and resolved config, its sizes (params, tokens,
-FLOPs), its run_train.py arguments, and its state on disk (metrics.jsonl, sweep.json, DONE).
+FLOPs), its trainer arguments, and its state on disk (metrics.jsonl, sweep.json, DONE).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class Run:
 
   # -- command
   def train_args(self, *, config_file: str | None = None, workdir: str | None = None) -> list[str]:
-    """run_train.py's arguments (no program): --config, --workdir, one --config.k=v each."""
+    """The trainer's arguments (no program): --config, --workdir, one --config.k=v each."""
     args = [f"--config={config_file or self.config_file}",
             f"--workdir={workdir or self.workdir}"]
     args += [f"--config.{k}={format_value(v)}" for k, v in self.overrides.items()]

@@ -145,8 +145,7 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, preferred_element_type=None
   Computed as one 2-D GEMM [rows, prod(in)] x [prod(in), prod(out)]. The same contraction as a
   3-D einsum (BTD,DF->BTF) is the same FLOPs, but its backward pass contracts two axes (B, T)
   for the weight gradient, and XLA:CPU then fuses the surrounding elementwise backward ops into
-  loops that write transposed copies: the SwiGLU MLP's forward + backward of shape B took 166 ms
-  that way and 100 ms as 2-D GEMMs (docs/PERFORMANCE.md).
+  loops that write transposed copies (measured in docs/PERFORMANCE.md, "What limited the step").
   """
   batch, contract, out = x.shape[:-n_in], x.shape[x.ndim - n_in:], w.shape[n_in:]
   x2, w2 = x.reshape(-1, math.prod(contract)), w.reshape(math.prod(contract), -1)
@@ -160,8 +159,9 @@ def lm_head_logits(x: jax.Array, head: jax.Array) -> jax.Array:
 
   The backward pass runs its two GEMMs in x's dtype, like every other layer's: jax's own
   transpose of a bf16 x bf16 -> fp32 dot upcasts bf16 operands to meet the fp32 cotangent, which
-  on an H200 made the two largest GEMMs of the 1B config's backward pass fp32 (TF32) ones, 15 ms of
-  a 230 ms step (docs/PERFORMANCE.md). In fp32 the two are the same computation.
+  would make the two largest GEMMs of the backward pass fp32 (TF32 on a GPU) ones
+  (measured in docs/PERFORMANCE.md, "Measured: one H200"). In fp32 the two are the same
+  computation.
   """
   return dense(x, head, preferred_element_type=jnp.float32)
 
@@ -285,8 +285,8 @@ def _cudnn_attention_residuals(prim, *_, **__) -> bool:
   """jax.nn.dot_product_attention(implementation='cudnn') runs its forward pass as the primitive
   dot_product_attention_fwd(_wrapper): its outputs, the attention output and the softmax
   statistics, are the residuals of cuDNN's backward kernel. A dot policy alone does not keep them
-  (the primitive is not a dot), and the forward kernel then reruns in the backward pass: on an
-  H200 the 1B config's step took 1.8% longer that way (docs/PERFORMANCE.md)."""
+  (the primitive is not a dot), and the forward kernel would then rerun in the backward pass
+  (measured in docs/PERFORMANCE.md, "Measured: one H200")."""
   return prim.name.startswith("dot_product_attention_fwd")
 
 

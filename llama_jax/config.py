@@ -9,11 +9,11 @@ anything expensive starts.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import ml_collections
 
+from llama_jax import storage
 from llama_jax.model.config import ModelConfig
 
 
@@ -79,12 +79,7 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def write(config: ml_collections.ConfigDict, workdir: str) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(to_json(config))
-  os.replace(tmp, path)
+  storage.write_text(storage.join(workdir, "config.json"), to_json(config))  # whole, atomically
 
 
 def from_dict(d: dict) -> ml_collections.ConfigDict:
@@ -100,8 +95,7 @@ def from_dict(d: dict) -> ml_collections.ConfigDict:
 
 
 def read(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "config.json")
+  if not storage.exists(path):
     raise ConfigError(f"{path} not found: is {workdir} a llama_jax workdir?")
-  with open(path) as f:
-    return from_dict(json.load(f))
+  return from_dict(json.loads(storage.read_text(path)))

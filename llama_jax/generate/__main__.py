@@ -8,7 +8,6 @@ Llama directory, one prompt streamed as it is produced, a batch of prompts, or -
 
 from __future__ import annotations
 
-import os
 import sys
 
 from llama_jax.generate.decode import TextStream, _eos, _strip_eos, encode_prompt, generate
@@ -23,12 +22,12 @@ def _load(workdir: str | None, hf_dir: str | None, step: int | None, dtype: str 
     from llama_jax.hf import load_hf
     model, _ = load_hf(hf_dir, dtype=dtype, param_dtype=dtype)
     return model, HFDirTokenizer(hf_dir)
-  from llama_jax import data
+  from llama_jax import data, storage
   from llama_jax.checkpoint import restore_params
   model, config, step = restore_params(workdir, step)
   print(f"restored step {step} from {workdir}", file=sys.stderr)
   # Training saves its tokenizer in the workdir; without it, rebuild it from config.data.
-  saved = any(os.path.isfile(os.path.join(workdir, name))
+  saved = any(storage.isfile(storage.join(workdir, name))
               for name in ("tokenizer.model", "byte_tokenizer.json"))
   tokenizer = data.tokenizer_from_path(workdir) if saved else data.make_tokenizer(config)
   return model, tokenizer

@@ -11,6 +11,7 @@ import signal
 import sys
 from typing import Sequence
 
+from llama_jax import storage
 from llama_jax.sweep.cluster import slurm_script, tpu_script
 from llama_jax.sweep.experiment import absolute_config, expand, is_remote, load_experiment
 from llama_jax.sweep.local import default_train_cmd, run_local
@@ -143,8 +144,8 @@ def _main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     print(script)
     return 0
 
-  if is_remote(args.workdir):
-    p.error("the local launcher needs a local --workdir")
+  if is_remote(args.workdir) and not args.dry:
+    storage.check_writable(workdir, "--workdir")  # a missing bucket: one line, nothing run
   train_cmd = default_train_cmd()
   if args.dry:
     print(dry_listing(runs, train_cmd), end="")

@@ -12,6 +12,7 @@ from typing import Any
 
 import ml_collections
 
+from llama_jax import storage
 from llama_jax.model.config import ModelConfig
 from llama_jax.model.sizes import count_params, flops_per_token, kaplan_flops_per_token
 from llama_jax.sweep.overrides import format_value
@@ -70,19 +71,17 @@ class Run:
 
   def record(self) -> dict[str, Any]:
     path = os.path.join(self.workdir, "sweep.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        return json.load(f)
+    if storage.exists(path):
+      return json.loads(storage.read_text(path))
     return {}
 
   def is_finished(self, metrics: list[dict[str, Any]] | None = None) -> bool:
     """DONE written for at least train.steps, or metrics.jsonl reaching train.steps."""
     done = os.path.join(self.workdir, "DONE")
-    if os.path.exists(done):
+    if storage.exists(done):
       try:
-        with open(done) as f:
-          if int(json.load(f)["steps"]) >= self.steps:
-            return True
+        if int(json.loads(storage.read_text(done))["steps"]) >= self.steps:
+          return True
       except (ValueError, KeyError, TypeError):  # a DONE without steps (made by hand): trusted
         return True
     metrics = self.metrics() if metrics is None else metrics
@@ -103,18 +102,17 @@ class Run:
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
   """Lines of a JSONL file; a torn last line (a killed writer) is ignored."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return []
   out = []
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
+  for line in storage.read_text(path).splitlines():
+    line = line.strip()
+    if not line:
+      continue
+    try:
+      out.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
   return out
 
 

@@ -93,6 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       sample_prompt="def ",
       sample_tokens=64,
+      wandb_project="",      # W&B project for the same scalars as metrics.jsonl ('' = off)
   ))
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

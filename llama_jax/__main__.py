@@ -26,7 +26,7 @@ _PID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 # The errors a user can fix; each is printed as one line, no traceback.
 USER_ERRORS = ("ConfigError", "ShardingError", "DataError", "NonFiniteLossError",
-               "CheckpointError", "StorageError")
+               "CheckpointError", "StorageError", "WandbError")
 
 
 def main(argv):

@@ -1,4 +1,4 @@
-"""FLOPs per token, MFU, and the metric writers (JSONL, TensorBoard)."""
+"""FLOPs per token, MFU, and the metric writers (JSONL, TensorBoard, optional W&B)."""
 
 from __future__ import annotations
 
@@ -85,17 +85,19 @@ def peak_units(devices) -> int:
 
 
 class MetricsWriter:
-  """One JSON object per line in DIR/metrics.jsonl plus the same scalars in TensorBoard.
+  """One JSON object per line in DIR/metrics.jsonl plus the same scalars in TensorBoard (and in
+  Weights & Biases when config.train.wandb_project is set).
 
   Only process 0 writes (the others get a writer that does nothing), so a multi-host run
   produces one log. Locally metrics.jsonl is appended line by line; in a bucket, which cannot
   append, the lines are kept and the object rewritten by `flush` (after each checkpoint) and
   `close`, keeping the lines a previous attempt of the run wrote."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, config=None):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
+    self._wandb = None
     if enabled:
       path = storage.join(workdir, "metrics.jsonl")
       if storage.is_remote(workdir):
@@ -103,6 +105,10 @@ class MetricsWriter:
       else:
         os.makedirs(workdir, exist_ok=True)
         self._jsonl = open(path, "a", buffering=1)
+      project = config.train.get("wandb_project", "") if config is not None else ""
+      if project:  # before TensorBoard: a missing package stops the run before any file
+        from llama_jax.wandb_writer import WandbWriter
+        self._wandb = WandbWriter(project, workdir, config)
       from tensorboardX import SummaryWriter
       if storage.is_remote(workdir):
         _register_bucket_events()
@@ -116,6 +122,8 @@ class MetricsWriter:
     for k, v in clean.items():
       if isinstance(v, (int, float)):
         self._tb.add_scalar(k, v, int(step))
+    if self._wandb is not None:
+      self._wandb.write(int(step), clean)
 
   def flush(self) -> None:
     """Makes every line so far durable where the run lives (called after each checkpoint)."""
@@ -127,6 +135,8 @@ class MetricsWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+      if self._wandb is not None:
+        self._wandb.close()
 
 
 class _BucketEvents:

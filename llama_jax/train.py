@@ -253,7 +253,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
 
     train_step = make_train_step(setup)
     eval_step = make_eval_step(setup)
-    writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+    writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, config=config)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_tok = sizes.flops_per_token(setup.model_cfg, config.data.seq_len)
     peak, peak_source = metrics_lib.device_peak_flops()

@@ -23,7 +23,8 @@ misspelt key, a value of the wrong type or an invalid model shape fails before a
 Local launcher: each run is `python run_train.py --config=CONFIG --workdir=DIR/<name>
 --config.k=v ...` in its own subprocess (at most --parallel at once), stdout+stderr appended to
 DIR/<name>/log.txt (DIR may be a bucket, gs://...: the log is then kept in a local copy and
-uploaded when the run ends). A run is finished when DIR/<name>/DONE exists or its metrics.jsonl has a
+uploaded when the run ends; W&B runs, with train.wandb_project set, are grouped by the sweep's
+name and tagged with their overrides). A run is finished when DIR/<name>/DONE exists or its metrics.jsonl has a
 line with step >= train.steps (run_train logs the number of completed updates as `step`);
 DONE records train.steps, so raising train.steps makes a finished run unfinished again. Finished
 runs are skipped, and any other run is started again, which resumes it from the

@@ -91,7 +91,8 @@ def run_one(run: Run, train_cmd: Sequence[str], children: _Children | None = Non
     log.write(f"\n===== {attempt['started']} sweep: {shlex.join(cmd)}\n")
     log.flush()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            cwd=REPO_ROOT, start_new_session=True)
+                            cwd=REPO_ROOT, start_new_session=True,
+                            env={**os.environ, **run.wandb_env()})
     if children is not None:
       with children.lock:
         children.procs.add(proc)

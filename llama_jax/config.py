@@ -20,7 +20,7 @@ from typing import Any
 
 import ml_collections
 
-from llama_jax import errors
+from llama_jax import errors, storage
 from llama_jax.model.config import SIZES, ModelConfig
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
@@ -116,6 +116,7 @@ def defaults(size: str | None = None) -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       sample_prompt="def ",
       sample_tokens=64,
+      wandb_project="",      # W&B project for the same scalars as metrics.jsonl ('' = off)
   ))
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -284,12 +285,7 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def write(config: ml_collections.ConfigDict, workdir: str) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(to_json(config))
-  os.replace(tmp, path)
+  storage.write_text(storage.join(workdir, "config.json"), to_json(config))  # whole, atomically
 
 
 def from_dict(d: dict) -> ml_collections.ConfigDict:
@@ -306,8 +302,7 @@ def from_dict(d: dict) -> ml_collections.ConfigDict:
 
 
 def read(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "config.json")
+  if not storage.exists(path):
     raise ConfigError(f"{path} not found: is {workdir} a llama_jax workdir?")
-  with open(path) as f:
-    return from_dict(json.load(f))
+  return from_dict(json.loads(storage.read_text(path)))

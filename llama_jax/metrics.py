@@ -1,7 +1,8 @@
-"""FLOPs per token, MFU, and the metric writers (JSONL, TensorBoard, progress bar)."""
+"""FLOPs per token, MFU, and the metric writers (JSONL, TensorBoard, optional W&B)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax import storage
 from llama_jax.model.config import ModelConfig
 
 # ---------------------------------------------------------------------------- peak and MFU
@@ -83,20 +85,34 @@ def peak_units(devices) -> int:
 
 
 class MetricsWriter:
-  """One JSON object per line in DIR/metrics.jsonl plus the same scalars in TensorBoard.
+  """One JSON object per line in DIR/metrics.jsonl plus the same scalars in TensorBoard (and in
+  Weights & Biases when config.train.wandb_project is set).
 
   Only process 0 writes (the others get a writer that does nothing), so a multi-host run
-  produces one log."""
+  produces one log. Locally metrics.jsonl is appended line by line; in a bucket, which cannot
+  append, the lines are kept and the object rewritten by `flush` (after each checkpoint) and
+  `close`, keeping the lines a previous attempt of the run wrote."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, config=None):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
+    self._wandb = None
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+      path = storage.join(workdir, "metrics.jsonl")
+      if storage.is_remote(workdir):
+        self._jsonl = storage.RewrittenText(path)
+      else:
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(path, "a", buffering=1)
+      project = config.train.get("wandb_project", "") if config is not None else ""
+      if project:  # before TensorBoard: a missing package stops the run before any file
+        from llama_jax.wandb_writer import WandbWriter
+        self._wandb = WandbWriter(project, workdir, config)
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      if storage.is_remote(workdir):
+        _register_bucket_events()
+      self._tb = SummaryWriter(storage.join(workdir, "tensorboard"))
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
     if not self.enabled:
@@ -106,11 +122,59 @@ class MetricsWriter:
     for k, v in clean.items():
       if isinstance(v, (int, float)):
         self._tb.add_scalar(k, v, int(step))
+    if self._wandb is not None:
+      self._wandb.write(int(step), clean)
+
+  def flush(self) -> None:
+    """Makes every line so far durable where the run lives (called after each checkpoint)."""
+    if self.enabled:
+      self._jsonl.flush()
+      self._tb.flush()
 
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+      if self._wandb is not None:
+        self._wandb.close()
+
+
+class _BucketEvents:
+  """tensorboardX's record writer for gs://, through epath (gcsfs) like every other run file.
+
+  An object cannot be appended to, so the events file is kept in memory and uploaded whole on
+  each flush (tensorboardX flushes every 2 minutes, the run after each checkpoint): ~50 bytes a
+  scalar, so 10,000 log lines of 6 scalars upload 3 MB a time. tensorboardX's own gs:// writer
+  does the same through google-cloud-storage, but uploads once more when garbage-collected,
+  which at interpreter exit can come after the store is gone (then it retries for 2 minutes).
+  """
+
+  def __init__(self, path: str):
+    self.path, self._buffer, self._closed = path, io.BytesIO(), False
+
+  def write(self, data: bytes) -> None:
+    self._buffer.write(data)
+
+  def flush(self) -> None:
+    if not self._closed:
+      storage.write_bytes(self.path, self._buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+    self._closed = True
+
+
+class _BucketEventsFactory:
+  def open(self, path: str) -> _BucketEvents:
+    return _BucketEvents(path)
+
+  def directory_check(self, path: str) -> None:
+    pass  # a bucket has no folders to make
+
+
+def _register_bucket_events() -> None:
+  from tensorboardX import record_writer
+  record_writer.register_writer_factory("gs", _BucketEventsFactory())
 
 
 def _to_python(v):
@@ -120,11 +184,10 @@ def _to_python(v):
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "metrics.jsonl")
+  if not storage.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 def human(n: float) -> str:

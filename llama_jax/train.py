@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -29,6 +28,7 @@ from llama_jax import checkpoint as ckpt_lib
 from llama_jax import config as config_lib
 from llama_jax import metrics as metrics_lib
 from llama_jax import sharding
+from llama_jax import storage
 from llama_jax.errors import UserError
 from llama_jax.loss import batch_loss
 from llama_jax.model import sizes
@@ -252,6 +252,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
 
   # ---- mesh, shardings (the checks that need the devices, before data or params) --------
   setup = make_setup(config, log=log)
+  storage.check_writable(workdir, "--workdir")  # a missing bucket fails here, not in Orbax
+  if config.data.data_dir:
+    storage.check_bucket(config.data.data_dir, "data.data_dir")
   _check_workdir_config(config, workdir)
   if is_main:
     config_lib.write(config, workdir)
@@ -259,10 +262,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
 
   with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(setup.rules):
     # ---- data -------------------------------------------------------------------------
-    from llama_jax.data import make_loaders
-    tokenizer, train_loader, eval_loader = make_loaders(config, setup.batch_sharding)
-    if is_main and hasattr(tokenizer, "save"):
+    from llama_jax import data
+    # Process 0 makes the tokenizer (training it on the corpus the first time) and saves it in
+    # the workdir; the others read that file, so every process has the same one.
+    tokenizer = data.make_tokenizer(config) if is_main else None
+    if is_main:
       tokenizer.save(workdir)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("llama_jax: tokenizer saved")
+      if not is_main:
+        tokenizer = data.tokenizer_from_path(workdir)
+    tokenizer, train_loader, eval_loader = data.make_loaders(config, setup.batch_sharding,
+                                                             tokenizer=tokenizer)
 
     # ---- state: restore or create sharded -----------------------------------------------
     checkpointer = ckpt_lib.Checkpointer(workdir, t_cfg.keep_checkpoints)
@@ -275,7 +287,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
 
     train_step = make_train_step(setup)
     eval_step = make_eval_step(setup)
-    writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+    writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, config=config)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_tok = sizes.flops_per_token(setup.model_cfg, config.data.seq_len)
     peak, peak_source = metrics_lib.device_peak_flops()
@@ -328,6 +340,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
             throughput.restart()  # keep eval time out of tokens/s
           if at_ckpt or stop.received:
             checkpointer.save(done, state, config)
+            writer.flush()  # a bucket's metrics.jsonl is rewritten: every line so far
           if stop.received:
             stopped_by = signal.Signals(stop.received).name
             break
@@ -366,11 +379,10 @@ def _progress(start: int, total: int, enabled: bool):
 def _check_workdir_config(config, workdir: str) -> None:
   """A workdir holds one run: resuming with a different model or data is refused, since the
   checkpoints and metrics would silently mix two experiments."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "config.json")
+  if not storage.exists(path):
     return
-  with open(path) as f:
-    old = json.load(f)
+  old = json.loads(storage.read_text(path))
   new = json.loads(config_lib.to_json(config))
   for section in ("model", "data"):
     for key in sorted(set(old.get(section, {})) | set(new[section])):

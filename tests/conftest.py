@@ -7,6 +7,12 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# Every GCS client reads where GCS is when first imported: point them at the test emulator
+# (tests/object_store.py) now, before anything imports gcsfs or tensorstore.
+from . import object_store  # noqa: E402
+
+object_store.configure()
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")

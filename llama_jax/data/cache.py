@@ -8,6 +8,10 @@ the vocabulary fits (< 65536 ids), else uint32. The corpus key changes with the 
 and the tokenizer key with the tokenizer model's bytes, so a changed input builds a new file
 and never reuses a stale one. The sidecar records n_docs, n_tokens and n_bytes (UTF-8 bytes of
 the text) for bits-per-byte: bpb = loss_nats_per_token * n_tokens / n_bytes / ln 2.
+
+With data_dir in a bucket, which cannot be memory-mapped, the tokens are mapped from a local
+copy of the object (llama_jax.storage.local_copy_path): a missing file is built locally and
+uploaded (the sidecar last, marking it complete), an uploaded one is downloaded once.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from llama_jax import storage
 from llama_jax.data import corpora
 from llama_jax.data.tokenizer import Tokenizer
 
@@ -70,11 +75,39 @@ def token_file(corpus: corpora.Corpus, split: str, tokenizer: Tokenizer,
         return meta
     return None
 
+  if storage.is_remote(path):
+    return _remote_token_file(corpus, split, tokenizer, root, path, sidecar, dtype)
   meta = cached()
   if meta is None:
     with corpora.build_lock(root):
       meta = cached() or _build(corpus, split, tokenizer, path, sidecar, dtype)
   return _open(path, meta)
+
+
+def _remote_token_file(corpus, split, tokenizer, root, path, sidecar, dtype) -> TokenFile:
+  """token_file for a bucket: mapped from a local copy, built and uploaded when missing."""
+  local = storage.local_copy_path(path)
+
+  def cached():
+    if not storage.exists(sidecar):
+      return None
+    meta = json.loads(storage.read_text(sidecar))
+    want = meta["n_tokens"] * dtype.itemsize
+    if meta.get("format") != FORMAT or storage.size(path) != want:
+      return None
+    if storage.size(local) != want:
+      storage.download(path, local)
+    return meta
+
+  meta = cached()
+  if meta is None:
+    with corpora.build_lock(root):
+      meta = cached()
+      if meta is None:
+        meta = _build(corpus, split, tokenizer, local, storage.local_copy_path(sidecar), dtype)
+        storage.upload(local, path)
+        storage.write_text(sidecar, json.dumps(meta, indent=1))
+  return _open(local, meta)
 
 
 def _build(corpus, split, tokenizer, path, sidecar, dtype) -> dict:

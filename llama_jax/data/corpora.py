@@ -20,9 +20,7 @@ A catalog name (lm1b, c4/en, wikipedia/20230601.en ...) is read once prepared wi
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import glob as globlib
 import hashlib
 import inspect
@@ -37,6 +35,7 @@ from collections.abc import Iterator, Sequence
 import tensorflow_datasets as tfds
 from etils import epath
 
+from llama_jax import storage
 from llama_jax.data.errors import DataError
 
 VALIDATION_FRACTION = 0.02  # 2% of the documents, chosen by key hash
@@ -70,9 +69,9 @@ logging.getLogger("absl").addFilter(_QuietTfds())
 # ---------------------------------------------------------------------------------------------
 
 def data_root(data_cfg) -> str:
-  """config.data.data_dir, '' meaning $TFDS_DATA_DIR or ~/tensorflow_datasets."""
+  """config.data.data_dir, '' meaning $TFDS_DATA_DIR or ~/tensorflow_datasets (or a bucket)."""
   d = data_cfg.data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
-  return os.path.abspath(os.path.expanduser(str(d)))
+  return storage.resolve(str(d))
 
 
 def cache_root(data_cfg) -> str:
@@ -80,16 +79,10 @@ def cache_root(data_cfg) -> str:
   return os.path.join(data_root(data_cfg), "llama_jax")
 
 
-@contextlib.contextmanager
 def build_lock(root: str):
-  """An exclusive file lock, so concurrent processes sharing data_dir build a cache once."""
-  os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, ".build.lock"), "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
+  """An exclusive file lock, so concurrent processes sharing data_dir build a cache once (for
+  a bucket, a local lock: see llama_jax.storage.lock)."""
+  return storage.lock(root)
 
 
 def _unit_hash(key: str) -> float:
@@ -397,9 +390,26 @@ def _prepare(builder: tfds.core.DatasetBuilder, root: str) -> dict:
   if not builder.is_prepared():
     with build_lock(root):
       if not builder.is_prepared():  # another process may have built it while we waited
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        if storage.is_remote(builder.data_dir):
+          builder = _prepare_in_bucket(builder)
+        else:
+          builder.download_and_prepare(
+              download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder.as_data_source()
+
+
+def _prepare_in_bucket(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
+  """tfds's array_record writer cannot write to a bucket: build in a local folder, copy it
+  to the bucket (dataset_info.json last: tfds takes a folder holding it for a finished one)
+  and return a builder reading the bucket's copy."""
+  kwargs = dict(config=builder.builder_config, file_format="array_record")
+  with storage.local_staging("llama_jax-tfds-") as tmp:
+    local = type(builder)(data_dir=tmp, **kwargs)
+    local.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    storage.copy_tree(os.fspath(local.data_dir), os.fspath(builder.data_dir),
+                      last=("dataset_info.json",))
+  return type(builder)(data_dir=os.fspath(builder.data_dir_root), **kwargs)
 
 
 def build_corpus(builder_cls, config, data_cfg) -> Corpus:

@@ -244,16 +244,18 @@ def make_tokenizer(config) -> Tokenizer:
 
 
 def make_loaders(config, batch_sharding=None, process_index: int | None = None,
-                 process_count: int | None = None) -> tuple[Tokenizer, Loader, Loader]:
+                 process_count: int | None = None,
+                 tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, Loader, Loader]:
   """(tokenizer, train_loader, eval_loader) for config; builds every cache it needs first.
 
   batch_sharding: a NamedSharding of the [B, T] batch (batch axis over data/fsdp): batches are
   then global jax.Arrays. Without it batches are numpy arrays of this process's rows
   (process_index / process_count default to jax's). The sizes in config.data are trusted
-  (llama_jax.config.validate checks them); what is checked here is what needs the data.
+  (llama_jax.config.validate checks them); what is checked here is what needs the data. tokenizer: the one to use (a run's saved
+  tokenizer) instead of making it from config.data.
   """
   data = config.data
-  tokenizer = make_tokenizer(config)
+  tokenizer = tokenizer or make_tokenizer(config)
   common = dict(
       seq_len=int(data.seq_len), batch_size=int(data.batch_size), packing=bool(data.packing),
       sharding=batch_sharding,

@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from llama_jax import storage
 from llama_jax.data import corpora
 from llama_jax.data.errors import DataError
 
@@ -125,10 +126,8 @@ class ByteTokenizer(Tokenizer):
     return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
   def save(self, directory: str) -> str:
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, BYTE_FILE)
-    with open(path, "w") as f:
-      json.dump({"type": "byte", "vocab_size": self.vocab_size}, f)
+    path = storage.join(directory, BYTE_FILE)
+    storage.write_text(path, json.dumps({"type": "byte", "vocab_size": self.vocab_size}))
     return path
 
 
@@ -137,20 +136,20 @@ class SpmTokenizer(Tokenizer):
 
   def __init__(self, path: str):
     import sentencepiece as spm
-    if os.path.isdir(path):
-      path = os.path.join(path, MODEL_FILE)
-    if not os.path.isfile(path):
+    if storage.isdir(path):
+      path = storage.join(path, MODEL_FILE)
+    if not storage.isfile(path):
       raise DataError(f"tokenizer file {path} does not exist; set data.tokenizer to a "
                       "SentencePiece tokenizer.model, 'spm' (train one) or 'byte'")
-    with open(path, "rb") as f:
-      proto = f.read()
+    proto = storage.read_bytes(path)
     self._sp = spm.SentencePieceProcessor()
     try:
       self._sp.LoadFromSerializedProto(proto)
     except Exception:  # sentencepiece raises RuntimeError/OSError on a bad proto
       raise DataError(f"{path} is not a SentencePiece model; set data.tokenizer to a "
                       "tokenizer.model, 'spm' or 'byte'") from None
-    self.path = os.path.abspath(path)
+    self.path = storage.resolve(path)
+    self._proto = proto
     self.vocab_size = self._sp.get_piece_size()
     self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
     if self.bos_id < 0 or self.eos_id < 0:
@@ -171,12 +170,9 @@ class SpmTokenizer(Tokenizer):
     return self._sp.id_to_piece(int(i))
 
   def save(self, directory: str) -> str:
-    os.makedirs(directory, exist_ok=True)
-    dst = os.path.join(directory, MODEL_FILE)
-    if os.path.abspath(dst) != self.path:
-      with open(self.path, "rb") as f, open(dst + ".tmp", "wb") as g:
-        g.write(f.read())
-      os.replace(dst + ".tmp", dst)
+    dst = storage.join(directory, MODEL_FILE)
+    if storage.resolve(dst) != self.path:
+      storage.write_bytes(dst, self._proto)
     return dst
 
 
@@ -230,27 +226,23 @@ def train_spm(corpus: corpora.Corpus, vocab_size: int, out_dir: str) -> str:
     raise DataError(f"cannot train a {vocab_size}-piece tokenizer on {corpus.name} ({msg}); "
                     "use more text, a smaller model.vocab_size (>= ~300 for the 259 byte and "
                     "special pieces) or data.tokenizer='byte'") from None
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, MODEL_FILE)
-  with open(path + ".tmp", "wb") as f:
-    f.write(model.getvalue())
-  with open(os.path.join(out_dir, "info.json"), "w") as f:
-    json.dump(dict(corpus=corpus.key, vocab_size=vocab_size, options=SPM_OPTIONS,
-                   sentences=len(lines), train_s=round(time.time() - t0, 2)), f, indent=1)
-  os.replace(path + ".tmp", path)
+  path = storage.join(out_dir, MODEL_FILE)
+  storage.write_text(storage.join(out_dir, "info.json"), json.dumps(
+      dict(corpus=corpus.key, vocab_size=vocab_size, options=SPM_OPTIONS,
+           sentences=len(lines), train_s=round(time.time() - t0, 2)), indent=1))
+  storage.write_bytes(path, model.getvalue())  # last: its presence means "trained"
   return path
 
 
 def tokenizer_from_path(path: str) -> Tokenizer:
   """A saved tokenizer: a tokenizer.model, a byte_tokenizer.json, or a directory holding one
   (such as a workdir, where training saves its tokenizer)."""
-  path = os.path.expanduser(path)
-  if os.path.isdir(path) and not os.path.isfile(os.path.join(path, MODEL_FILE)):
-    if os.path.isfile(os.path.join(path, BYTE_FILE)):
-      path = os.path.join(path, BYTE_FILE)
-  if path.endswith(".json") and os.path.isfile(path):
-    with open(path) as f:
-      spec = json.load(f)
+  path = storage.resolve(path)
+  if storage.isdir(path) and not storage.isfile(storage.join(path, MODEL_FILE)):
+    if storage.isfile(storage.join(path, BYTE_FILE)):
+      path = storage.join(path, BYTE_FILE)
+  if path.endswith(".json") and storage.isfile(path):
+    spec = json.loads(storage.read_text(path))
     if spec.get("type") != "byte":
       raise DataError(f"{path} is not a llama_jax byte tokenizer file; set data.tokenizer to "
                       "a SentencePiece tokenizer.model, 'spm' or 'byte'")
@@ -272,9 +264,9 @@ def load_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
     root = corpora.cache_root(data_cfg)
     out_dir = os.path.join(root, "tokenizers",
                            f"{corpus.key}-spm{vocab_size}-{_options_hash(vocab_size)}")
-    if not os.path.isfile(os.path.join(out_dir, MODEL_FILE)):
+    if not storage.isfile(storage.join(out_dir, MODEL_FILE)):
       with corpora.build_lock(root):
-        if not os.path.isfile(os.path.join(out_dir, MODEL_FILE)):
+        if not storage.isfile(storage.join(out_dir, MODEL_FILE)):
           train_spm(corpus, vocab_size, out_dir)
     tok = SpmTokenizer(out_dir)
   else:

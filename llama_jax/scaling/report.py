@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import os
 import sys
@@ -12,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from llama_jax import storage
 from llama_jax.scaling.fit import (BOOTSTRAP_METHODS, CONVENTIONS, REFERENCES, ScalingError,
                                    IsoFLOPFit, Point, PowerLaw, _finite, _group, fit_isoflop,
                                    points_from_rows)
@@ -50,8 +52,15 @@ def plot_isoflop(fit: IsoFLOPFit, points: Sequence[Point], path: str) -> None:
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3, which="both")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _save_png(fig, path)
   plt.close(fig)
+
+
+def _save_png(fig, path: str) -> None:
+  """savefig into memory, then one write: the path may be in a bucket."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=120)
+  storage.write_bytes(path, buf.getvalue())
 
 
 def plot_optimal(fits: Sequence[IsoFLOPFit], path: str) -> None:
@@ -83,7 +92,7 @@ def plot_optimal(fits: Sequence[IsoFLOPFit], path: str) -> None:
       ax.legend(fontsize=8)
       ax.grid(alpha=0.3, which="both")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _save_png(fig, path)
   plt.close(fig)
 
 
@@ -92,7 +101,7 @@ def plot_optimal(fits: Sequence[IsoFLOPFit], path: str) -> None:
 
 def default_out(results_csv: str) -> str:
   """Where `analyze` writes without --out: DIR/scaling for DIR/results.csv."""
-  return os.path.join(os.path.dirname(os.path.abspath(results_csv)), "scaling")
+  return os.path.join(os.path.dirname(storage.resolve(results_csv)), "scaling")
 
 
 def fmt_ci(law: PowerLaw) -> str:
@@ -173,7 +182,7 @@ def analyze(results: str, out_dir: str | None = None, *, loss: str = "eval",
   isoflop.png, optimal.png}; returns the fits by convention. OUT defaults to a folder
   `scaling` beside the results.csv."""
   from llama_jax.sweep.results import read_results
-  path = os.path.join(results, "results.csv") if os.path.isdir(results) else results
+  path = os.path.join(results, "results.csv") if storage.isdir(results) else results
   out_dir = out_dir or default_out(path)
   rows = read_results(path)
   loss_key = "final_eval_loss" if loss == "eval" else "final_loss"
@@ -195,17 +204,16 @@ def analyze(results: str, out_dir: str | None = None, *, loss: str = "eval",
     alternates.append(fit_isoflop(points[conv], convention=conv, bootstrap=bootstrap, seed=seed,
                                   bootstrap_method=other))
 
-  os.makedirs(out_dir, exist_ok=True)
   columns = list(rows[0].keys())
-  with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-      w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
+  f = io.StringIO(newline="")
+  w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+  w.writeheader()
+  for r in rows:
+    w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
+  storage.write_text(os.path.join(out_dir, "results.csv"), f.getvalue())
   plot_isoflop(fits["exact"], points["exact"], os.path.join(out_dir, "isoflop.png"))
   plot_optimal(list(fits.values()), os.path.join(out_dir, "optimal.png"))
-  with open(os.path.join(out_dir, "report.md"), "w") as f:
-    f.write(report_markdown(list(fits.values()), source=path, n_runs=len(used), loss=loss,
-                            dropped=[str(r.get("name")) for r in dropped],
-                            alternates=alternates))
+  storage.write_text(os.path.join(out_dir, "report.md"), report_markdown(
+      list(fits.values()), source=path, n_runs=len(used), loss=loss,
+      dropped=[str(r.get("name")) for r in dropped], alternates=alternates))
   return fits

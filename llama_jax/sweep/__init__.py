@@ -29,7 +29,10 @@ installs configs/ as a package.
 
 Local launcher: each run is `python -m llama_jax --config=CONFIG --workdir=DIR/<name>
 --config.k=v ...` (the program run_train.py runs) in its own subprocess, started in the current
-directory (at most --parallel at once), stdout+stderr appended to DIR/<name>/log.txt. A run is
+directory (at most --parallel at once), stdout+stderr appended to DIR/<name>/log.txt (DIR may
+be a bucket, gs://...: the log is then kept in a local copy and uploaded when the run ends; W&B
+runs, with train.wandb_project set, are grouped by the sweep's name and tagged with their
+overrides). A run is
 finished when DIR/<name>/DONE exists or its metrics.jsonl has a line with step >= train.steps
 (the trainer logs the number of completed updates as `step`); DONE records train.steps, so
 raising train.steps makes a finished run unfinished again. Finished runs are skipped, and any

@@ -12,6 +12,7 @@ import signal
 import sys
 from typing import Sequence
 
+from llama_jax import storage
 from llama_jax.errors import cli
 from llama_jax.sweep.cluster import relative_to_cwd, slurm_script, tpu_script
 from llama_jax.sweep.errors import SweepError
@@ -163,9 +164,8 @@ def _main(args: argparse.Namespace) -> int:
     print(script)
     return 0
 
-  if is_remote(args.workdir):
-    raise SweepError(f"the local launcher needs a local --workdir, got {args.workdir}; use "
-                     "--launcher tpu or slurm for a gs:// workdir")
+  if is_remote(args.workdir) and not args.dry:
+    storage.check_writable(workdir, "--workdir")  # a missing bucket: one line, nothing run
   train_cmd = _train_cmd(args.train_cmd)
   if args.dry:
     print(dry_listing(runs, train_cmd), end="")

@@ -106,7 +106,7 @@ def expand(experiment: Experiment | str, workdir: str, *, config: str | None = N
       raise SweepError(f"run {name!r} of {experiment.path}: {e}") from None
     runs.append(Run(name=name, overrides=merged, config=cfg,
                     workdir=_join(workdir, name), config_file=config_file,
-                    tags=dict(tags or {})))
+                    tags=dict(tags or {}), sweep=experiment.name))
 
   experiment.sweep_fn(add)
   if not runs:

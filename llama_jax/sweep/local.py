@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
+from llama_jax import storage
 from llama_jax.sweep.run import Run, final_value, last_step
 
 
@@ -26,10 +27,7 @@ def default_train_cmd() -> list[str]:
 
 
 def _write_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, default=str)
-  os.replace(tmp, path)
+  storage.write_text(path, json.dumps(obj, indent=1, default=str))  # whole, atomically
 
 
 class _Children:
@@ -60,8 +58,18 @@ def _terminate(proc: subprocess.Popen) -> None:
 
 def run_one(run: Run, train_cmd: Sequence[str], children: _Children | None = None,
             print_fn: Callable[[str], None] = print) -> str:
-  """Runs (or resumes) one run to completion; returns its status afterwards."""
-  os.makedirs(run.workdir, exist_ok=True)
+  """Runs (or resumes) one run to completion; returns its status afterwards.
+
+  In a bucket, which cannot append, the run's output goes to a local copy of its log.txt
+  (downloaded first when another machine started it) that is uploaded when the run ends."""
+  remote = storage.is_remote(run.workdir)
+  if not remote:
+    os.makedirs(run.workdir, exist_ok=True)
+  log_path = os.path.join(run.workdir, "log.txt")
+  local_log = storage.local_copy_path(log_path)
+  if remote and storage.exists(log_path) and not os.path.exists(local_log):
+    storage.download(log_path, local_log)
+  os.makedirs(os.path.dirname(local_log), exist_ok=True)
   cmd = list(train_cmd) + run.train_args()
   record = run.record()
   if record.get("overrides") not in (None, run.overrides):
@@ -75,13 +83,13 @@ def run_one(run: Run, train_cmd: Sequence[str], children: _Children | None = Non
              last_step(run.metrics()), "returncode": None, "wall_s": None}
   record["attempts"].append(attempt)
   _write_json(os.path.join(run.workdir, "sweep.json"), record)
-  with open(os.path.join(run.workdir, "log.txt"), "a") as log:
+  with open(local_log, "a") as log:
     log.write(f"\n===== {attempt['started']} sweep: {shlex.join(cmd)}\n")
     log.flush()
     # The run inherits the current directory: the config path is absolute, and a relative
     # data.files glob or data_dir means what it means where the sweep was started.
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, **run.wandb_env()})
     if children is not None:
       with children.lock:
         children.procs.add(proc)
@@ -93,6 +101,8 @@ def run_one(run: Run, train_cmd: Sequence[str], children: _Children | None = Non
       if children is not None:
         with children.lock:
           children.procs.discard(proc)
+  if remote:
+    storage.upload(local_log, log_path)
   attempt.update(returncode=rc, wall_s=round(time.time() - start, 3))
   if children is not None and children.stopping:
     attempt["interrupted"] = True  # stopped by the sweep: resumable, not a failure
@@ -110,10 +120,10 @@ def run_one(run: Run, train_cmd: Sequence[str], children: _Children | None = Non
 
 
 def _tail(path: str, n: int) -> list[str]:
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return []
-  with open(path, errors="replace") as f:
-    return ["    " + line for line in f.readlines()[-n:]]
+  lines = storage.read_bytes(path).decode("utf-8", errors="replace").splitlines(keepends=True)
+  return ["    " + line for line in lines[-n:]]
 
 
 def run_local(runs: Sequence[Run], *, parallel: int = 1, train_cmd: Sequence[str] | None = None,

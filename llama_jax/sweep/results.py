@@ -5,11 +5,12 @@ status), written by collect_results and read back, numbers typed, by read_result
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 from typing import Any, Sequence
 
+from llama_jax import storage
 from llama_jax.sweep.overrides import get_value
 from llama_jax.sweep.run import Run, final_value, last_step
 
@@ -47,12 +48,12 @@ def collect_results(runs: Sequence[Run], path: str) -> list[dict[str, Any]]:
     for k in override_keys:
       row.setdefault(k, get_value(run.config, k))
   columns += [c for c in _SIZE_COLUMNS if c not in columns]
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=columns, restval="")
-    w.writeheader()
-    for row in rows:
-      w.writerow({k: _csv_value(v) for k, v in row.items()})
+  f = io.StringIO(newline="")
+  w = csv.DictWriter(f, fieldnames=columns, restval="")
+  w.writeheader()
+  for row in rows:
+    w.writerow({k: _csv_value(v) for k, v in row.items()})
+  storage.write_text(path, f.getvalue())  # local or in a bucket, whole
   return rows
 
 
@@ -68,8 +69,8 @@ def _csv_value(v: Any) -> Any:
 
 def read_results(path: str) -> list[dict[str, Any]]:
   """results.csv back as dicts, numbers as int / float (empty cells as nan)."""
-  with open(path, newline="") as f:
-    rows = list(csv.DictReader(f))
+  text = storage.read_bytes(path).decode("utf-8")  # bytes: csv's own \r\n line ends
+  rows = list(csv.DictReader(io.StringIO(text, newline="")))
   return [{k: _parse_cell(v) for k, v in row.items()} for row in rows]
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import ml_collections
 
+from llama_jax import storage
 from llama_jax.model.config import ModelConfig
 from llama_jax.model.sizes import count_params, flops_per_token, kaplan_flops_per_token
 from llama_jax.sweep.overrides import format_value
@@ -29,6 +30,7 @@ class Run:
   workdir: str
   config_file: str           # 'path.py[:arg]', the path absolute
   tags: dict[str, Any] = dataclasses.field(default_factory=dict)
+  sweep: str = ""            # the sweep's name (its experiment file's): the W&B group
   _sizes: dict[str, float] | None = dataclasses.field(default=None, repr=False)
 
   # -- sizes
@@ -65,24 +67,31 @@ class Run:
   def steps(self) -> int:
     return int(self.config.train.steps)
 
+  def wandb_env(self) -> dict[str, str]:
+    """W&B's own variables for this run: named as the run, grouped by the sweep, tagged with
+    its overrides (a W&B tag holds at most 64 characters)."""
+    tags = [f"{k}={format_value(v)}"[:64] for k, v in self.overrides.items()]
+    env = {"WANDB_NAME": self.name, "WANDB_TAGS": ",".join(t.replace(",", ";") for t in tags)}
+    if self.sweep:
+      env["WANDB_RUN_GROUP"] = self.sweep
+    return env
+
   def metrics(self) -> list[dict[str, Any]]:
     return read_jsonl(os.path.join(self.workdir, "metrics.jsonl"))
 
   def record(self) -> dict[str, Any]:
     path = os.path.join(self.workdir, "sweep.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        return json.load(f)
+    if storage.exists(path):
+      return json.loads(storage.read_text(path))
     return {}
 
   def is_finished(self, metrics: list[dict[str, Any]] | None = None) -> bool:
     """DONE written for at least train.steps, or metrics.jsonl reaching train.steps."""
     done = os.path.join(self.workdir, "DONE")
-    if os.path.exists(done):
+    if storage.exists(done):
       try:
-        with open(done) as f:
-          if int(json.load(f)["steps"]) >= self.steps:
-            return True
+        if int(json.loads(storage.read_text(done))["steps"]) >= self.steps:
+          return True
       except (ValueError, KeyError, TypeError):  # a DONE without steps (made by hand): trusted
         return True
     metrics = self.metrics() if metrics is None else metrics
@@ -103,18 +112,17 @@ class Run:
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
   """Lines of a JSONL file; a torn last line (a killed writer) is ignored."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return []
   out = []
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
+  for line in storage.read_text(path).splitlines():
+    line = line.strip()
+    if not line:
+      continue
+    try:
+      out.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
   return out
 
 

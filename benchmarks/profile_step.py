@@ -195,8 +195,9 @@ def profile(config, steps: int, warmup: int, top: int, trace_dir: str) -> dict:
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     times = train_step.time_in_turns({"llama_jax": step}, steps, 0)["llama_jax"]
   record = summarize(times)  # step_s: the median of the traced steps
-  out = {k: record[k] for k in ("tokens_per_s", "step_s", "mfu", "peak_flops", "peak_source",
-                                "devices", "device_kind", "model", "batch", "seq_len")}
+  out = {k: record[k] for k in ("tokens_per_s", "step_s", "mfu", "mfu_causal_half", "peak_flops",
+                                "peak_source", "devices", "device_kind", "model", "batch",
+                                "seq_len")}
   out.update(summarize_trace(read_trace(trace_dir), classify_hlo(step.compiled.as_text()),
                              steps, top))
   out["trace_dir"] = trace_dir

@@ -4,8 +4,10 @@
 
 Takes run_train.py's flags; data is synthetic (the batch is built once, so only the step is
 timed). Reports the median step time over --steps steps after --warmup steps, tokens/s, exact
-FLOPs per token (llama_jax.model.sizes), MFU against the device's peak and how that peak was found,
-compile time and per-device memory from XLA's memory analysis.
+FLOPs per token (llama_jax.model.sizes), MFU against the device's peak and how that peak was
+found, compile time and per-device memory from XLA's memory analysis. `flops_per_token` and
+`mfu` count the causal attention's full T x T products; `*_causal_half` count half of them
+(MaxText's convention).
 """
 
 import json
@@ -56,6 +58,7 @@ def build(config):
     step_s = statistics.median(times)
     tokens_per_s = b * t / step_s
     flops_tok = sizes.flops_per_token(setup.model_cfg, t)
+    flops_tok_half = sizes.flops_per_token(setup.model_cfg, t, causal_half=True)
     peak, source = metrics.device_peak_flops()
     units = metrics.peak_units(setup.mesh.devices.flat)
     mem = compiled.memory_analysis()
@@ -64,7 +67,9 @@ def build(config):
         "step_s": round(step_s, 5),
         "step_s_min": round(min(times), 5),
         "flops_per_token": flops_tok,
+        "flops_per_token_causal_half": flops_tok_half,
         "mfu": round(metrics.mfu(tokens_per_s, flops_tok, peak, units), 4),
+        "mfu_causal_half": round(metrics.mfu(tokens_per_s, flops_tok_half, peak, units), 4),
         "peak_flops": peak,
         "peak_source": source,
         "compile_s": round(compile_s, 2),

@@ -5,7 +5,10 @@ Overrides: --config.model.dim=512 --config.optim.lr=1e-3 (an unknown key or a va
 wrong type stops the run at start, naming the closest key or the type). A DIR with checkpoints
 is resumed from its newest complete one.
 --dry_run compiles the train step for the configured mesh on fake CPU devices, allocating
-nothing, and prints one JSON line with per-device memory and FLOPs.
+nothing, and prints one JSON line with per-device memory and FLOPs. --dry_run --topology=v5p-128
+[--num_slices=N] compiles it with the TPU compiler for that Cloud TPU slice (needs libtpu) and
+adds its peak bytes, the chip's HBM and `fits`; --fit / --fit_batch search the settings that fit
+(llama_jax.fit_search).
 Multi-process: --coordinator_address=HOST:PORT --num_processes=N --process_id=I (detected
 automatically on TPU pods and under SLURM).
 A user's mistake (a bad config, data that is not there, a mesh that does not fit, a NaN loss)
@@ -27,6 +30,14 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the step only; print mem
 _DRY_DEVICES = flags.DEFINE_integer(
     "dry_run_devices", 8, "With --dry_run and a mesh axis of -1: the device count to fake.",
     lower_bound=1)
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", "", "With --dry_run: a Cloud TPU slice (v4-32, v5p-128, v5e-256, v6e-256) to "
+    "compile for with the TPU compiler instead of fake CPU devices.")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "With --topology: slices joined by DCN.")
+_FIT = flags.DEFINE_bool("fit", False, "With --topology: search remat and grad_accum to fit.")
+_FIT_BATCH = flags.DEFINE_bool(
+    "fit_batch", False, "With --topology: search the largest global batch that fits.")
+_FIT_REMAT = flags.DEFINE_list("fit_remat", [], "Remat policies --fit searches (default all).")
 _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index.")
@@ -39,6 +50,13 @@ def main(argv):
   # The one validation, before anything is built (and before jax starts, which the dry run's
   # fake devices need): everything below trusts the config.
   config_lib.validate(config)
+  if _TOPOLOGY.value or _FIT.value or _FIT_BATCH.value:
+    if not (_DRY_RUN.value and _TOPOLOGY.value):
+      raise errors.UserError("--topology, --fit and --fit_batch go with --dry_run "
+                             "--topology=NAME (e.g. --dry_run --topology=v5p-128)")
+    from llama_jax import dry_run
+    return dry_run.topology_main(config, _TOPOLOGY.value, _NUM_SLICES.value, fit=_FIT.value,
+                                 fit_batch=_FIT_BATCH.value, remats=_FIT_REMAT.value)
   if _DRY_RUN.value:
     from llama_jax import dry_run
     n = dry_run.mesh_devices(config, _DRY_DEVICES.value)

@@ -1,11 +1,21 @@
 """`run_train.py --dry_run`: the real train step lowered and compiled for the configured mesh on
-abstract inputs (nothing allocated), reported as one JSON line of per-device bytes and FLOPs."""
+abstract inputs (nothing allocated), reported as one JSON line of per-device bytes and FLOPs.
+
+Without --topology the devices are fake CPU devices and the plan is XLA:CPU's. With
+--topology=v5p-128 [--num_slices=N] they are a Cloud TPU slice's (llama_jax.tpu_topology) and
+the plan is the TPU compiler's: its peak bytes per device against the chip's HBM, `fits`, and,
+when it does not fit, one line naming the bytes and the knobs that would help.
+"""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import time
+
+from llama_jax.errors import UserError
 
 
 def mesh_devices(config, fake_devices: int) -> int:
@@ -21,17 +31,15 @@ def fake_cpu_devices(n: int) -> None:
                              + f" --xla_force_host_platform_device_count={n}")
 
 
-def dry_run(config, n_devices: int) -> dict:
-  """Lowers and compiles train_step on abstract inputs; per-device bytes from the shardings.
-  The config has passed config.validate (llama_jax.__main__ calls it before faking devices)."""
+def _lower(config, devices):
+  """(setup, lowered, seconds) of train_step on abstract inputs for a mesh over `devices`."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
 
-  from llama_jax import sharding, train
-  from llama_jax.model import sizes
+  from llama_jax import train
 
-  setup = train.make_setup(config, devices=jax.devices()[:n_devices])
+  setup = train.make_setup(config, devices=devices)
   step_fn = train.make_train_step(setup)
   b, t = config.data.batch_size, config.data.seq_len
   keys = ["inputs", "targets"] + (["segment_ids", "positions"] if config.data.packing else [])
@@ -39,9 +47,16 @@ def dry_run(config, n_devices: int) -> dict:
            for k in keys}
   t0 = time.perf_counter()
   with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(setup.rules):
-    compiled = step_fn.lower(setup.abstract_state, batch).compile()
-  compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
+    lowered = step_fn.lower(setup.abstract_state, batch)
+  return setup, lowered, time.perf_counter() - t0
+
+
+def _fields(config, setup) -> dict:
+  """The fields every dry run reports, from the shardings and the model's arithmetic."""
+  from llama_jax import sharding
+  from llama_jax.model import sizes
+
+  b, t = config.data.batch_size, config.data.seq_len
   shard = setup.state_shardings
   return {
       "devices": setup.mesh.size,
@@ -51,7 +66,147 @@ def dry_run(config, n_devices: int) -> dict:
                                                           shard["params"]),
       "opt_bytes_per_device": sharding.bytes_per_device(setup.abstract_state["opt_state"],
                                                         shard["opt_state"]),
-      "temp_bytes_per_device": int(getattr(mem, "temp_size_in_bytes", -1)) if mem else -1,
+      # Both conventions of the causal attention's FLOPs (llama_jax.model.sizes): every
+      # score / value product counted, or half of them (MaxText's).
       "flops_per_step": sizes.flops_per_token(setup.model_cfg, t) * b * t,
-      "compile_s": round(compile_s, 2),
+      "flops_per_step_causal_half": sizes.flops_per_token(setup.model_cfg, t,
+                                                          causal_half=True) * b * t,
   }
+
+
+def dry_run(config, n_devices: int) -> dict:
+  """XLA:CPU's plan on n fake CPU devices; per-device bytes from the shardings."""
+  import jax
+
+  setup, lowered, lower_s = _lower(config, jax.devices()[:n_devices])
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = lower_s + time.perf_counter() - t0  # lowering included, as it always was
+  mem = compiled.memory_analysis()
+  return {**_fields(config, setup),
+          "temp_bytes_per_device": int(getattr(mem, "temp_size_in_bytes", -1)) if mem else -1,
+          "compile_s": round(compile_s, 2)}
+
+
+# ---------------------------------------------------------------------------- TPU topologies
+
+
+class DoesNotFitError(UserError):
+  """The TPU compiler's plan needs more HBM than a chip has."""
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+# XLA:TPU's out-of-memory messages, newer and older form; sizes are binary units (15.75G of a
+# 16 GiB v5e chip).
+_OOM_PATTERNS = (
+    re.compile(r"required for [^(]*\(([\d.]+)([KMGT]?)i?B?\) exceeds available HBM "
+               r"\(([\d.]+)([KMGT]?)i?B?\)"),
+    re.compile(r"Used ([\d.]+)([KMGT]?)i?B? of ([\d.]+)([KMGT]?)i?B? hbm"),
+)
+
+
+def parse_oom(message: str) -> tuple[int, int] | None:
+  """(bytes needed, bytes available) from the compiler's RESOURCE_EXHAUSTED message."""
+  for pattern in _OOM_PATTERNS:
+    m = pattern.search(message)
+    if m:
+      need, nu, have, hu = m.groups()
+      return int(float(need) * _UNITS[nu]), int(float(have) * _UNITS[hu])
+  return None
+
+
+def topology_plan(config, topology, num_slices: int = 1, devices=None) -> dict:
+  """The TPU compiler's plan of train_step for a topology (llama_jax.tpu_topology.Topology).
+
+  Returns the dry-run fields plus `peak_bytes_per_device` (the compiler's peak: parameters,
+  optimizer state, batch and temporaries; when it does not fit, the bytes its error names),
+  `hbm_bytes_per_device` (the chip's), `usable_hbm_bytes_per_device` (what the compiler plans
+  against: its error's number, or llama_jax.tpu_topology's) and `fits`. Out of HBM is a result
+  here, not an error."""
+  from jax.errors import JaxRuntimeError
+
+  from llama_jax import tpu_topology
+
+  gen = topology.generation
+  if devices is None:
+    devices = tpu_topology.devices(topology, num_slices)
+  setup, lowered, lower_s = _lower(config, devices)
+  t0 = time.perf_counter()
+  usable = gen.usable_hbm_bytes
+  try:
+    compiled = lowered.compile()
+    mem = compiled.memory_analysis()
+    peak, temp = int(mem.peak_memory_in_bytes), int(mem.temp_size_in_bytes)
+    fits, error = peak <= usable, None
+  except JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    parsed = parse_oom(str(e))
+    peak, usable = parsed if parsed else (-1, usable)
+    temp, fits, error = -1, False, str(e).strip().splitlines()[0]
+  compile_s = lower_s + time.perf_counter() - t0
+  record = {**_fields(config, setup),
+            "temp_bytes_per_device": temp,
+            "compile_s": round(compile_s, 2),
+            "topology": topology.name,
+            "num_slices": num_slices,
+            "device_kind": devices[0].device_kind,
+            "remat": config.model.remat,
+            "grad_accum": config.optim.grad_accum,
+            "batch_size": config.data.batch_size,
+            "peak_bytes_per_device": peak,
+            "hbm_bytes_per_device": gen.hbm_bytes,
+            "usable_hbm_bytes_per_device": usable,
+            "fits": fits}
+  if error:
+    record["compiler_error"] = error
+  return record
+
+
+def _gib(n: int) -> str:
+  return f"{n / 2**30:.2f} GiB"
+
+
+def does_not_fit(record: dict) -> DoesNotFitError:
+  """The one-line error for a plan that does not fit, naming the knobs that lower the peak."""
+  mesh = record["mesh"]
+  need = (f"needs {_gib(record['peak_bytes_per_device'])}" if record["peak_bytes_per_device"] > 0
+          else "does not fit in the HBM of one chip")
+  knobs = [f"raise optim.grad_accum (now {record['grad_accum']}) for smaller microbatches"]
+  if record["remat"] != "full":
+    knobs.append(f"set model.remat='full' (now {record['remat']!r}) to store less")
+  knobs.append(f"shard wider with mesh.fsdp / mesh.tensor (now {mesh['fsdp']} / "
+               f"{mesh['tensor']} of {record['devices']} devices) or a larger topology")
+  return DoesNotFitError(
+      f"the train step {need} per device on {record['topology']}, a {record['device_kind']} "
+      f"chip has {_gib(record['usable_hbm_bytes_per_device'])} usable "
+      f"({_gib(record['hbm_bytes_per_device'])} HBM): {', '.join(knobs)}, or run --fit to "
+      "search grad_accum and remat")
+
+
+def topology_main(config, name: str, num_slices: int = 1, *, fit: bool = False,
+                  fit_batch: bool = False, remats=(), emit=print) -> None:
+  """--dry_run --topology=NAME [--fit | --fit_batch]: JSON lines on stdout; a plan that does
+  not fit prints its line, then raises DoesNotFitError (one line, exit 2)."""
+  # The default backend stays CPU: with libtpu installed jax would otherwise look for TPUs.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from llama_jax import tpu_topology
+
+  topology = tpu_topology.parse(name)
+  if fit or fit_batch:
+    from llama_jax import fit_search
+    if fit and fit_batch:
+      raise UserError("--fit searches remat and grad_accum at the configured batch, --fit_batch "
+                      "the largest batch; give one of them")
+    remats = tuple(remats) or fit_search.REMAT_ORDER
+    unknown = [r for r in remats if r not in fit_search.REMAT_ORDER]
+    if unknown:
+      raise UserError(f"--fit_remat={','.join(remats)}: {unknown} not among the remat policies "
+                      f"{list(fit_search.REMAT_ORDER)}")
+    search = fit_search.fit_batch if fit_batch else fit_search.fit
+    emit(json.dumps(search(config, topology, num_slices, remats, emit=emit)))
+    return
+  record = topology_plan(config, topology, num_slices)
+  emit(json.dumps(record))
+  if not record["fits"]:
+    raise does_not_fit(record)

@@ -70,6 +70,12 @@ def device_peak_flops(device=None) -> tuple[float, str]:
 
 
 def mfu(tokens_per_s: float, flops_per_tok: float, peak_per_device: float, n_devices: int) -> float:
+  """Model FLOPs utilisation: the model's FLOPs per second over the devices' peak.
+
+  The convention is the FLOPs per token passed in. Every `mfu` field (metrics.jsonl, the
+  benchmarks) uses sizes.flops_per_token(cfg, T): causal attention counted in full, all T x T
+  score and value products; `mfu_causal_half` uses flops_per_token(cfg, T, causal_half=True),
+  MaxText's count of half of them, and so reads lower by the attention's half share."""
   return tokens_per_s * flops_per_tok / (peak_per_device * n_devices)
 
 

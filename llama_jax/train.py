@@ -290,6 +290,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, config=config)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_tok = sizes.flops_per_token(setup.model_cfg, config.data.seq_len)
+    flops_tok_half = sizes.flops_per_token(setup.model_cfg, config.data.seq_len, causal_half=True)
     peak, peak_source = metrics_lib.device_peak_flops()
     peak_units = metrics_lib.peak_units(setup.mesh.devices.flat)
     log(f"model {metrics_lib.human(sizes.count_params(setup.model_cfg))} params, "
@@ -332,6 +333,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
             last_stats = {"loss": float(stats["loss"]), "lr": float(stats["lr"]),
                           "grad_norm": float(stats["grad_norm"]), "tokens_per_s": tps,
                           "mfu": metrics_lib.mfu(tps, flops_tok, peak, peak_units),
+                          "mfu_causal_half": metrics_lib.mfu(tps, flops_tok_half, peak,
+                                                             peak_units),
                           "tokens": done * tokens_per_step}
             writer.write(done, last_stats)
             progress.set_postfix(loss=f"{last_stats['loss']:.3f}", tok_s=f"{tps:,.0f}")

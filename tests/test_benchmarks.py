@@ -33,6 +33,10 @@ def test_train_step_benchmark_prints_one_record():
   r = _run("train_step.py")
   assert r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["step_s_min"] <= r["step_s"]
   assert 0 < r["mfu"] < 1 and r["peak_flops"] > 0 and "measured" in r["peak_source"]
+  # Both conventions of the causal attention's FLOPs: the same run, MFU in proportion.
+  assert r["flops_per_token_causal_half"] < r["flops_per_token"]
+  assert r["mfu_causal_half"] == pytest.approx(
+      r["mfu"] * r["flops_per_token_causal_half"] / r["flops_per_token"], abs=2e-4)
   assert r["compile_s"] > 0 and r["temp_bytes_per_device"] > 0
   assert r["model"]["attention"] == "blockwise" and r["batch"] == 2 and r["seq_len"] == 32
 

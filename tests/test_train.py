@@ -139,8 +139,10 @@ def test_train_in_process_writes_metrics_and_checkpoints(tmp_path):
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   steps = [l for l in lines if "loss" in l]
   assert [l["step"] for l in steps] == [1, 2, 3, 4, 5, 6]
-  for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+  for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mfu_causal_half"):
     assert all(np.isfinite(l[key]) for l in steps), key
+  # The causal-half convention counts fewer FLOPs per token (model.sizes), so reads lower.
+  assert all(0 < l["mfu_causal_half"] < l["mfu"] for l in steps if l["tokens_per_s"] > 0)
   assert [l["step"] for l in lines if "eval_loss" in l] == [0, 3, 6]
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
   assert json.load(open(tmp_path / "config.json"))["model"]["dim"] == 48

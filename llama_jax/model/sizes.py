@@ -15,24 +15,29 @@ from llama_jax.model.config import ModelConfig
 # ---------------------------------------------------------------------------- FLOPs
 
 
-def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_half: bool = False) -> float:
   """Matmul FLOPs of one forward pass per token, every matmul counted (2 FLOPs per MAC).
 
   Per layer: q, k, v, o projections 2*D*H*(2N + 2K); attention scores and the weighted sum
   2 * 2*N*H*T each token attending over the full T (XLA computes the whole T x T block even
   though half is masked); the MLP 2*D*F times 3 (gated) or 2 matrices. Plus the LM head 2*D*V.
   Norms, RoPE, softmax and the embedding lookup are not matmuls and are left out.
+
+  Two conventions for the causal attention, both in use: the default counts the full T x T
+  score and value products (PaLM's appendix B, nanoGPT, and MaxText before it changed);
+  `causal_half=True` counts half of them, the unmasked half (MaxText's
+  calculate_tflops_training_per_device today: causal_attention_flops = noncausal / 2).
   """
   d, n, k, h, f = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
   projections = 2 * d * h * (2 * n + 2 * k)
-  attention = 2 * 2 * n * h * seq_len
+  attention = 2 * 2 * n * h * seq_len / (2 if causal_half else 1)
   mlp = 2 * d * f * (3 if cfg.mlp == "swiglu" else 2)
   return float(cfg.n_layers * (projections + attention + mlp) + 2 * d * cfg.vocab_size)
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_half: bool = False) -> float:
   """Training FLOPs per token: forward + backward (twice the forward), remat not counted."""
-  return 3.0 * forward_flops_per_token(cfg, seq_len)
+  return 3.0 * forward_flops_per_token(cfg, seq_len, causal_half=causal_half)
 
 
 def kaplan_flops_per_token(non_embedding_params: int) -> float:

@@ -54,9 +54,13 @@ def main(argv):
     if not (_DRY_RUN.value and _TOPOLOGY.value):
       raise errors.UserError("--topology, --fit and --fit_batch go with --dry_run "
                              "--topology=NAME (e.g. --dry_run --topology=v5p-128)")
-    from llama_jax import dry_run
-    return dry_run.topology_main(config, _TOPOLOGY.value, _NUM_SLICES.value, fit=_FIT.value,
-                                 fit_batch=_FIT_BATCH.value, remats=_FIT_REMAT.value)
+    if _FIT.value and _FIT_BATCH.value:
+      raise errors.UserError("--fit searches remat and grad_accum at the configured batch, "
+                             "--fit_batch the largest batch; give one of them")
+    from llama_jax import fit_search
+    search = "fit" if _FIT.value else "fit_batch" if _FIT_BATCH.value else ""
+    return fit_search.topology_main(config, _TOPOLOGY.value, _NUM_SLICES.value, search=search,
+                                    remats=_FIT_REMAT.value)
   if _DRY_RUN.value:
     from llama_jax import dry_run
     n = dry_run.mesh_devices(config, _DRY_DEVICES.value)

@@ -9,7 +9,6 @@ when it does not fit, one line naming the bytes and the knobs that would help.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -182,31 +181,3 @@ def does_not_fit(record: dict) -> DoesNotFitError:
       f"chip has {_gib(record['usable_hbm_bytes_per_device'])} usable "
       f"({_gib(record['hbm_bytes_per_device'])} HBM): {', '.join(knobs)}, or run --fit to "
       "search grad_accum and remat")
-
-
-def topology_main(config, name: str, num_slices: int = 1, *, fit: bool = False,
-                  fit_batch: bool = False, remats=(), emit=print) -> None:
-  """--dry_run --topology=NAME [--fit | --fit_batch]: JSON lines on stdout; a plan that does
-  not fit prints its line, then raises DoesNotFitError (one line, exit 2)."""
-  # The default backend stays CPU: with libtpu installed jax would otherwise look for TPUs.
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from llama_jax import tpu_topology
-
-  topology = tpu_topology.parse(name)
-  if fit or fit_batch:
-    from llama_jax import fit_search
-    if fit and fit_batch:
-      raise UserError("--fit searches remat and grad_accum at the configured batch, --fit_batch "
-                      "the largest batch; give one of them")
-    remats = tuple(remats) or fit_search.REMAT_ORDER
-    unknown = [r for r in remats if r not in fit_search.REMAT_ORDER]
-    if unknown:
-      raise UserError(f"--fit_remat={','.join(remats)}: {unknown} not among the remat policies "
-                      f"{list(fit_search.REMAT_ORDER)}")
-    search = fit_search.fit_batch if fit_batch else fit_search.fit
-    emit(json.dumps(search(config, topology, num_slices, remats, emit=emit)))
-    return
-  record = topology_plan(config, topology, num_slices)
-  emit(json.dumps(record))
-  if not record["fits"]:
-    raise does_not_fit(record)

@@ -19,8 +19,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 
 from llama_jax import dry_run, sharding, tpu_topology
+from llama_jax.errors import UserError
 from llama_jax.model.config import REMATS
 
 # Least recomputation first: `dots` keeps every matmul output, `dots_no_batch` recomputes the
@@ -145,3 +147,26 @@ def fit_batch(config, topology, num_slices: int = 1, remats=REMAT_ORDER, emit=pr
     raise search.nothing_fits(f"not even one row per device (grad_accum={accum}) with any "
                               f"remat policy of {list(remats)}")
   return search.choose((best[0], accum, best[1] * unit))
+
+
+def topology_main(config, name: str, num_slices: int = 1, *, search: str = "",
+                  remats=(), emit=print) -> None:
+  """--dry_run --topology=NAME [--fit | --fit_batch] (search '', 'fit' or 'fit_batch'): JSON
+  lines on stdout; a plan that does not fit prints its line, then raises DoesNotFitError (one
+  line, exit 2). It lives here, above both the plan and the searches, so dry_run needs neither."""
+  # The default backend stays CPU: with libtpu installed jax would otherwise look for TPUs.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  topology = tpu_topology.parse(name)
+  if search:
+    remats = tuple(remats) or REMAT_ORDER
+    unknown = [r for r in remats if r not in REMAT_ORDER]
+    if unknown:
+      raise UserError(f"--fit_remat={','.join(remats)}: {unknown} not among the remat policies "
+                      f"{list(REMAT_ORDER)}")
+    searcher = {"fit": fit, "fit_batch": fit_batch}[search]
+    emit(json.dumps(searcher(config, topology, num_slices, remats, emit=emit)))
+    return
+  record = dry_run.topology_plan(config, topology, num_slices)
+  emit(json.dumps(record))
+  if not record["fits"]:
+    raise dry_run.does_not_fit(record)

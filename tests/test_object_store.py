@@ -40,7 +40,7 @@ ARGS = [
     "--config.train.keep_checkpoints=10",
 ]
 # Where the time goes in each line (not compared: wall-clock dependent).
-_TIMING = ("tokens_per_s", "mfu")
+_TIMING = ("tokens_per_s", "mfu", "mfu_causal_half")
 
 
 def _env(**extra):

@@ -30,15 +30,20 @@ class CheckpointError(UserError):
 class Checkpointer:
   """DIR/checkpoints/<step>/{state,config}; keeps the newest `keep` steps."""
 
-  def __init__(self, workdir: str, keep: int, *, async_save: bool = True):
+  def __init__(self, workdir: str, keep: int | None = None, *, async_save: bool = True,
+               read_only: bool = False):
+    """`read_only` is for readers (evaluate, generate) that may look at a workdir a run is
+    still writing: they neither create it nor clean up its unfinished steps."""
     storage.check_scheme(workdir)  # Orbax would take s3://b/x for a relative local path
     self.directory = storage.resolve(storage.join(workdir, "checkpoints"))
     self.quarantine = storage.resolve(storage.join(workdir, "checkpoints_unreadable"))
     self.manager = ocp.CheckpointManager(
         self.directory,
+        # Orbax's own read_only=True logs a warning on every open, so a reader is a manager
+        # that never saves, creates nothing and leaves unfinished steps to their writer.
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True),
+            max_to_keep=keep, create=not read_only, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=not read_only),
         item_names=("state", "config"),
     )
 
@@ -82,6 +87,13 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.wait_until_finished()
+    # The manager starts deleting unfinished steps in a thread when it is made, and only a
+    # save waits for that; a process that exits without saving (an error on the first steps)
+    # would have the thread die at interpreter shutdown with a traceback on stderr. Orbax
+    # 0.12.8's close() does not wait for it, hence the private call.
+    wait_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+    if wait_cleanup is not None:
+      wait_cleanup()
     self.manager.close()
 
 
@@ -97,7 +109,7 @@ def restore_params(workdir: str, step: int | None = None):
                          f"first with run_train.py --workdir={workdir}")
   if not storage.isdir(storage.join(workdir, "checkpoints")):
     raise none  # before Orbax, which would create the directory
-  ckpt = Checkpointer(workdir, keep=1_000_000, async_save=False)
+  ckpt = Checkpointer(workdir, async_save=False, read_only=True)
   try:  # closing the manager on every path stops its background threads cleanly
     steps = ckpt.steps()
     if not steps:

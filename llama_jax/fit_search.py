@@ -1,11 +1,13 @@
 """`run_train.py --dry_run --topology=NAME --fit [--fit_batch]`: which settings fit a TPU slice.
 
---fit searches the remat policy and grad_accum for the configured global batch: the policies in
-order of recomputation (none, dots, dots_no_batch, full: `full` recomputes the whole forward
-pass, a third more FLOPs), and for each the fewest microbatches that fit; the first policy
-that fits at any grad_accum is the choice, with its fewest microbatches. --fit_batch instead
-searches, for each policy at the configured grad_accum, the largest global batch that fits; the
-choice is the largest batch (ties: the policy that recomputes less).
+--fit searches the remat policy and grad_accum for the configured global batch, for the
+settings that fit with the least recomputation: policies are ranked by the matmul FLOPs they
+run twice (llama_jax.model.sizes.recompute_flops_per_token: none, dots and, with the blockwise
+attention, dots_no_batch rerun none; full reruns the whole forward pass, a third more FLOPs),
+and among policies that tie, the fewest microbatches win (larger matmuls, fewer weight
+all-gathers), then the order none, dots, dots_no_batch, full. --fit_batch instead searches, for
+each policy at the configured grad_accum, the largest global batch that fits; the choice is the
+largest batch (ties: the policy that recomputes less).
 
 Every candidate is one TPU compile (llama_jax.dry_run.topology_plan) in this one process and
 prints one JSON line; the choice is the last line, with the flags that select it. The searches
@@ -17,21 +19,22 @@ compile, and one that fits costs about log2(candidates) more.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
 
 from llama_jax import dry_run, sharding, tpu_topology
 from llama_jax.errors import UserError
-from llama_jax.model.config import REMATS
+from llama_jax.model import sizes
+from llama_jax.model.config import REMATS, ModelConfig
 
-# Least recomputation first: `dots` keeps every matmul output, `dots_no_batch` recomputes the
-# attention's batched products (scores, weighted sums), `full` the whole layer.
+# The order among policies that recompute as many FLOPs: most kept first.
 REMAT_ORDER = ("none", "dots", "dots_no_batch", "full")
 assert set(REMAT_ORDER) == set(REMATS), "a new remat policy needs its place in REMAT_ORDER"
 
 _CANDIDATE_KEYS = ("remat", "grad_accum", "batch_size", "fits", "peak_bytes_per_device",
-                   "usable_hbm_bytes_per_device", "compile_s")
+                   "usable_hbm_bytes_per_device", "recompute_flops_per_step", "compile_s")
 
 
 def batch_split(config, n_devices: int) -> int:
@@ -62,6 +65,7 @@ class _Search:
       cfg = copy.deepcopy(self.config)
       cfg.model.remat, cfg.optim.grad_accum, cfg.data.batch_size = key
       record = dry_run.topology_plan(cfg, self.topology, self.num_slices, self.devices)
+      record["recompute_flops_per_step"] = recompute_flops(cfg, remat) * batch_size
       self.plans[key] = record
       self.emit(json.dumps({"candidate": len(self.plans),
                             **{k: record[k] for k in _CANDIDATE_KEYS}}))
@@ -105,18 +109,30 @@ def _first_true(values: list, pred) -> int | None:
   return lo
 
 
+def recompute_flops(config, remat: str) -> float:
+  """Matmul FLOPs per sequence that `remat` runs twice, for this config's model."""
+  model_cfg = dataclasses.replace(ModelConfig.from_dict(config.model), remat=remat)
+  return sizes.recompute_flops_per_token(model_cfg, config.data.seq_len) * config.data.seq_len
+
+
 def fit(config, topology, num_slices: int = 1, remats=REMAT_ORDER, emit=print) -> dict:
-  """The remat policy (least recomputation first) and fewest microbatches that fit."""
+  """The settings that fit with the least recomputation (module doc)."""
   search = _Search(config, topology, num_slices, emit)
   b = config.data.batch_size
   options = accum_options(b, batch_split(config, len(search.devices)))
   if not options:
     raise dry_run.DoesNotFitError(
         f"data.batch_size={b} cannot be split over the mesh's batch axes at any grad_accum")
-  for remat in remats:
-    i = _first_true(options, lambda a, remat=remat: search.fits(remat, a, b))
-    if i is not None:
-      return search.choose((remat, options[i], b))
+  cost = {r: recompute_flops(config, r) for r in remats}
+  for level in sorted(set(cost.values())):
+    best = None  # (remat, grad_accum): a later policy of the level must take fewer microbatches
+    for remat in [r for r in REMAT_ORDER if r in remats and cost[r] == level]:
+      fewer = options if best is None else options[:options.index(best[1])]
+      i = _first_true(fewer, lambda a, remat=remat: search.fits(remat, a, b))
+      if i is not None:
+        best = (remat, fewer[i])
+    if best is not None:
+      return search.choose((best[0], best[1], b))
   raise search.nothing_fits(f"no remat policy of {list(remats)} and no grad_accum up to "
                             f"{options[-1]} for data.batch_size={b}")
 

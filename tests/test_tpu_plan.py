@@ -7,6 +7,7 @@ them) and skip with the install command where it is missing. They compile tiny m
 small slices (v5e-8: 8 chips of 16 GiB; v5e-4); a compile takes 3-10 s on one core.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -78,6 +79,14 @@ def test_flops_and_mfu_both_conventions_by_hand():
   half = 3 * (32 * (134_217_728 + 270_532_608 + 33_554_432) + 262_144_000)
   assert sizes.flops_per_token(cfg, 4096) == full == 46_084_915_200
   assert sizes.flops_per_token(cfg, 4096, causal_half=True) == half == 42_863_689_728
+  # What each remat policy runs twice: 'full' every layer's forward (not the LM head), the
+  # others no matmul, except 'dots_no_batch' on the `xla` attention its T x T products.
+  recompute = {r: sizes.recompute_flops_per_token(dataclasses.replace(cfg, remat=r), 4096)
+               for r in ("none", "dots", "dots_no_batch", "full")}
+  assert recompute == {"none": 0, "dots": 0, "dots_no_batch": 0,
+                       "full": 32 * (134_217_728 + 270_532_608 + 67_108_864)}
+  xla = dataclasses.replace(cfg, remat="dots_no_batch", attention="xla")
+  assert sizes.recompute_flops_per_token(xla, 4096) == 32 * 67_108_864
   # 6000 tokens/s on 2 v5p chips (459 TFLOP/s each): one run, 30.1% MFU one way, 28.0% the
   # other (6000 * 46.08e9 / 918e12 and 6000 * 42.86e9 / 918e12).
   assert metrics.mfu(6000.0, full, 459e12, 2) == pytest.approx(0.3012085961)

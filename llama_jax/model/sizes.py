@@ -40,6 +40,21 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_half: bool = False
   return 3.0 * forward_flops_per_token(cfg, seq_len, causal_half=causal_half)
 
 
+def recompute_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Matmul FLOPs per token that cfg.remat runs a second time in the backward pass (2 per MAC).
+
+  'none' and 'dots' keep every matmul output, and the dot policies also keep the blockwise and
+  cuDNN attentions' outputs (llama.py), so neither reruns a matmul: only elementwise work is
+  recomputed. 'dots_no_batch' drops the products with batch dimensions, which on the `xla`
+  attention are its score and value products (2 * 2*N*H*T a layer). 'full' reruns each layer's
+  whole forward pass; the LM head sits outside the remat scope."""
+  if cfg.remat == "full":
+    return forward_flops_per_token(cfg, seq_len) - 2.0 * cfg.dim * cfg.vocab_size
+  if cfg.remat == "dots_no_batch" and cfg.attention == "xla":
+    return float(cfg.n_layers * 2 * 2 * cfg.n_heads * cfg.head_dim * seq_len)
+  return 0.0
+
+
 def kaplan_flops_per_token(non_embedding_params: int) -> float:
   """Kaplan et al. 2020's C = 6 N per token, N without embeddings."""
   return 6.0 * non_embedding_params

@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from llama_jax.errors import UserError
+from llama_jax.model import parametrization as param_lib
 from llama_jax.model.config import ModelConfig, RopeScaling
 from llama_jax.model.llama import Llama, abstract_model
 
@@ -246,6 +247,20 @@ def load_hf(path_or_model, *, dtype: str | None = None, param_dtype: str | None 
   return _build(cfg, get, set(weight_map)), cfg
 
 
+def _multiplier_folded_into(hf_name: str, cfg: ModelConfig) -> float:
+  """μP's and depth scaling's forward multipliers (llama_jax.model.parametrization) are
+  linear in one weight each, so the export folds them in and a HF Llama computes the same
+  logits: q_proj x the query multiplier, o_proj and down_proj x the residual-branch one,
+  lm_head x the logit one (all 1 under SP)."""
+  branch = param_lib.branch_multiplier(cfg)
+  for suffix, m in (("q_proj.weight", param_lib.query_multiplier(cfg)),
+                    ("o_proj.weight", branch), ("down_proj.weight", branch),
+                    ("lm_head.weight", param_lib.logit_multiplier(cfg))):
+    if hf_name.endswith(suffix):
+      return m
+  return 1.0
+
+
 def save_hf(model: Llama, model_config: ModelConfig, out_dir: str, *,
             max_shard_bytes: int = 5 * 2**30) -> None:
   """Writes config.json and model.safetensors (or numbered shards of at most max_shard_bytes
@@ -257,7 +272,8 @@ def save_hf(model: Llama, model_config: ModelConfig, out_dir: str, *,
   tensors = {}
   for name, path, n_in, layer in _expected_names(model_config):
     w = params[path] if layer is None else params[path][layer]
-    tensors[name] = _to_hf(w, n_in)
+    w, m = _to_hf(w, n_in), _multiplier_folded_into(name, model_config)
+    tensors[name] = w if m == 1.0 else (w.astype(np.float32) * m).astype(w.dtype)
 
   os.makedirs(out_dir, exist_ok=True)
   for stale in glob.glob(os.path.join(out_dir, "model*.safetensors*")):

@@ -55,8 +55,15 @@ def decay_mask(params, decay_embeddings: bool):
   return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  """AdamW (the one optim.name validate accepts) after optional global-norm clipping."""
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
+                   lr_multipliers=None) -> optax.GradientTransformation:
+  """AdamW (the one optim.name validate accepts) after optional global-norm clipping.
+
+  `lr_multipliers`, a tree like the params (llama_jax.model.parametrization: μP, depth
+  scaling), scales each parameter's AdamW update, weight decay included, which is a per-
+  parameter learning rate. A stateless step after AdamW keeps the optimizer state's arrays
+  those of plain AdamW (optax.multi_transform would split them per class), so their shardings
+  and checkpoints do not depend on the parametrization."""
   schedule = make_schedule(optim, total_steps)
   parts = []
   if optim.clip_norm > 0:
@@ -64,4 +71,8 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.
   parts.append(optax.adamw(
       schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
       mask=lambda p: decay_mask(p, optim.decay_embeddings)))
+  if lr_multipliers is not None:
+    parts.append(optax.stateless(
+        lambda updates, params: jax.tree.map(lambda u, m: u * m if m != 1.0 else u,
+                                             updates, lr_multipliers)))
   return optax.chain(*parts)

@@ -33,6 +33,7 @@ from llama_jax.errors import UserError
 from llama_jax.loss import batch_loss
 from llama_jax.model import sizes
 from llama_jax.model.llama import Llama
+from llama_jax.model import parametrization as param_lib
 from llama_jax.model.config import ModelConfig
 from llama_jax.optim import make_optimizer, make_schedule
 
@@ -67,11 +68,12 @@ def make_setup(config: ml_collections.ConfigDict, devices=None, log=print) -> Se
   model_cfg = ModelConfig.from_dict(config.model)
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.resolve_rules(config, model_cfg, mesh, warn=log)
-  optimizer = make_optimizer(config.optim, config.train.steps)
 
   # Abstract model -> logical names -> shardings; nothing is allocated yet.
   abstract_model = nnx.eval_shape(lambda: Llama(model_cfg, rngs=nnx.Rngs(0)))
   graphdef, abs_vars = nnx.split(abstract_model)
+  optimizer = make_optimizer(config.optim, config.train.steps,
+                             param_lib.lr_multiplier_tree(model_cfg, abs_vars))
   param_shardings = nnx.to_pure_dict(sharding.tree_shardings(abs_vars, mesh, rules))
   abs_params = nnx.to_pure_dict(abs_vars)
   abs_opt = jax.eval_shape(optimizer.init, abs_params)

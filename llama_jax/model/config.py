@@ -15,6 +15,10 @@ REMATS = ("none", "full", "dots", "dots_no_batch")
 # attention (GPU), or the blockwise (flash-style) attention written in XLA ops.
 ATTENTIONS = ("xla", "cudnn", "blockwise")
 DTYPES = ("float32", "bfloat16", "float16")
+# llama_jax.model.parametrization: standard, or μP's width multipliers from a base shape; and
+# the residual-branch depth scaling (none, alpha = 1/2, alpha = 1).
+PARAMETRIZATIONS = ("sp", "mup")
+DEPTH_SCALINGS = ("none", "depth_mup", "completep")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +57,14 @@ class ModelConfig:
   remat: str = "dots_no_batch"
   attention: str = "blockwise"  # one of ATTENTIONS
   attention_block: int = 128    # query rows per block of the `blockwise` attention
+  # μP / depth scaling (llama_jax.model.parametrization): the base shape the multipliers are
+  # relative to; 0 means the model's own value, so the defaults are the model as it is.
+  parametrization: str = "sp"
+  depth_scaling: str = "none"
+  mup_base_dim: int = 0
+  mup_base_n_heads: int = 0
+  mup_base_ffn_dim: int = 0
+  mup_base_n_layers: int = 0
 
   def __post_init__(self):
     if isinstance(self.rope_scaling, dict):
@@ -71,9 +83,23 @@ class ModelConfig:
       raise ValueError(f"RoPE needs an even head dim, got dim/n_heads={self.head_dim}")
     for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("position", POSITIONS),
                           ("remat", REMATS), ("attention", ATTENTIONS), ("dtype", DTYPES),
-                          ("param_dtype", DTYPES)):
+                          ("param_dtype", DTYPES), ("parametrization", PARAMETRIZATIONS),
+                          ("depth_scaling", DEPTH_SCALINGS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
+    self._check_base_shape()
+
+  def _check_base_shape(self):
+    for name in ("mup_base_dim", "mup_base_n_heads", "mup_base_ffn_dim", "mup_base_n_layers"):
+      if int(getattr(self, name)) < 0:
+        raise ValueError(f"model.{name}={getattr(self, name)} must be >= 0 (0: the model's own)")
+    base_dim, base_heads = self.mup_base_dim or self.dim, self.mup_base_n_heads or self.n_heads
+    if base_dim % base_heads:
+      raise ValueError(f"the μP base shape's dim {base_dim} is not divisible by its n_heads "
+                       f"{base_heads}; set model.mup_base_dim / model.mup_base_n_heads to match")
+    if self.parametrization == "mup" and self.tie_embeddings:
+      raise ValueError("model.parametrization='mup' needs separate input and output embeddings "
+                       "(μP scales them differently); set model.tie_embeddings=False")
 
   @property
   def head_dim(self) -> int:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama_jax.model import attention as attention_lib
+from llama_jax.model import parametrization as param_lib
 from llama_jax.model.config import ModelConfig
 from llama_jax.sharding import constrain
 
@@ -192,14 +193,18 @@ class Attention(nnx.Module):
     self.wk = nnx.Param(_fan_in(0, (1, 2), ("embed", "kv_heads", "head_dim"))(rngs.params(), (d, k, h), pd))
     self.wv = nnx.Param(_fan_in(0, (1, 2), ("embed", "kv_heads", "head_dim"))(rngs.params(), (d, k, h), pd))
     # Residual-branch output scaled by 1/sqrt(2L) (GPT-2) so the residual stream's variance
-    # stays O(1) with depth.
+    # stays O(1) with depth (with depth scaling: the base depth's L, see parametrization).
     self.wo = nnx.Param(_fan_in((0, 1), 2, ("heads", "head_dim", "embed"),
-                                scale=1.0 / (2 * cfg.n_layers))(rngs.params(), (n, h, d), pd))
+                                scale=1.0 / (2 * param_lib.residual_init_layers(cfg)))(
+                                    rngs.params(), (n, h, d), pd))
+    self.query_multiplier = param_lib.query_multiplier(cfg)
 
   def __call__(self, x, rope, mask, segment_ids, cache):
     cfg = self.cfg
     dt = x.dtype
     q = dense(x, self.wq[...].astype(dt))  # [B, T, N, H]
+    if self.query_multiplier != 1.0:  # μP: scores x sqrt(base_head_dim) / head_dim
+      q = q * jnp.asarray(self.query_multiplier, dt)
     k = dense(x, self.wk[...].astype(dt))  # [B, T, K, H]
     v = dense(x, self.wv[...].astype(dt))
     if rope is not None:
@@ -239,7 +244,8 @@ class MLP(nnx.Module):
       self.w_gate = nnx.Param(_fan_in(0, 1, ("embed", "mlp"))(rngs.params(), (d, f), pd))
     self.w_up = nnx.Param(_fan_in(0, 1, ("embed", "mlp"))(rngs.params(), (d, f), pd))
     self.w_down = nnx.Param(_fan_in(0, 1, ("mlp", "embed"),
-                                    scale=1.0 / (2 * cfg.n_layers))(rngs.params(), (f, d), pd))
+                                    scale=1.0 / (2 * param_lib.residual_init_layers(cfg)))(
+                                        rngs.params(), (f, d), pd))
 
   def __call__(self, x):
     dt = x.dtype
@@ -265,11 +271,15 @@ class Block(nnx.Module):
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = make_norm(cfg)
     self.mlp = MLP(cfg, rngs=rngs)
+    self.branch_multiplier = param_lib.branch_multiplier(cfg)  # depth scaling; 1 without
+
+  def _branch(self, h):
+    return h if self.branch_multiplier == 1.0 else h * jnp.asarray(self.branch_multiplier, h.dtype)
 
   def __call__(self, x, rope, mask, segment_ids, cache):
     h, cache = self.attn(self.attn_norm(x), rope, mask, segment_ids, cache)
-    x = x + h
-    x = x + self.mlp(self.mlp_norm(x))
+    x = x + self._branch(h)
+    x = x + self._branch(self.mlp(self.mlp_norm(x)))
     return constrain(x, ("act_batch", "act_seq", "act_embed")), cache
 
 
@@ -325,9 +335,12 @@ class Llama(nnx.Module):
     self.layers = make_blocks(rngs)
     self.final_norm = make_norm(cfg)
     if not cfg.tie_embeddings:
-      self.lm_head = nnx.Param(_fan_in(0, 1, ("embed", "vocab"))(rngs.params(), (cfg.dim, cfg.vocab_size), pd))
+      self.lm_head = nnx.Param(_fan_in(0, 1, ("embed", "vocab"),
+                                       scale=param_lib.readout_init_scale(cfg))(
+                                           rngs.params(), (cfg.dim, cfg.vocab_size), pd))
 
-  def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None):
+  def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None,
+               output_hidden_states=False):
     """Forward pass.
 
     tokens [B, T] int; positions [B, T] (default 0..T-1, or cache['index'] onward with a cache:
@@ -335,7 +348,9 @@ class Llama(nnx.Module):
     packed documents. With `cache` (see `init_cache`) the T new keys/values and their positions are
     written at slot cache['index']; a query at position p sees every filled slot whose position
     is <= p (a position of -1 marks padding, seen by nobody), and (logits, cache) is returned
-    with index advanced by T.
+    with index advanced by T. With output_hidden_states (training form only), (logits, hidden)
+    is returned, hidden [L + 1, B, T, D] being the embedding output and every block's output
+    (HF's output_hidden_states; the μP coordinate check reads their scales).
     """
     cfg = self.cfg
     dt = _dtype(cfg.dtype)
@@ -361,15 +376,20 @@ class Llama(nnx.Module):
               & (slot_pos[:, None, None, :] <= positions[:, None, :, None]))  # [B, 1, T, S]
       cache = dict(cache, pos=slot_pos)
 
-    x, cache = self._run_layers(x, rope, mask, segment_ids, cache)
+    x0 = x
+    x, cache, hidden = self._run_layers(x, rope, mask, segment_ids, cache, output_hidden_states)
 
     x = self.final_norm(x)
     head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
     logits = lm_head_logits(x, head.astype(dt))
+    if (mult := param_lib.logit_multiplier(cfg)) != 1.0:  # μP readout: x base_dim / dim
+      logits = logits * mult
     logits = constrain(logits, ("act_batch", "act_seq", "act_vocab"))
+    if output_hidden_states:
+      return logits, jnp.concatenate([x0[None], hidden])
     return logits if cache is None else (logits, cache)
 
-  def _run_layers(self, x, rope, mask, segment_ids, cache):
+  def _run_layers(self, x, rope, mask, segment_ids, cache, output_hidden_states=False):
     graphdef, state = nnx.split(self.layers)
     layer_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
 
@@ -384,18 +404,21 @@ class Llama(nnx.Module):
 
     if self.cfg.scan_layers:
       def body(x, xs):
-        return layer(x, *xs)
-      x, new_kv = jax.lax.scan(body, x, (state, layer_cache))
+        x, kv = layer(x, *xs)
+        return x, (kv, x if output_hidden_states else None)
+      x, (new_kv, hidden) = jax.lax.scan(body, x, (state, layer_cache))
     else:
-      outs = []
+      outs, hiddens = [], []
       for i in range(self.cfg.n_layers):
         sl = jax.tree.map(lambda a: a[i], (state, layer_cache))
         x, kv = layer(x, *sl)
         outs.append(kv)
+        hiddens.append(x)
       new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+      hidden = jnp.stack(hiddens) if output_hidden_states else None
     if cache is None:
-      return x, None
-    return x, dict(cache, **new_kv, index=cache["index"] + x.shape[1])
+      return x, None, hidden
+    return x, dict(cache, **new_kv, index=cache["index"] + x.shape[1]), None
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict[str, jax.Array]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -178,14 +179,24 @@ def evaluate(eval_step, params, eval_loader, n_batches: int) -> float:
 
 
 class _StopSignal:
-  """SIGTERM / SIGINT set a flag; the loop saves the current step and exits cleanly."""
+  """SIGTERM / SIGINT make the loop save the current step and exit cleanly.
+
+  One process: the signal sets a flag. Several: a signal reaches one of them (a scheduler's
+  preemption notice, a `kill`) and every process must save the same step, or one enters the
+  collective save while another runs the next step. jax's preemption service (started by
+  jax.distributed.initialize) catches SIGTERM in whichever process gets it and tells the
+  others through the coordination service; `reached_preemption_sync_point(step)`, asked at
+  every step by every process, then turns true on all of them at the same step (the largest
+  step any had reached when the notice spread, plus one). So there SIGTERM is left to jax's
+  handler, and SIGINT (Ctrl-C in one terminal) is handed on to it as a SIGTERM."""
 
   def __init__(self):
     self.received: int | None = None
+    self.coordinated = jax.process_count() > 1
     self._previous = {}
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGINT,) if self.coordinated else (signal.SIGTERM, signal.SIGINT):
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread: leave the handlers alone
@@ -193,7 +204,18 @@ class _StopSignal:
     return self
 
   def _handle(self, signum, frame):
-    self.received = signum
+    if self.coordinated:
+      os.kill(os.getpid(), signal.SIGTERM)  # jax's handler: the notice goes to every process
+    else:
+      self.received = signum
+
+  def should_stop(self, done: int) -> bool:
+    """Whether to save `done` and stop; called once per step, on every process."""
+    if self.coordinated:
+      from jax.experimental import multihost_utils
+      if multihost_utils.reached_preemption_sync_point(done):
+        self.received = signal.SIGTERM
+    return self.received is not None
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -249,7 +271,7 @@ def _check_finite(pending: list[tuple[int, Any]]) -> None:
 def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict[str, Any]:
   """Trains (resuming from DIR/checkpoints if any); returns a summary dict."""
   is_main = jax.process_index() == 0
-  log = log if is_main else (lambda *a, **k: None)
+  log_all, log = log, log if is_main else (lambda *a, **k: None)  # log_all: on every process
 
   # ---- mesh, shardings (the checks that need the devices, before data or params) --------
   setup = make_setup(config, log=log)
@@ -279,7 +301,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
 
     # ---- state: restore or create sharded -----------------------------------------------
     checkpointer = ckpt_lib.Checkpointer(workdir, t_cfg.keep_checkpoints)
-    restored = checkpointer.restore_latest(setup.abstract_state, log=log)
+    restored = checkpointer.restore_latest(setup.abstract_state, log=log_all)
     if restored is not None:
       start_step, state = restored
       log(f"resumed from step {start_step} in {checkpointer.directory}")
@@ -323,9 +345,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
           throughput.step(stats["loss"])
           progress.update(1)
 
+          stopping = stop.should_stop(done)
           at_log, at_eval, at_ckpt = (itstime(done, every, t_cfg.steps) for every in (
               t_cfg.log_every, t_cfg.eval_every, t_cfg.checkpoint_every))
-          if at_log or at_eval or at_ckpt or stop.received:  # nothing saved or logged is NaN
+          if at_log or at_eval or at_ckpt or stopping:  # nothing saved or logged is NaN
             _check_finite(pending)
             pending.clear()
           if at_log:
@@ -342,10 +365,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
           if at_eval:
             last_eval = run_eval(done, state["params"])
             throughput.restart()  # keep eval time out of tokens/s
-          if at_ckpt or stop.received:
+          if at_ckpt or stopping:
             checkpointer.save(done, state, config)
             writer.flush()  # a bucket's metrics.jsonl is rewritten: every line so far
-          if stop.received:
+          if stopping:
             stopped_by = signal.Signals(stop.received).name
             break
         step = int(jax.device_get(state["step"]))
@@ -359,7 +382,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
       sample = _sample(setup, state["params"], tokenizer, t_cfg)
       if sample is not None:
         log("sample:\n" + sample)
-  if stopped_by:
+  if stopped_by and jax.process_count() > 1:  # every process says where it stopped
+    log_all(f"process {jax.process_index()}: stopped by {stopped_by} (a preemption notice to "
+            f"any of the {jax.process_count()} processes) at step {step}; checkpoint saved, "
+            "rerun to resume")
+  elif stopped_by:
     log(f"stopped by {stopped_by} at step {step}; checkpoint saved, rerun to resume")
   return {"step": step, "train": last_stats, "eval_loss": last_eval, "sample": sample,
           "stopped_by": stopped_by}

@@ -105,15 +105,15 @@ def _lines(workdir):
   return [by_key[k] for k in sorted(by_key)]
 
 
-@pytest.fixture(scope="module")
-def runs(gcs, tmp_path_factory):
-  """(reference, preempted): an uninterrupted run, and one whose process 1 got SIGTERM once a
-  checkpoint was in the bucket, with both jobs and the step each process said it stopped at."""
-  hosts = str(tmp_path_factory.mktemp("hosts"))
+def test_sigterm_to_one_process_then_a_coordinated_resume(gcs, tmp_path):
+  """One test function, so that pytest-xdist cannot split the three runs over two workers
+  (a module fixture would then run in each)."""
+  hosts = str(tmp_path / "hosts")
   bucket = f"gs://{object_store.new_bucket('multihost')}"
   reference = Job(hosts, f"{bucket}/reference", "reference")
   assert reference.wait() == [0, 0], reference.tail()
 
+  # ---- SIGTERM to process 1 alone, once a checkpoint is in the bucket.
   run = f"{bucket}/run"
   job = Job(hosts, run, "preempted")
   t0 = time.time()
@@ -123,49 +123,37 @@ def runs(gcs, tmp_path_factory):
     assert time.time() - t0 < 300, "no checkpoint in the bucket after 300 s:\n" + job.tail()
     time.sleep(0.1)
   job.procs[1].send_signal(signal.SIGTERM)
-  codes = job.wait()
-  stopped = [re.findall(r"process \d: stopped by SIGTERM \(a preemption notice to any of the 2 "
-                        r"processes\) at step (\d+)", job.output(i)) for i in range(2)]
-  return bucket, reference, job, codes, stopped
-
-
-def test_sigterm_to_one_process_saves_the_same_step_on_both(runs):
-  bucket, reference, job, codes, stopped = runs
-  assert codes == [0, 0], job.tail()
+  assert job.wait() == [0, 0], job.tail()
   # Each process found the other through the flags, and says so first.
   for i in range(2):
     first = job.output(i).splitlines()[0]
     assert first.startswith(f"processes: process {i} of 2, found through the "
                             "--coordinator_address"), first
     assert "4 local device(s) of 8" in first
+  stopped = [re.findall(r"process \d: stopped by SIGTERM \(a preemption notice to any of the 2 "
+                        r"processes\) at step (\d+)", job.output(i)) for i in range(2)]
   assert len(stopped[0]) == len(stopped[1]) == 1, job.tail()
   step = int(stopped[0][0])
   assert stopped[1] == stopped[0] and 4 <= step < STEPS  # the same step, before the end
-  steps = sorted(int(s) for s in storage.listdir(f"{bucket}/run/checkpoints") if s.isdigit())
-  assert steps[-1] == step and storage.exists(f"{bucket}/run/checkpoints/{step}/commit_success.txt")
-  assert [d["step"] for d in _lines(f"{bucket}/run") if "loss" in d] == list(range(1, step + 1))
+  steps = sorted(int(s) for s in storage.listdir(f"{run}/checkpoints") if s.isdigit())
+  assert steps[-1] == step and storage.exists(f"{run}/checkpoints/{step}/commit_success.txt")
+  assert [d["step"] for d in _lines(run) if "loss" in d] == list(range(1, step + 1))
 
-
-def test_resume_agrees_on_a_readable_step_and_matches_the_uninterrupted_run(runs):
-  bucket, reference, job, _, stopped = runs
-  run, step = f"{bucket}/run", int(stopped[0][0])
-  name = storage.bucket(bucket)
-  # A newest checkpoint (step + 1) whose shards process 1 reads are garbage: a copy of the
-  # saved step with the data files process 1 wrote overwritten. Process 0 reads its own
+  # ---- A newest checkpoint (step + 1) whose shards process 1 reads are garbage: a copy of
+  # the saved step with the data files process 1 wrote overwritten. Process 0 reads its own
   # shards of it fine, so without one shared decision the two would restore different steps.
+  name = storage.bucket(bucket)
   bad = step + 1
   storage.copy_tree(f"{run}/checkpoints/{step}", f"{run}/checkpoints/{bad}")
-  prefix = f"run/checkpoints/{bad}/state/ocdbt.process_1/d/"
-  corrupted = object_store.list_objects(name, prefix)
+  corrupted = object_store.list_objects(name, f"run/checkpoints/{bad}/state/ocdbt.process_1/d/")
   assert corrupted
   for o in corrupted:
     storage.write_bytes(f"gs://{name}/{o}", b"garbage")
 
-  hosts = os.path.dirname(os.path.dirname(job.logs[0]))
   resumed = Job(hosts, run, "resumed")
   assert resumed.wait() == [0, 0], resumed.tail()
   out0, out1 = resumed.output(0), resumed.output(1)
-  assert "process 1 cannot read checkpoint %d" % bad in out1, resumed.tail()
+  assert f"process 1 cannot read checkpoint {bad}" in out1, resumed.tail()
   assert f"process 0 cannot read checkpoint {bad}" not in out0  # its own shards were fine
   # One decision, one move: process 0 says it once and moved the step aside (not deleted).
   assert out0.count(f"checkpoint {bad} is unreadable by process(es) [1]") == 1, resumed.tail()

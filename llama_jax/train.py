@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -181,41 +180,52 @@ def evaluate(eval_step, params, eval_loader, n_batches: int) -> float:
 class _StopSignal:
   """SIGTERM / SIGINT make the loop save the current step and exit cleanly.
 
-  One process: the signal sets a flag. Several: a signal reaches one of them (a scheduler's
-  preemption notice, a `kill`) and every process must save the same step, or one enters the
-  collective save while another runs the next step. jax's preemption service (started by
-  jax.distributed.initialize) catches SIGTERM in whichever process gets it and tells the
-  others through the coordination service; `reached_preemption_sync_point(step)`, asked at
-  every step by every process, then turns true on all of them at the same step (the largest
-  step any had reached when the notice spread, plus one). So there SIGTERM is left to jax's
-  handler, and SIGINT (Ctrl-C in one terminal) is handed on to it as a SIGTERM."""
+  One process: the signal sets a flag, acted on after the step. Several: a signal reaches one
+  of them (a scheduler's preemption notice, a `kill`) and every process must save the same
+  step, or one enters the collective save while another runs the next step. So they compare
+  flags (an allgather through jax's multihost utilities) at the same steps: those that log,
+  evaluate or save, which wait for the step anyway, and at least every `every` steps; if any
+  process has one, all save that step. The notice must come that many steps before the kill
+  (SLURM's --signal gives minutes, a Cloud TPU maintenance event about 30 s). There the
+  handlers are installed when this is made, since restoring and compiling before the first
+  step can take minutes of a short notice. (jax's own preemption sync point, which catches
+  SIGTERM in C++, misses a notice that comes before the loop's first step.)"""
 
-  def __init__(self):
+  def __init__(self, every: int = 10):
     self.received: int | None = None
-    self.coordinated = jax.process_count() > 1
+    self.coordinated, self.every = jax.process_count() > 1, every
     self._previous = {}
+    if self.coordinated:
+      self._install()
 
-  def __enter__(self):
-    for sig in (signal.SIGINT,) if self.coordinated else (signal.SIGTERM, signal.SIGINT):
+  def _install(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread: leave the handlers alone
         pass
+
+  def __enter__(self):
+    if not self.coordinated:
+      self._install()
     return self
 
   def _handle(self, signum, frame):
-    if self.coordinated:
-      os.kill(os.getpid(), signal.SIGTERM)  # jax's handler: the notice goes to every process
-    else:
-      self.received = signum
+    self.received = signum
 
-  def should_stop(self, done: int) -> bool:
-    """Whether to save `done` and stop; called once per step, on every process."""
-    if self.coordinated:
-      from jax.experimental import multihost_utils
-      if multihost_utils.reached_preemption_sync_point(done):
-        self.received = signal.SIGTERM
-    return self.received is not None
+  def should_stop(self, done: int, waited: bool) -> bool:
+    """Whether to save `done` and stop; `waited`: this step is waited for anyway (a log, an
+    eval, a checkpoint). Called once per step, on every process."""
+    if not self.coordinated:
+      return self.received is not None
+    if not (waited or done % self.every == 0):
+      return False
+    from jax.experimental import multihost_utils
+    flags = np.asarray(multihost_utils.process_allgather(np.int32(self.received or 0)))
+    if flags.any():
+      self.received = self.received or int(flags[flags > 0][0])
+      return True
+    return False
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -272,6 +282,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
   """Trains (resuming from DIR/checkpoints if any); returns a summary dict."""
   is_main = jax.process_index() == 0
   log_all, log = log, log if is_main else (lambda *a, **k: None)  # log_all: on every process
+  stop = _StopSignal()  # with several processes it listens from here on
 
   # ---- mesh, shardings (the checks that need the devices, before data or params) --------
   setup = make_setup(config, log=log)
@@ -335,7 +346,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
     if start_step == 0:  # the starting loss, so every curve shows how far training took it
       last_eval = run_eval(0, state["params"])
     try:
-      with _StopSignal() as stop:
+      with stop:
         for step, batch in train_loader.iterate(start_step):
           if step >= t_cfg.steps:
             break
@@ -345,9 +356,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
           throughput.step(stats["loss"])
           progress.update(1)
 
-          stopping = stop.should_stop(done)
           at_log, at_eval, at_ckpt = (itstime(done, every, t_cfg.steps) for every in (
               t_cfg.log_every, t_cfg.eval_every, t_cfg.checkpoint_every))
+          stopping = stop.should_stop(done, waited=at_log or at_eval or at_ckpt)
           if at_log or at_eval or at_ckpt or stopping:  # nothing saved or logged is NaN
             _check_finite(pending)
             pending.clear()
@@ -383,9 +394,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
       if sample is not None:
         log("sample:\n" + sample)
   if stopped_by and jax.process_count() > 1:  # every process says where it stopped
-    log_all(f"process {jax.process_index()}: stopped by {stopped_by} (a preemption notice to "
-            f"any of the {jax.process_count()} processes) at step {step}; checkpoint saved, "
-            "rerun to resume")
+    log_all(f"process {jax.process_index()}: stopped by {stopped_by} (to any of the "
+            f"{jax.process_count()} processes) at step {step}; checkpoint saved, rerun to resume")
   elif stopped_by:
     log(f"stopped by {stopped_by} at step {step}; checkpoint saved, rerun to resume")
   return {"step": step, "train": last_stats, "eval_loss": last_eval, "sample": sample,

@@ -130,8 +130,8 @@ def test_sigterm_to_one_process_then_a_coordinated_resume(gcs, tmp_path):
     assert first.startswith(f"processes: process {i} of 2, found through the "
                             "--coordinator_address"), first
     assert "4 local device(s) of 8" in first
-  stopped = [re.findall(r"process \d: stopped by SIGTERM \(a preemption notice to any of the 2 "
-                        r"processes\) at step (\d+)", job.output(i)) for i in range(2)]
+  stopped = [re.findall(r"process \d: stopped by SIGTERM \(to any of the 2 processes\) at "
+                        r"step (\d+)", job.output(i)) for i in range(2)]
   assert len(stopped[0]) == len(stopped[1]) == 1, job.tail()
   step = int(stopped[0][0])
   assert stopped[1] == stopped[0] and 4 <= step < STEPS  # the same step, before the end

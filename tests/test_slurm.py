@@ -1,7 +1,8 @@
 """The SLURM launcher on a real one-node SLURM cluster (tests/slurm_cluster.py): a two-run
 sweep with two tasks per run, submitted through `python -m llama_jax.sweep --launcher slurm
 --submit`. Every task finds its peer from the SLURM environment alone; one run is requeued
-mid-way (`scontrol requeue`), starts again and resumes; both finish, the collect job writes
+mid-way (`scontrol requeue`), starts again and resumes, then gets SIGTERM in its batch script
+(what `--signal=B:TERM@N` sends before the time limit), saves and requeues itself; both finish, the collect job writes
 results.csv with both, and the requeued run's losses are bitwise those of the other, never
 interrupted (the two differ only in how often they save, which does not touch the training).
 
@@ -83,15 +84,23 @@ def test_sweep_submitted_to_slurm_finds_peers_requeues_and_collects(tmp_path):
           line for line in p.read_text(errors="replace").splitlines()[-40:] if "%|" not in line)
           for p in logs.values() if p.exists())
 
-    # Requeue the first run once its first checkpoint is on disk, mid-way through its steps.
-    first = out / "requeued" / "checkpoints" / "2"
-    _wait("no checkpoint 2 of the first run", first.exists, 400, show)
+    def restart(why):  # a requeued task waits for its credentials to expire: start it now
+      _wait(f"the task did not go back to PENDING after {why}",
+            lambda: slurm_cluster.job_state(env, f"{array}_0") == "PENDING", 60, show)
+      subprocess.run(["scontrol", "update", f"JobId={array}_0", "StartTime=now"], env=env,
+                     check=True)
+
+    # Requeued from outside once its first checkpoint is on disk, mid-way through its steps.
+    _wait("no checkpoint 2 of the first run", (out / "requeued" / "checkpoints" / "2").exists,
+          400, show)
     subprocess.run(["scontrol", "requeue", f"{array}_0"], env=env, check=True)
-    # Requeued, it waits for its credentials to expire (cred_expire=10); start it at once.
-    _wait("the requeued task did not go back to PENDING",
-          lambda: slurm_cluster.job_state(env, f"{array}_0") == "PENDING", 60, show)
-    subprocess.run(["scontrol", "update", f"JobId={array}_0", "StartTime=now"], env=env,
-                   check=True)
+    restart("scontrol requeue")
+    # Started again, it gets what --signal=B:TERM@N sends near the time limit: SIGTERM to the
+    # batch script alone, whose trap hands it to srun and then requeues the job itself.
+    _wait("the requeued run did not resume",
+          lambda: "resumed from step" in logs[0].read_text(errors="replace"), 300, show)
+    subprocess.run(["scancel", "--batch", "--signal=TERM", f"{array}_0"], env=env, check=True)
+    restart("SIGTERM to the batch script")
     _wait("the collect job did not complete",
           lambda: slurm_cluster.job_state(env, collect) == "COMPLETED", 600, show)
     states = [slurm_cluster.job_state(env, f"{array}_{i}") for i in (0, 1)]
@@ -99,17 +108,22 @@ def test_sweep_submitted_to_slurm_finds_peers_requeues_and_collects(tmp_path):
 
   requeued, reference = (logs[i].read_text(errors="replace") for i in (0, 1))
   starts = re.findall(r"^=== \S+ job \d+ start (\d+)$", requeued, re.M)
-  assert starts == ["1", "2"], show()
+  assert starts == ["1", "2", "3"], show()
+  # The batch script's SIGTERM reached both tasks, which saved the same step before the
+  # script requeued the job.
+  for task in (0, 1):
+    assert len(re.findall(rf"^{task}: process {task}: stopped by SIGTERM .* at step (\d+)",
+                          requeued, re.M)) >= 1, show()
   # Every start of every task found its peer through SLURM's variables alone.
-  for text, n_starts in ((requeued, 2), (reference, 1)):
+  for text, n_starts in ((requeued, 3), (reference, 1)):
     for task in (0, 1):
       found = re.findall(rf"^{task}: processes: process {task} of 2, found through SLURM "
                          r"\(SLURM_NTASKS, SLURM_PROCID, the first host of "
                          r"SLURM_STEP_NODELIST\); coordinator \S+:(\d+); 1 local device\(s\) "
                          "of 2$", text, re.M)
       assert len(found) == n_starts, show()
-  resumed = re.findall(r"^0: resumed from step (\d+) in ", requeued, re.M)
-  assert len(resumed) == 1 and 2 <= int(resumed[0]) < STEPS, show()
+  resumed = [int(n) for n in re.findall(r"^0: resumed from step (\d+) in ", requeued, re.M)]
+  assert len(resumed) == 2 and 2 <= resumed[0] < resumed[1] < STEPS, show()
 
   rows = {row["name"]: row for row in csv.DictReader(open(out / "results.csv"))}
   assert sorted(rows) == ["reference", "requeued"]

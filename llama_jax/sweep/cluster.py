@@ -184,8 +184,10 @@ def slurm_script(runs: Sequence[Run], *, experiment: str = "", repo_dir: str | N
       "# waits for a peer at a collective for ever).",
       "export SLURM_LABELIO=1 SLURM_KILL_BAD_EXIT=1",
       'echo "=== $(date +%FT%T) job ${SLURM_JOB_ID:-?} start $(( ${SLURM_RESTART_COUNT:-0} + 1 ))"',
-      "stop=0 pid=",
-      'on_term() { stop=1; [[ -z $pid ]] || kill -TERM "$pid"; }  # srun hands it to every task',
+      "stop=0",
+      "# SIGTERM to this script goes on to every task of the job's steps (a SIGTERM to srun",
+      "# itself would cancel the step and kill the tasks before they save).",
+      'on_term() { stop=1; scancel --signal=TERM "$SLURM_JOB_ID"; }',
       "trap on_term TERM",
       'case "${SLURM_ARRAY_TASK_ID:?not inside a SLURM array job}" in',
   ]

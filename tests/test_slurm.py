@@ -132,3 +132,18 @@ def test_sweep_submitted_to_slurm_finds_peers_requeues_and_collects(tmp_path):
   a, b = _lines(out / "requeued"), _lines(out / "reference")
   assert [d["step"] for d in b if "loss" in d] == list(range(1, STEPS + 1))
   assert a == b
+
+
+def test_submit_mistakes_are_one_line_errors(tmp_path, monkeypatch, capsys):
+  from llama_jax.sweep import __main__ as sweep_cli
+  exp = tmp_path / "slurm_sweep.py"
+  exp.write_text(EXPERIMENT)
+  monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+  for extra, message in ((["--launcher", "tpu", "--script", str(tmp_path / "t.sh")],
+                          "--submit goes with --launcher slurm"),
+                         (["--launcher", "slurm"], "sbatch is not on PATH")):
+    with pytest.raises(SystemExit) as exit_:
+      sweep_cli.main([str(exp), "--workdir", str(tmp_path / "w"), "--submit", *extra])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], err

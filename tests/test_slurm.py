@@ -86,7 +86,7 @@ def test_sweep_submitted_to_slurm_finds_peers_requeues_and_collects(tmp_path):
 
     def restart(why):  # a requeued task waits for its credentials to expire: start it now
       _wait(f"the task did not go back to PENDING after {why}",
-            lambda: slurm_cluster.job_state(env, f"{array}_0") == "PENDING", 60, show)
+            lambda: slurm_cluster.job_state(env, f"{array}_0") == "PENDING", 240, show)
       subprocess.run(["scontrol", "update", f"JobId={array}_0", "StartTime=now"], env=env,
                      check=True)
 

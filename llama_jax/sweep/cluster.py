@@ -15,6 +15,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import textwrap
 from typing import Sequence
 
 from llama_jax.sweep.errors import SweepError
@@ -171,13 +172,14 @@ def slurm_script(runs: Sequence[Run], *, experiment: str = "", repo_dir: str | N
   lines += [f"#SBATCH {opt}" for opt in sbatch_options]
   per_node = (f"one process per GPU ({gpus_per_node} per node, each on GPU SLURM_LOCALID)"
               if gpus_per_node else f"{tasks} process(es) per node")
+  about = (f"{len(runs)} run(s) of {experiment or 'a sweep'}: one array task per run, each on "
+           f"{nodes} node(s) with {per_node}; jax.distributed.initialize() reads the SLURM "
+           "environment. Submit with: sbatch THIS_SCRIPT (or the sweep's --submit). Stopped "
+           f"near its time limit (SIGTERM to this script {signal_s} s before), a run saves its "
+           "step on every process and the script requeues it; requeued or preempted, it "
+           "resumes from its checkpoints. A new script leaves out the runs that are finished.")
+  lines += ["# " + line for line in textwrap.wrap(about, 90)]
   lines += [
-      f"# {len(runs)} run(s) of {experiment or 'a sweep'}: one array task per run, each on",
-      f"# {nodes} node(s) with {per_node}; jax.distributed.initialize() reads the SLURM",
-      "# environment. Submit with: sbatch THIS_SCRIPT (or the sweep's --submit). Stopped near",
-      f"# its time limit (SIGTERM to this script {signal_s} s before), a run saves its step on",
-      "# every process and the script requeues it; requeued or preempted, it resumes from its",
-      "# checkpoints. A new script leaves out the runs that are finished.",
       "set -uo pipefail",
       f"cd {shlex.quote(repo_dir)}",
       "# srun: each line labelled with its task; a task that fails ends the others (no process",

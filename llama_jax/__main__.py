@@ -9,8 +9,9 @@ nothing, and prints one JSON line with per-device memory and FLOPs. --dry_run --
 [--num_slices=N] compiles it with the TPU compiler for that Cloud TPU slice (needs libtpu) and
 adds its peak bytes, the chip's HBM and `fits`; --fit / --fit_batch search the settings that fit
 (llama_jax.fit_search).
-Multi-process: --coordinator_address=HOST:PORT --num_processes=N --process_id=I (detected
-automatically on TPU pods and under SLURM).
+Multi-process: --coordinator_address=HOST:PORT --num_processes=N --process_id=I, or nothing
+where jax detects the cluster (Cloud TPU VMs, GKE, SLURM, Open MPI); the first line says how
+the processes were found.
 A user's mistake (a bad config, data that is not there, a mesh that does not fit, a NaN loss)
 is one line `error: ...` and exit status 2 (llama_jax.errors); anything else is a bug and
 keeps its traceback.
@@ -74,7 +75,10 @@ def main(argv):
   from llama_jax import sharding
   from llama_jax.train import train
 
-  sharding.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+  # The run's first line, on every process: how the processes found each other (or that
+  # there is one), so a slice that came up as N separate runs shows it at once.
+  print("processes: " + sharding.initialize_distributed(_COORD.value, _NPROC.value, _PID.value),
+        flush=True)
   train(config, _WORKDIR.value)
 
 

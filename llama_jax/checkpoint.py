@@ -3,7 +3,9 @@
 Saves are asynchronous: the step loop goes on while the arrays are written; Orbax only makes a
 step visible once it is complete, so a run killed mid-save leaves the previous checkpoint as
 the newest. A newest checkpoint that is complete on disk but unreadable (truncated, corrupted)
-is skipped with a warning, moved aside (never deleted) and the one before it restored.
+is skipped with a warning, moved aside (never deleted) and the one before it restored. With
+several processes they agree on the step to restore, and the step is moved aside once, after
+every process has stopped reading it (restore_latest).
 
 The workdir may be a bucket (gs://...): Orbax gets the bucket path itself (on GCS it marks a
 finished step with commit_success.txt instead of a rename), and moving an unreadable step
@@ -16,7 +18,10 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
 from llama_jax import config as config_lib
 from llama_jax import storage
@@ -64,19 +69,55 @@ class Checkpointer:
     return restored["state"]
 
   def restore_latest(self, abstract_state: Any, log=print) -> tuple[int, Any] | None:
-    """(step, state) from the newest readable checkpoint, or None when there is none."""
-    for step in reversed(self.steps()):
+    """(step, state) from the newest checkpoint every process can read, or None when there is
+    none. `log` runs on every process (each one says what it could not read).
+
+    One decision, shared: process 0 names the step to try (its listing, broadcast), every
+    process reads its part of that step, and the step is taken only if every process could
+    (an allgather of the outcomes: each process reads only the shards its devices hold, so
+    one can fail where another succeeds). Otherwise the allgather is also the point where
+    every process has stopped reading the step: only then does process 0 move it aside, once,
+    and the next older step is tried. The reads skip Orbax's manager, whose restore ends in a
+    barrier that a process whose read raised would never reach."""
+    multi = jax.process_count() > 1
+    below = None
+    while True:
+      steps = [s for s in self.steps() if below is None or s < below]
+      step = max(steps, default=-1)
+      if multi:
+        step = int(multihost_utils.broadcast_one_to_all(np.int64(step)))
+      if step < 0:
+        return None
       try:
-        return step, self.restore(step, abstract_state)
+        state, error = self._read(step, abstract_state), None
       except Exception as e:  # noqa: BLE001 — any read failure means "unreadable"
-        if jax.process_index() == 0:
-          log(f"warning: checkpoint {step} is unreadable ({type(e).__name__}: "
-              f"{str(e).splitlines()[0][:200]}); moved to {self.quarantine}, trying the "
-              "previous one")
-          storage.move_tree(storage.join(self.directory, str(step)),
-                            storage.join(self.quarantine, f"{step}"))
-        self.manager.reload()
-    return None
+        state, error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+      failed = [0] if error else []
+      if multi:
+        failed = np.flatnonzero(multihost_utils.process_allgather(np.int32(bool(error)))).tolist()
+      if not failed:
+        return step, state
+      if error and multi:
+        log(f"warning: process {jax.process_index()} cannot read checkpoint {step} ({error})")
+      if jax.process_index() == 0:
+        log(f"warning: checkpoint {step} is unreadable"
+            + (f" by process(es) {failed}" if multi else f" ({error})")
+            + f"; moved to {self.quarantine}, trying the previous one")
+        storage.move_tree(storage.join(self.directory, str(step)),
+                          storage.join(self.quarantine, f"{step}"))
+      if multi:  # nobody lists the steps again before the move is done
+        multihost_utils.sync_global_devices(f"llama_jax: checkpoint {step} moved aside")
+      self.manager.reload()
+      below = step
+
+  def _read(self, step: int, abstract_state: Any) -> Any:
+    """This process's part of the state of `step`, read by Orbax's handler directly."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+      return handler.restore(epath.Path(self.directory) / str(step) / "state",
+                             args=ocp.args.StandardRestore(abstract_state))
+    finally:
+      handler.close()
 
   def restore_config(self, step: int | None = None) -> ml_collections.ConfigDict:
     step = self.manager.latest_step() if step is None else step

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Sequence
 
 import jax
@@ -150,27 +151,89 @@ def bytes_per_device(abstract_tree, shardings) -> int:
 
 # ---------------------------------------------------------------------------- multi-host
 
+# How jax finds the other processes in each cluster it detects on its own (jax/_src/clusters):
+# the first line a multi-process run logs names it.
+_FOUND_THROUGH = {
+    "slurm": "SLURM (SLURM_NTASKS, SLURM_PROCID, the first host of SLURM_STEP_NODELIST)",
+    "ompi": "Open MPI (OMPI_COMM_WORLD_SIZE / _RANK, mpirun's address)",
+    "gcetpu": "the Cloud TPU VM metadata server (worker-network-endpoints, agent-worker-number)",
+    "gketpu": "GKE's TPU variables (TPU_WORKER_HOSTNAMES, TPU_WORKER_ID)",
+    "k8s": "the Kubernetes API (the job's pods)",
+}
+
+
+def detect_cluster():
+  """The cluster environment jax.distributed.initialize() would find on its own (Cloud TPU VMs
+  through the metadata server, GKE, SLURM, Open MPI, Kubernetes), or None.
+
+  jax keeps its detectors in jax._src.clusters (no public API); they are what
+  jax.distributed.initialize() itself runs, so asking them first lets a run know whether
+  there is a cluster at all (a plain machine: none, no coordinator to wait for) and say how
+  its processes were found. mpi4py is opt-in in jax and here too."""
+  try:
+    from jax._src import clusters
+    envs = [e for e in clusters.ClusterEnv._cluster_types
+            if not getattr(e, "opt_in_only_method", False)]
+  except (ImportError, AttributeError):  # a jax without them: only the explicit flags
+    return None
+  return next((e for e in envs if e.is_env_present()), None)
+
+
+def slurm_local_device_ids(environ=os.environ) -> list[int] | None:
+  """The GPUs a SLURM task should use: None (jax's own choice) unless the job runs one task on
+  a node with several GPUs, where jax's SLURM detection would still give the task only GPU
+  SLURM_LOCALID; then every GPU of the node (a node of 8 GPUs must not train on 1).
+
+  The launcher runs one task per GPU (llama_jax.sweep.cluster), which is what jax expects;
+  this covers a user's own `srun --ntasks-per-node=1`."""
+  gpus = int(environ.get("SLURM_GPUS_ON_NODE", "0") or 0)
+  per_node = re.findall(r"(\d+)(?:\(x\d+\))?", environ.get("SLURM_STEP_TASKS_PER_NODE", ""))
+  if gpus > 1 and per_node and all(n == "1" for n in per_node):
+    return list(range(gpus))
+  return None
+
+
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-  """jax.distributed from explicit flags, or auto-detected on TPU pods and under SLURM.
+                           process_id: int | None = None, *, timeout_s: int = 300) -> str:
+  """Starts jax.distributed from the explicit flags, or wherever jax detects a cluster (a
+  multi-host slice must never run as N independent jobs); returns the line that says how the
+  processes were found, for the run's first log line.
 
-  On CPU the cross-process collectives go through gloo."""
+  Nothing starts for a single process (a plain machine, `srun -n1`): there is nothing to
+  coordinate, and jax's SLURM start-up would limit that one task to one GPU. On CPU the
+  cross-process collectives go through gloo."""
   explicit = coordinator_address is not None
-  auto = (os.environ.get("SLURM_NTASKS", "1") != "1"
-          or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
-          or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
-  if not (explicit or auto):
-    return
   if explicit and (num_processes is None or process_id is None):
     raise ShardingError("--coordinator_address needs --num_processes and --process_id")
+  if not explicit and (num_processes is not None or process_id is not None):
+    raise ShardingError("--num_processes and --process_id need --coordinator_address=HOST:PORT "
+                        "(or leave all three out where jax detects the cluster)")
+  local_ids = None
+  if explicit:
+    how = "the --coordinator_address / --num_processes / --process_id flags"
+  else:
+    env = detect_cluster()
+    if env is None:
+      return "1 process: no cluster detected (Cloud TPU, GKE, SLURM, Open MPI) and no flags"
+    how = _FOUND_THROUGH.get(env.name, f"jax's {env.name} detection")
+    num_processes = env.get_process_count()
+    if num_processes <= 1:
+      return f"1 process: {how} counts one"
+    process_id = env.get_process_id()
+    coordinator_address = env.get_coordinator_address(
+        timeout_secs=timeout_s, override_coordinator_port=os.environ.get("JAX_COORDINATOR_PORT"))
+    if env.name == "slurm":
+      local_ids = slurm_local_device_ids()
   if os.environ.get("JAX_PLATFORMS", "") == "cpu" or not _has_accelerator():
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if explicit:
-    jax.distributed.initialize(coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
-  else:
-    jax.distributed.initialize()
+  # With the three given, jax detects nothing more except, under SLURM, the task's GPU.
+  jax.distributed.initialize(coordinator_address, num_processes=num_processes,
+                             process_id=process_id, local_device_ids=local_ids,
+                             initialization_timeout=timeout_s)
+  return (f"process {jax.process_index()} of {jax.process_count()}, found through {how}; "
+          f"coordinator {coordinator_address}; {jax.local_device_count()} local device(s) of "
+          f"{jax.device_count()}")
 
 
 def _has_accelerator() -> bool:

@@ -180,22 +180,54 @@ def evaluate(eval_step, params, eval_loader, n_batches: int) -> float:
 
 
 class _StopSignal:
-  """SIGTERM / SIGINT set a flag; the loop saves the current step and exits cleanly."""
+  """SIGTERM / SIGINT make the loop save the current step and exit cleanly.
 
-  def __init__(self):
+  One process: the signal sets a flag, acted on after the step. Several: a signal reaches one
+  of them (a scheduler's preemption notice, a `kill`) and every process must save the same
+  step, or one enters the collective save while another runs the next step. So they compare
+  flags (an allgather through jax's multihost utilities) at the same steps: those that log,
+  evaluate or save, which wait for the step anyway, and at least every `every` steps; if any
+  process has one, all save that step. The notice must come that many steps before the kill
+  (SLURM's --signal gives minutes, a Cloud TPU maintenance event about 30 s). There the
+  handlers are installed when this is made, since restoring and compiling before the first
+  step can take minutes of a short notice. (jax's own preemption sync point, which catches
+  SIGTERM in C++, misses a notice that comes before the loop's first step.)"""
+
+  def __init__(self, every: int = 10):
     self.received: int | None = None
+    self.coordinated, self.every = jax.process_count() > 1, every
     self._previous = {}
+    if self.coordinated:
+      self._install()
 
-  def __enter__(self):
+  def _install(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread: leave the handlers alone
         pass
+
+  def __enter__(self):
+    if not self.coordinated:
+      self._install()
     return self
 
   def _handle(self, signum, frame):
     self.received = signum
+
+  def should_stop(self, done: int, waited: bool) -> bool:
+    """Whether to save `done` and stop; `waited`: this step is waited for anyway (a log, an
+    eval, a checkpoint). Called once per step, on every process."""
+    if not self.coordinated:
+      return self.received is not None
+    if not (waited or done % self.every == 0):
+      return False
+    from jax.experimental import multihost_utils
+    flags = np.asarray(multihost_utils.process_allgather(np.int32(self.received or 0)))
+    if flags.any():
+      self.received = self.received or int(flags[flags > 0][0])
+      return True
+    return False
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -251,7 +283,8 @@ def _check_finite(pending: list[tuple[int, Any]]) -> None:
 def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict[str, Any]:
   """Trains (resuming from DIR/checkpoints if any); returns a summary dict."""
   is_main = jax.process_index() == 0
-  log = log if is_main else (lambda *a, **k: None)
+  log_all, log = log, log if is_main else (lambda *a, **k: None)  # log_all: on every process
+  stop = _StopSignal()  # with several processes it listens from here on
 
   # ---- mesh, shardings (the checks that need the devices, before data or params) --------
   setup = make_setup(config, log=log)
@@ -281,7 +314,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
 
     # ---- state: restore or create sharded -----------------------------------------------
     checkpointer = ckpt_lib.Checkpointer(workdir, t_cfg.keep_checkpoints)
-    restored = checkpointer.restore_latest(setup.abstract_state, log=log)
+    restored = checkpointer.restore_latest(setup.abstract_state, log=log_all)
     if restored is not None:
       start_step, state = restored
       log(f"resumed from step {start_step} in {checkpointer.directory}")
@@ -315,7 +348,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
     if start_step == 0:  # the starting loss, so every curve shows how far training took it
       last_eval = run_eval(0, state["params"])
     try:
-      with _StopSignal() as stop:
+      with stop:
         for step, batch in train_loader.iterate(start_step):
           if step >= t_cfg.steps:
             break
@@ -327,7 +360,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
 
           at_log, at_eval, at_ckpt = (itstime(done, every, t_cfg.steps) for every in (
               t_cfg.log_every, t_cfg.eval_every, t_cfg.checkpoint_every))
-          if at_log or at_eval or at_ckpt or stop.received:  # nothing saved or logged is NaN
+          stopping = stop.should_stop(done, waited=at_log or at_eval or at_ckpt)
+          if at_log or at_eval or at_ckpt or stopping:  # nothing saved or logged is NaN
             _check_finite(pending)
             pending.clear()
           if at_log:
@@ -344,10 +378,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
           if at_eval:
             last_eval = run_eval(done, state["params"])
             throughput.restart()  # keep eval time out of tokens/s
-          if at_ckpt or stop.received:
+          if at_ckpt or stopping:
             checkpointer.save(done, state, config)
             writer.flush()  # a bucket's metrics.jsonl is rewritten: every line so far
-          if stop.received:
+          if stopping:
             stopped_by = signal.Signals(stop.received).name
             break
         step = int(jax.device_get(state["step"]))
@@ -361,7 +395,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
       sample = _sample(setup, state["params"], tokenizer, t_cfg)
       if sample is not None:
         log("sample:\n" + sample)
-  if stopped_by:
+  if stopped_by and jax.process_count() > 1:  # every process says where it stopped
+    log_all(f"process {jax.process_index()}: stopped by {stopped_by} (to any of the "
+            f"{jax.process_count()} processes) at step {step}; checkpoint saved, rerun to resume")
+  elif stopped_by:
     log(f"stopped by {stopped_by} at step {step}; checkpoint saved, rerun to resume")
   return {"step": step, "train": last_stats, "eval_loss": last_eval, "sample": sample,
           "stopped_by": stopped_by}

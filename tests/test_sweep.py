@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import shlex
+import shutil
 import signal
 import stat
 import subprocess
@@ -350,41 +351,107 @@ def fake_bin(tmp_path, name):
   return bindir
 
 
-def test_tpu_script_runs_every_run_on_all_workers_with_exact_argv(tmp_path):
+FAKE_GCLOUD = r"""
+import json, os, shlex, sys
+# A stand-in for gcloud (there is no GCP here): queued resources kept in a JSON file, gs://
+# paths mapped to local files, and `tpu-vm ssh` that loses the first slice it runs on (a
+# preemption: the slice goes SUSPENDED) and otherwise "trains" by writing the run's DONE.
+root, args = os.environ["FAKE_ROOT"], sys.argv[1:]
+open(os.path.join(root, "calls.jsonl"), "a").write(json.dumps(args) + "\n")
+path = os.path.join(root, "slices.json")
+slices = json.load(open(path)) if os.path.exists(path) else {}
+local = lambda gs: os.path.join(root, "gs", gs.removeprefix("gs://"))
+if args[0] == "storage":
+  if not os.path.exists(local(args[2])):
+    sys.exit(1)
+  if args[1] == "cat":
+    print(open(local(args[2])).read(), end="")
+  sys.exit(0)
+verb, name = args[3], args[4]
+if verb == "describe":
+  if name not in slices:
+    sys.exit(1)
+  print(slices[name])
+elif verb == "create":
+  slices[name] = "ACTIVE"
+elif verb == "delete":
+  slices.pop(name)
+elif verb == "ssh":
+  words = shlex.split(next(a for a in args if a.startswith("--command=")).split("=", 1)[1])
+  workdir = next(w for w in words if w.startswith("--workdir=")).split("=", 1)[1]
+  if not os.path.exists(os.path.join(root, "preempted")):
+    open(os.path.join(root, "preempted"), "w").close()
+    slices[name] = "SUSPENDED"
+    json.dump(slices, open(path, "w"))
+    sys.exit(255)
+  os.makedirs(local(workdir), exist_ok=True)
+  open(os.path.join(local(workdir), "metrics.jsonl"), "w").write('{"step": 7, "loss": 1.0}\n')
+json.dump(slices, open(path, "w"))
+"""
+
+
+def test_tpu_script_gives_each_run_a_slice_and_retries_after_a_preemption(tmp_path):
+  """Simulated: gcloud is a stand-in (FAKE_GCLOUD), so what is checked is the script's own
+  logic and the exact argv it hands gcloud, not Cloud TPU itself."""
   runs = experiment_lib.expand(write_experiment(tmp_path, TRICKY), "gs://bucket/sweep")
   assert runs[1].workdir == "gs://bucket/sweep/quoted"
-  text = cluster_lib.tpu_script(runs, experiment="exp.py", remote_dir="code/llama jax")
+  text = cluster_lib.tpu_script(runs, experiment="exp.py", remote_dir="code/llama jax",
+                                tpu_type="v5p-16")
   script = tmp_path / "launch_tpu.sh"
   script.write_text(text)
   assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-  bindir = fake_bin(tmp_path, "gcloud")
-  env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", TPU_NAME="pod-1", ZONE="z-1")
+  bindir = tmp_path / "bin"
+  bindir.mkdir()
+  (bindir / "gcloud").write_text(f"#!{sys.executable}\n" + FAKE_GCLOUD)
+  (bindir / "gcloud").chmod(0o755)
+  done = tmp_path / "gs" / "bucket" / "sweep" / "flag"  # finished already: left alone
+  done.mkdir(parents=True)
+  (done / "DONE").write_text('{"steps": 1000}')
+  env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", ZONE="z-1", POLL_S="0",
+             FAKE_ROOT=str(tmp_path), PARALLEL="1")
   env.pop("PROJECT", None)
-  res = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
-  assert res.returncode == 0, res.stderr
-  calls = [json.loads(l) for l in open(tmp_path / "calls_gcloud.jsonl")]
-  assert len(calls) == len(runs)
-  for run, argv in zip(runs, calls):
-    assert argv[:6] == ["compute", "tpus", "tpu-vm", "ssh", "pod-1", "--zone=z-1"]
-    assert "--worker=all" in argv
-    command = [a for a in argv if a.startswith("--command=")]
-    assert len(command) == 1
-    words = shlex.split(command[0].removeprefix("--command="))  # what the remote shell sees
-    assert words[:4] == ["cd", "code/llama jax", "&&", "python"]
-    assert words[4:6] == ["-m", "llama_jax"]
-    # The config inside the current directory (the checkout) is relative to it.
+  res = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                       timeout=60)
+  assert res.returncode == 0, res.stdout + res.stderr
+  calls = [json.loads(l) for l in open(tmp_path / "calls.jsonl")]
+  tpu = [c for c in calls if c[0] == "compute"]
+  assert all(c[-1] == "--zone=z-1" for c in tpu)
+  creates = [c[4] for c in tpu if c[3] == "create"]
+  ssh = [c for c in tpu if c[3] == "ssh"]
+  # plain: preempted on its first slice, which is deleted and asked for again; quoted: one
+  # slice; flag: finished, never started.
+  assert creates == ["exp-0", "exp-0", "exp-1"]
+  assert [c[4] for c in tpu if c[3] == "delete"] == ["exp-0", "exp-0", "exp-1"]
+  assert [c[4] for c in ssh] == ["exp-0", "exp-0", "exp-1"]
+  create = next(c for c in tpu if c[3] == "create")
+  assert create[5:8] == ["--node-id=exp-0", "--accelerator-type=v5p-16",
+                         "--runtime-version=v2-alpha-tpuv5"]
+  for run, argv in zip([runs[0], runs[0], runs[1]], ssh):
+    assert argv[5] == "--worker=all"
+    words = shlex.split(argv[6].removeprefix("--command="))  # what the remote shell sees
+    assert words[:6] == ["cd", "code/llama jax", "&&", "python", "-m", "llama_jax"]
     assert words[6:] == run.train_args(config_file="configs/base.py:tiny")
   assert "--config.train.sample_prompt=def f(x): return 'a b' $HOME \"q\" ;" in \
-      shlex.split(calls[1][-1].removeprefix("--command="))
-  assert "--config.model.tie_embeddings=true" in calls[2][-1]
+      shlex.split(ssh[2][6].removeprefix("--command="))
+  assert "[plain] finished" in res.stdout and "all 3 run(s) finished" in res.stdout
 
-  # Without TPU_NAME it refuses to start; PROJECT is passed when set.
-  env.pop("TPU_NAME")
+  # Run again: every run is finished now, nothing is asked for.
+  (tmp_path / "calls.jsonl").unlink()
+  subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True, timeout=60)
+  calls = [json.loads(l) for l in open(tmp_path / "calls.jsonl")]
+  assert not [c for c in calls if c[3:4] in (["create"], ["ssh"])]
+  # Without ZONE it refuses to start; PROJECT is passed when set; out of retries it fails.
+  env.pop("ZONE")
   assert subprocess.run(["bash", str(script)], env=env, capture_output=True).returncode != 0
-  env.update(TPU_NAME="pod-1", PROJECT="proj")
-  subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True)
-  calls = [json.loads(l) for l in open(tmp_path / "calls_gcloud.jsonl")]
-  assert "--project=proj" in calls[-1]
+  for d in ("plain", "quoted"):
+    shutil.rmtree(tmp_path / "gs" / "bucket" / "sweep" / d)
+  (tmp_path / "preempted").unlink()
+  (tmp_path / "calls.jsonl").unlink()
+  env.update(ZONE="z-1", PROJECT="proj", RETRIES="1")
+  res = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+  assert res.returncode == 1 and "not finished: plain" in res.stderr
+  tpu = [c for c in map(json.loads, open(tmp_path / "calls.jsonl")) if c[0] == "compute"]
+  assert tpu and all(c[-1] == "--project=proj" for c in tpu)
 
 
 def test_slurm_script_array_tasks_run_exact_argv(tmp_path):
@@ -396,8 +463,8 @@ def test_slurm_script_array_tasks_run_exact_argv(tmp_path):
   script.write_text(text)
   sbatch = [l.removeprefix("#SBATCH ") for l in text.splitlines() if l.startswith("#SBATCH")]
   assert sbatch == ["--job-name=exp", "--nodes=4", "--ntasks-per-node=1",
-                    "--array=0-2%2", f"--output={tmp_path}/exp-%A_%a.out",
-                    "--gpus-per-node=8"]
+                    "--array=0-2%2", "--requeue", "--signal=B:TERM@120", "--open-mode=append",
+                    f"--output={tmp_path}/exp-%A_%a.out", "--gpus-per-node=8"]
   assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
   bindir = fake_bin(tmp_path, "srun")
   for i in range(len(runs)):
@@ -428,7 +495,7 @@ def test_cli_writes_launch_scripts(tmp_path, capsys):
   assert sweep_cli.main([path, "--workdir", "gs://b/x", "--launcher", "tpu",
                      "--script", str(target)]) == 0
   text = target.read_text()
-  assert text.count("gcloud compute tpus tpu-vm ssh") == 4
+  assert text.count("\nlaunch ") == 4
   assert "--workdir=gs://b/x/learned_s1" in text
 
 

@@ -48,16 +48,23 @@ A different trainer (a wrapper such as `nice`, another Python, a stand-in in tes
 `--train_cmd 'CMD ...'` (a shell-quoted prefix that replaces `python -m llama_jax`; each run's
 flags follow it), or as the `train_cmd=[...]` argument of `run_local`.
 
-TPU launcher: writes DIR/launch_tpu.sh (or --script), one `gcloud compute tpus tpu-vm ssh
-"$TPU_NAME" --zone="$ZONE" --worker=all --command='cd REPO && python -m llama_jax ...'` per
-run, run one after another, the same command on every host (jax.distributed auto-detects the
-pod). The workdir must be reachable from every host (gs://bucket/...); REPO (--remote_dir) is
-the checkout on the TPU VMs, relative to the home directory unless absolute.
+TPU launcher: writes DIR/launch_tpu.sh (or --script): each run gets its own slice (a queued
+resource of --tpu_type, at most --parallel at once, `ZONE=... bash launch_tpu.sh`) and runs
+`cd REPO && python -m llama_jax ...` on every host of it (`--worker=all`; jax.distributed
+finds the hosts through the TPU metadata server). A preempted slice is deleted and asked for
+again, up to --retries attempts; before each attempt a run finished in its workdir (DONE, or
+a metrics.jsonl line at train.steps) is skipped. The workdir must be reachable from every
+host (gs://bucket/...); REPO (--remote_dir) is the checkout on the TPU VMs, relative to the
+home directory unless absolute, which the script's SETUP command puts on each new slice.
 
 SLURM launcher: writes DIR/launch_slurm.sh, an sbatch job array (one array task per unfinished
-run, at most --parallel at once) with `#SBATCH --nodes=N --ntasks-per-node=1` and `srun python
--m llama_jax ...` in each task (jax.distributed auto-detects SLURM), run in --remote_dir
-(default: the current directory). Submit with `sbatch DIR/launch_slurm.sh`.
+run, at most --parallel at once) with `srun python -m llama_jax ...` in each task on --nodes
+nodes: one process per GPU with --gpus_per_node (jax's SLURM start-up gives each task GPU
+SLURM_LOCALID), else --ntasks_per_node processes per node. The array is `--requeue` with
+`--signal=B:TERM@N` (--signal_s): SIGTERM near the time limit reaches every process, which
+save the same step, and the script requeues the job to resume. `--submit` submits it with
+sbatch, and a job (afterany) that writes DIR/results.csv once every run has ended; without
+it, `sbatch DIR/launch_slurm.sh`.
 
 In both scripts a config path inside the current directory is written relative to it, so that
 it names the same file in the cluster's checkout.

@@ -14,7 +14,7 @@ from typing import Sequence
 
 from llama_jax import storage
 from llama_jax.errors import cli
-from llama_jax.sweep.cluster import relative_to_cwd, slurm_script, tpu_script
+from llama_jax.sweep.cluster import job_name, relative_to_cwd, slurm_script, submit, tpu_script
 from llama_jax.sweep.errors import SweepError
 from llama_jax.sweep.experiment import absolute_config, expand, is_remote, load_experiment
 from llama_jax.sweep.local import default_train_cmd, run_local
@@ -72,6 +72,17 @@ def _train_cmd(text: str | None) -> list[str]:
   return argv
 
 
+def _collect_cmd(args: argparse.Namespace, experiment: str, workdir: str) -> str:
+  """This sweep's `--collect`, run on the cluster in its checkout once the array has ended."""
+  argv = [args.python, "-m", "llama_jax.sweep", experiment, "--workdir", workdir, "--collect"]
+  if args.config:
+    argv += ["--config", relative_to_cwd(args.config)]
+  argv += [f"--set={item}" for item in args.set]
+  if args.only:
+    argv += ["--only", *args.only]
+  return f"cd {shlex.quote(args.remote_dir or os.getcwd())} && {shlex.join(argv)}"
+
+
 @cli
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(
@@ -81,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "here and in its CONFIG are relative to the current directory")
   p.add_argument("--workdir", required=True, help="parent directory of the runs' workdirs")
   p.add_argument("--parallel", type=int, default=1,
-                 help="local: runs at once; slurm: array throttle (%%N)")
+                 help="local: runs at once; slurm: array throttle (%%N); tpu: slices at once")
   p.add_argument("--dry", action="store_true", help="list runs, commands and FLOPs; run nothing")
   p.add_argument("--launcher", choices=("local", "tpu", "slurm"), default="local")
   p.add_argument("--only", nargs="+", metavar="NAME",
@@ -102,6 +113,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "Python's `-m llama_jax`); the way to run a different trainer or a wrapper, "
                  "e.g. 'nice -n 10 python -m llama_jax'")
   p.add_argument("--nodes", type=int, default=1, help="slurm: nodes per run")
+  p.add_argument("--gpus_per_node", type=int, default=0,
+                 help="slurm: GPUs per node; one process per GPU (what jax's SLURM start-up "
+                 "expects: each task takes GPU SLURM_LOCALID)")
+  p.add_argument("--ntasks_per_node", type=int, default=1,
+                 help="slurm without --gpus_per_node: processes per node (default 1, with all "
+                 "the node's devices)")
+  p.add_argument("--signal_s", type=int, default=120,
+                 help="slurm: SIGTERM this many seconds before the time limit, so the run "
+                 "saves and the job requeues (--signal=B:TERM@N)")
+  p.add_argument("--submit", action="store_true",
+                 help="slurm: submit the script with sbatch, and a job that writes "
+                 "results.csv after every run has ended")
+  p.add_argument("--tpu_type", default="v5p-8", help="tpu: the slice each run gets")
+  p.add_argument("--tpu_runtime", default="v2-alpha-tpuv5", help="tpu: the TPU VM runtime")
+  p.add_argument("--retries", type=int, default=5,
+                 help="tpu: attempts per run (a preempted slice is asked for again)")
   p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                  help="slurm: extra #SBATCH line, e.g. --sbatch=--gpus-per-node=8")
   args = p.parse_args(argv)
@@ -127,8 +154,12 @@ def _main(args: argparse.Namespace) -> int:
   workdir = args.workdir.rstrip("/") if is_remote(args.workdir) else os.path.abspath(args.workdir)
   rel_experiment = relative_to_cwd(experiment.path)
 
+  if args.submit and args.launcher != "slurm":
+    raise SweepError("--submit goes with --launcher slurm (a TPU script runs with bash)")
   if args.launcher != "local":
-    if args.launcher == "slurm" and not is_remote(workdir):
+    # Finished runs are left out here for a local workdir; the TPU script checks a bucket's
+    # runs itself before each attempt (the machine writing it may have no credentials).
+    if not is_remote(workdir):
       finished = [r.name for r in runs if r.is_finished()]
       runs = [r for r in runs if not r.is_finished()]
       if finished:
@@ -141,13 +172,16 @@ def _main(args: argparse.Namespace) -> int:
         print(f"[sweep] warning: workdir {args.workdir} is not a gs:// path; on a multi-host "
               "slice every host must reach it", file=sys.stderr)
       text = tpu_script(runs, experiment=rel_experiment,
-                        remote_dir=args.remote_dir or "llama_jax", python=args.python)
+                        remote_dir=args.remote_dir or "llama_jax", python=args.python,
+                        tpu_type=args.tpu_type, runtime=args.tpu_runtime,
+                        retries=args.retries, parallel=args.parallel)
     else:
       text = slurm_script(runs, experiment=rel_experiment, repo_dir=args.remote_dir or os.getcwd(),
                           python=args.python, nodes=args.nodes,
                           parallel=args.parallel if args.parallel > 1 else None,
                           log_dir=None if is_remote(workdir) else workdir,
-                          sbatch_options=args.sbatch)
+                          sbatch_options=args.sbatch, gpus_per_node=args.gpus_per_node,
+                          tasks_per_node=args.ntasks_per_node, signal_s=args.signal_s)
     if args.dry:
       print(text)
       return 0
@@ -162,6 +196,12 @@ def _main(args: argparse.Namespace) -> int:
       f.write(text)
     os.chmod(script, 0o755)
     print(script)
+    if args.submit:
+      array, collect = submit(script, _collect_cmd(args, rel_experiment, workdir),
+                              name=job_name(rel_experiment),
+                              log_dir=None if is_remote(workdir) else workdir)
+      print(f"[sweep] submitted job array {array}; job {collect} writes "
+            f"{workdir}/results.csv when every run has ended", file=sys.stderr)
     return 0
 
   if is_remote(args.workdir) and not args.dry:

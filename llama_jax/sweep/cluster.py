@@ -1,5 +1,7 @@
-"""Launch scripts for a sweep on a cluster: a bash script running each run on every host of a
-Cloud TPU slice (tpu_script), or an sbatch job array (slurm_script). See llama_jax.sweep.
+"""Launch scripts for a sweep on a cluster: a bash script giving each run its own Cloud TPU slice
+through a queued resource, with retries after a preemption (tpu_script), or an sbatch job
+array that saves and requeues a run stopped by its time limit (slurm_script, submit). See
+llama_jax.sweep.
 
 Each run is `python -m llama_jax ...` started in a checkout on the cluster (remote_dir /
 repo_dir); config paths inside the current directory are written relative to it, so that a
@@ -11,6 +13,9 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
+import subprocess
+import textwrap
 from typing import Sequence
 
 from llama_jax.sweep.errors import SweepError
@@ -38,79 +43,196 @@ def remote_command(run: Run, *, repo_dir: str, python: str = "python",
   return f"cd {shlex.quote(repo_dir)} && {shlex.join(argv)}"
 
 
+def _qr_name(prefix: str, i: int) -> str:
+  """A queued resource / TPU VM name: lower-case letters, digits and '-', from a letter."""
+  base = re.sub(r"[^a-z0-9-]+", "-", prefix.lower()).strip("-") or "sweep"
+  return f"{'' if base[0].isalpha() else 'r-'}{base}"[:50].rstrip("-") + f"-{i}"
+
+
 def tpu_script(runs: Sequence[Run], *, experiment: str = "", remote_dir: str = "llama_jax",
-               python: str = "python") -> str:
-  """A bash script running each run on every host of a TPU slice, one run after another."""
+               python: str = "python", tpu_type: str = "v5p-8",
+               runtime: str = "v2-alpha-tpuv5", retries: int = 5, parallel: int = 1) -> str:
+  """A bash script giving each run its own Cloud TPU slice through a queued resource, asked
+  for again after a preemption, with the runs that are finished left out."""
+  name = os.path.splitext(os.path.basename(experiment))[0] if experiment else "sweep"
   lines = [
       "#!/usr/bin/env bash",
-      f"# {len(runs)} run(s) of {experiment or 'a sweep'} on a Cloud TPU pod slice, one after",
-      "# another. Each `gcloud ... --worker=all` runs the same command on every host of the slice;",
-      "# jax.distributed.initialize() finds the other hosts on its own.",
-      "#   TPU_NAME=my-tpu ZONE=us-central2-b [PROJECT=my-project] bash THIS_SCRIPT",
-      f"# Needs the same checkout of this repository at ~/{remote_dir} (or that absolute path)",
-      "# on every host, installed (pip install -e .), and a workdir every host can reach",
-      "# (gs://...). A run that stops is resumed from its checkpoints by running this again.",
+      f"# {len(runs)} run(s) of {experiment or 'a sweep'} on Cloud TPU slices: one queued resource",
+      "# (a slice of $TPU_TYPE) per run, at most $PARALLEL at once. Each run's command runs on",
+      "# every host of its slice (--worker=all), where jax.distributed.initialize() finds the",
+      "# other hosts through the TPU metadata server. A preempted slice (the queued resource",
+      "# SUSPENDED or FAILED, or the hosts lost mid-run) is deleted and asked for again, up to",
+      "# $RETRIES attempts per run; the run resumes from its checkpoints in the bucket. Before",
+      "# each attempt a run whose workdir says it is finished (DONE, or a metrics.jsonl line at",
+      "# train.steps, as the local launcher checks) is skipped, so running this again only",
+      "# does what is left.",
+      "#   ZONE=us-east5-a [PROJECT=my-project] [TPU_TYPE=v5p-128] [RUNTIME=...] [SPOT=1]",
+      "#   [PARALLEL=2] [RETRIES=5] [SETUP='git clone ... llama_jax && pip install -e llama_jax']",
+      "#   bash THIS_SCRIPT",
+      "# SETUP runs on every host of a new slice first: each attempt gets a fresh slice, so it",
+      f"# must put this checkout at ~/{remote_dir} (or that absolute path), installed.",
       "set -uo pipefail",
-      ': "${TPU_NAME:?set TPU_NAME to the TPU VM name}"',
-      ': "${ZONE:?set ZONE to its zone}"',
-      "failed=()",
+      ': "${ZONE:?set ZONE to the zone to ask for the slices in}"',
+      f'TPU_TYPE="${{TPU_TYPE:-{tpu_type}}}" RUNTIME="${{RUNTIME:-{runtime}}}"',
+      f'PARALLEL="${{PARALLEL:-{max(1, parallel)}}}" RETRIES="${{RETRIES:-{retries}}}" '
+      'POLL_S="${POLL_S:-30}" SETUP="${SETUP:-}"',
       "",
+      'gc() { gcloud "$@" --zone="$ZONE" ${PROJECT:+--project="$PROJECT"}; }',
+      'state() { gc compute tpus queued-resources describe "$1" --format="value(state.state)" '
+      "2>/dev/null; }",
+      "finished() {  # WORKDIR STEPS",
+      '  gcloud storage ls "$1/DONE" >/dev/null 2>&1 ||',
+      '    gcloud storage cat "$1/metrics.jsonl" 2>/dev/null | grep -q "^{\\"step\\": $2[,}]"',
+      "}",
+      "",
+      "run_on_slice() {  # NAME SLICE WORKDIR STEPS COMMAND",
+      '  local name=$1 qr=$2 workdir=$3 steps=$4 cmd=$5 attempt s',
+      "  for (( attempt = 1; attempt <= RETRIES; attempt++ )); do",
+      '    if finished "$workdir" "$steps"; then break; fi',
+      '    s=$(state "$qr")',
+      '    if [[ $s != ACTIVE ]]; then',
+      '      [[ -z $s ]] || gc compute tpus queued-resources delete "$qr" --force --quiet',
+      '      echo "[$name] attempt $attempt: asking for a $TPU_TYPE slice ($qr)"',
+      '      gc compute tpus queued-resources create "$qr" --node-id="$qr" '
+      '--accelerator-type="$TPU_TYPE" --runtime-version="$RUNTIME" ${SPOT:+--spot} || continue',
+      '      until s=$(state "$qr"); [[ $s == ACTIVE || $s == FAILED || $s == SUSPENDED ]]; do',
+      '        sleep "$POLL_S"',
+      "      done",
+      '      [[ $s == ACTIVE ]] || continue',
+      "    fi",
+      '    echo "[$name] attempt $attempt: on every host of $qr"',
+      '    gc compute tpus tpu-vm ssh "$qr" --worker=all --command="${SETUP:+$SETUP && }$cmd"',
+      '    echo "[$name] attempt $attempt ended (exit $?); slice $(state "$qr")"',
+      "  done",
+      '  [[ -z $(state "$qr") ]] || gc compute tpus queued-resources delete "$qr" --force --quiet',
+      '  if finished "$workdir" "$steps"; then echo "[$name] finished"; return 0; fi',
+      '  echo "[$name] not finished after $RETRIES attempt(s)" >&2; return 1',
+      "}",
+      "",
+      'failed=$(mktemp)',
+      "launch() {  # at most $PARALLEL slices at once",
+      '  while (( $(jobs -rp | wc -l) >= PARALLEL )); do wait -n; done',
+      '  { run_on_slice "$@" || echo "$1" >>"$failed"; } &',
+      "}",
   ]
-  for run in runs:
+  for i, run in enumerate(runs):
     cmd = remote_command(run, repo_dir=remote_dir, python=python)
-    lines.append(f"echo {shlex.quote('=== ' + run.name)}")
-    lines.append('gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" '
-                 '${PROJECT:+--project="$PROJECT"} --worker=all '
-                 f"--command={shlex.quote(cmd)} || failed+=({shlex.quote(run.name)})")
+    lines.append(f"launch {shlex.quote(run.name)} {_qr_name(name, i)} "
+                 f"{shlex.quote(run.workdir)} {run.steps} {shlex.quote(cmd)}")
   lines += [
-      "",
-      'if (( ${#failed[@]} )); then echo "failed runs: ${failed[*]}" >&2; exit 1; fi',
+      "wait",
+      'if [[ -s $failed ]]; then echo "not finished: $(tr "\\n" " " <"$failed")" >&2; exit 1; fi',
       f'echo "all {len(runs)} run(s) finished"',
       "",
   ]
   return "\n".join(lines)
 
 
+# The SLURM layout: one process (task) per GPU, every task seeing every GPU of its node. jax's
+# SLURM detection gives each task the one GPU SLURM_LOCALID (so one task per node would train
+# on 1 GPU of 8), and it is how GPU clusters are usually run (srun --ntasks-per-node=8
+# --gpus-per-node=8, NCCL between the tasks). --gpus-per-task would hide the other GPUs and
+# break that numbering. Without GPUs (CPU or TPU hosts) the default is one process per node
+# with all its devices.
+
+
 def slurm_script(runs: Sequence[Run], *, experiment: str = "", repo_dir: str | None = None,
                  python: str = "python", nodes: int = 1, parallel: int | None = None,
-                 log_dir: str | None = None, sbatch_options: Sequence[str] = ()) -> str:
-  """An sbatch job array: task i runs run i with `srun` on `nodes` nodes, one task per node,
-  in repo_dir (default: the current directory, for a cluster whose nodes share it)."""
+                 log_dir: str | None = None, sbatch_options: Sequence[str] = (),
+                 gpus_per_node: int = 0, tasks_per_node: int = 1,
+                 signal_s: int = 120) -> str:
+  """An sbatch job array: task i runs run i with `srun` on `nodes` nodes, one process per GPU
+  (`gpus_per_node`) or `tasks_per_node` processes per node, in repo_dir (default: the current
+  directory, for a cluster whose nodes share it). The job is requeued when stopped: SIGTERM
+  `signal_s` seconds before the time limit lets the run save, then the script requeues it."""
   repo_dir = repo_dir or os.getcwd()
   for value in (log_dir or "",) + tuple(sbatch_options):
     if any(c.isspace() for c in value):
       raise SweepError(f"#SBATCH lines cannot hold whitespace: {value!r}; use a path or "
                        "option without spaces")
-  name = re.sub(r"[^A-Za-z0-9_.-]", "_",
-                os.path.splitext(os.path.basename(experiment))[0] if experiment else "sweep")
+  tasks = gpus_per_node or tasks_per_node
+  name = job_name(experiment)
   array = f"0-{len(runs) - 1}" + (f"%{parallel}" if parallel else "")
   lines = [
       "#!/usr/bin/env bash",
       f"#SBATCH --job-name={name}",
       f"#SBATCH --nodes={nodes}",
-      "#SBATCH --ntasks-per-node=1",
+      f"#SBATCH --ntasks-per-node={tasks}",
+  ]
+  if gpus_per_node:
+    lines.append(f"#SBATCH --gpus-per-node={gpus_per_node}")
+  lines += [
       f"#SBATCH --array={array}",
+      "#SBATCH --requeue",
+      f"#SBATCH --signal=B:TERM@{signal_s}",
+      "#SBATCH --open-mode=append",
   ]
   if log_dir:
     lines.append(f"#SBATCH --output={log_dir.rstrip('/')}/{name}-%A_%a.out")
   lines += [f"#SBATCH {opt}" for opt in sbatch_options]
+  per_node = (f"one process per GPU ({gpus_per_node} per node, each on GPU SLURM_LOCALID)"
+              if gpus_per_node else f"{tasks} process(es) per node")
+  about = (f"{len(runs)} run(s) of {experiment or 'a sweep'}: one array task per run, each on "
+           f"{nodes} node(s) with {per_node}; jax.distributed.initialize() reads the SLURM "
+           "environment. Submit with: sbatch THIS_SCRIPT (or the sweep's --submit). Stopped "
+           f"near its time limit (SIGTERM to this script {signal_s} s before), a run saves its "
+           "step on every process and the script requeues it; requeued or preempted, it "
+           "resumes from its checkpoints. A new script leaves out the runs that are finished.")
+  lines += ["# " + line for line in textwrap.wrap(about, 90)]
   lines += [
-      f"# {len(runs)} run(s) of {experiment or 'a sweep'}: one array task per run, each on",
-      f"# {nodes} node(s) with one process per node (jax.distributed.initialize() reads the",
-      "# SLURM environment). Submit with: sbatch THIS_SCRIPT. A run that stops is resumed from",
-      "# its checkpoints by submitting again (or by a new script, which leaves out finished runs).",
-      "set -euo pipefail",
+      "set -uo pipefail",
       f"cd {shlex.quote(repo_dir)}",
+      "# srun: each line labelled with its task; a task that fails ends the others (no process",
+      "# waits for a peer at a collective for ever).",
+      "export SLURM_LABELIO=1 SLURM_KILL_BAD_EXIT=1",
+      'echo "=== $(date +%FT%T) job ${SLURM_JOB_ID:-?} start $(( ${SLURM_RESTART_COUNT:-0} + 1 ))"',
+      "stop=0",
+      "# SIGTERM to this script goes on to every task of the job's steps (a SIGTERM to srun",
+      "# itself would cancel the step and kill the tasks before they save).",
+      'on_term() { stop=1; scancel --signal=TERM "$SLURM_JOB_ID"; }',
+      "trap on_term TERM",
       'case "${SLURM_ARRAY_TASK_ID:?not inside a SLURM array job}" in',
   ]
   for i, run in enumerate(runs):
     argv = ["srun", python, *TRAINER] + run.train_args(config_file=_remote_config(run))
     lines.append(f"  {i}) # {run.name}")
-    lines.append(f"    {shlex.join(argv)} ;;")
+    lines.append(f"    {shlex.join(argv)} & ;;")
   lines += [
       '  *) echo "no run for array task $SLURM_ARRAY_TASK_ID" >&2; exit 1 ;;',
       "esac",
+      "pid=$!",
+      'wait "$pid"; rc=$?',
+      'while kill -0 "$pid" 2>/dev/null; do wait "$pid"; rc=$?; done  # a trap cuts a wait short',
+      "if (( stop )); then  # saved before the time limit: go on in a new allocation",
+      '  scontrol requeue "$SLURM_JOB_ID" || true  # (a requeue from outside is already on)',
+      "fi",
+      'exit "$rc"',
       "",
   ]
   return "\n".join(lines)
 
+
+def job_name(experiment: str) -> str:
+  return re.sub(r"[^A-Za-z0-9_.-]", "_",
+                os.path.splitext(os.path.basename(experiment))[0] if experiment else "sweep")
+
+
+def submit(script: str, collect_cmd: str, *, name: str, log_dir: str | None = None,
+           run=subprocess.run) -> tuple[str, str]:
+  """Submits the array with sbatch, then a job that writes results.csv once every array task
+  has ended (afterany: a requeued task has not); returns both job ids."""
+  if shutil.which("sbatch") is None:
+    raise SweepError("sbatch is not on PATH: --submit needs a SLURM login node (or write the "
+                     "script without --submit and run `sbatch SCRIPT` there)")
+
+  def sbatch(*args):
+    r = run(["sbatch", "--parsable", *args], capture_output=True, text=True)
+    if r.returncode:
+      raise SweepError(f"sbatch {' '.join(args)} failed: {(r.stderr or r.stdout).strip()}")
+    return r.stdout.strip().split(";")[0]
+
+  array = sbatch(script)
+  output = [f"--output={log_dir.rstrip('/')}/{name}-collect-%j.out"] if log_dir else []
+  collect = sbatch(f"--dependency=afterany:{array}", f"--job-name={name}-collect", "--ntasks=1",
+                   *output, f"--wrap={collect_cmd}")
+  return array, collect

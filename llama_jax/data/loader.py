@@ -13,9 +13,9 @@ exactly the same data with no state but the step.
 Evaluation: eval batch i holds windows (i*B + r) mod n_windows, r = 0..B-1: always the same
 order, no shuffle; `num_batches` batches are one pass over the validation split.
 
-Each process gathers only its own rows (a contiguous block of the global batch; with a batch
-sharding, the rows its devices hold) and the global jax.Array is assembled with
-`jax.make_array_from_process_local_data`. `iterate(start_step)` runs a background thread that
+Each process gathers only its own rows (with a batch sharding, exactly the rows its devices
+hold, wherever they are in the global batch; without one, a contiguous block per process) and
+the global jax.Array is assembled from them with `jax.make_array_from_callback`. `iterate(start_step)` runs a background thread that
 keeps the next few batches ready, so loading stays off the step's critical path.
 
 With data.packing, batches also carry segment_ids and positions [B, T] for document masking:
@@ -26,6 +26,7 @@ of the window, which usually cuts a document).
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from collections.abc import Iterator
@@ -41,8 +42,11 @@ PREFETCH = 3  # batches kept ready by iterate()
 
 
 def _local_rows(batch_size: int, seq_len: int, sharding, process_index: int,
-                process_count: int) -> tuple[int, int]:
-  """[lo, hi): the rows of the global batch this process loads."""
+                process_count: int) -> np.ndarray:
+  """The sorted global batch rows this process loads: with a sharding, every row that a device
+  of process `process_index` holds, wherever it sits (jax's device order for a v5p-512 on mesh
+  (1, 256, 1) gives host 0 rows 0-3, 32-35, 256-259, 288-291 of a 1024-row batch); without
+  one, a contiguous block per process."""
   if sharding is not None:
     try:
       sharding.shard_shape((batch_size, seq_len))
@@ -50,23 +54,20 @@ def _local_rows(batch_size: int, seq_len: int, sharding, process_index: int,
       raise DataError(f"data.batch_size={batch_size} does not split evenly over the devices "
                       f"the batch is sharded on ({sharding.spec}); make it a multiple of "
                       "mesh.data * mesh.fsdp") from None
-    spans = sorted({(s[0].start or 0, batch_size if s[0].stop is None else s[0].stop)
-                    for s in sharding.addressable_devices_indices_map(
-                        (batch_size, seq_len)).values()})
-    lo, hi = spans[0][0], spans[0][0]
-    for start, stop in spans:
-      if start > hi:
-        raise ValueError(f"this process's devices hold non-contiguous batch rows {spans}; "
-                         "order the mesh so each process owns one block of the batch axis")
-      hi = max(hi, stop)
-    return lo, hi
+    held = np.zeros(batch_size, bool)  # a set of rows: replicas (tensor axis) count once
+    for device, index in sharding.devices_indices_map((batch_size, seq_len)).items():
+      if device.process_index == process_index:
+        held[index[0]] = True
+    if not held.any():
+      raise ValueError(f"process {process_index} holds no device of the batch sharding")
+    return np.flatnonzero(held)
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in [0, {process_count})")
   if batch_size % process_count:
     raise DataError(f"data.batch_size={batch_size} is not divisible by the {process_count} "
                     "processes; make it a multiple of the process count")
   per = batch_size // process_count
-  return process_index * per, (process_index + 1) * per
+  return np.arange(process_index * per, (process_index + 1) * per)
 
 
 def segments(inputs: np.ndarray, bos_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -90,8 +91,11 @@ class Loader:
                process_index: int = 0, process_count: int = 1):
     self.seq_len, self.batch_size, self.packing = int(seq_len), int(batch_size), bool(packing)
     self.sharding = sharding
-    self.rows = _local_rows(self.batch_size, self.seq_len, sharding, process_index,
-                            process_count)
+    # row_ids[i]: the global row of local row i; local_of[r]: where global row r is locally.
+    self.row_ids = _local_rows(self.batch_size, self.seq_len, sharding, process_index,
+                               process_count)
+    self.local_of = np.full(self.batch_size, -1, np.int64)
+    self.local_of[self.row_ids] = np.arange(len(self.row_ids))
     self.tokens_per_batch = self.batch_size * self.seq_len  # global: 16 x 256 = 4,096
 
   bytes_per_token: float | None = None  # UTF-8 bytes of text per token of the split
@@ -122,8 +126,15 @@ class Loader:
     local = self.local_batch(step)
     if self.sharding is None:
       return local
-    return {k: jax.make_array_from_process_local_data(self.sharding, v, self.global_shape)
+    return {k: jax.make_array_from_callback(self.global_shape, self.sharding,
+                                            functools.partial(self._shard, v))
             for k, v in local.items()}
+
+  def _shard(self, local: np.ndarray, index: tuple[slice, slice]) -> np.ndarray:
+    """The block of the global [B, T] array at `index` (one device's), from this process's
+    rows: jax asks only for the blocks of addressable devices, all of whose rows are here."""
+    rows = np.arange(self.batch_size)[index[0]]
+    return local[self.local_of[rows]][:, index[1]]
 
   def iterate(self, start_step: int = 0, prefetch: int = PREFETCH) -> Iterator[tuple[int, dict]]:
     """(step, batch(step)) for step = start_step, start_step + 1, ... with batches made ahead
@@ -193,7 +204,7 @@ class TokenLoader(Loader):
 
   def window_ids(self, step: int) -> np.ndarray:
     """Global window indices of this process's rows of batch `step`."""
-    j = step * self.batch_size + np.arange(*self.rows, dtype=np.int64)  # flat stream position
+    j = step * self.batch_size + self.row_ids.astype(np.int64)  # flat stream position
     if not self.shuffle:
       return j % self.n_windows
     epochs, pos = np.divmod(j, self.n_windows)
@@ -207,7 +218,7 @@ class TokenLoader(Loader):
     if step < 0:
       raise ValueError(f"step must be >= 0, got {step}")
     T = self.seq_len
-    out = np.empty((self.rows[1] - self.rows[0], T + 1), np.int32)
+    out = np.empty((len(self.row_ids), T + 1), np.int32)
     for r, w in enumerate(self.window_ids(step)):  # one contiguous read per row
       out[r] = self.tokens[w * T: w * T + T + 1]
     return out
@@ -227,7 +238,7 @@ class SyntheticLoader(Loader):
     return np.stack([
         np.random.default_rng([self.seed, self._stream, step, r]).integers(
             0, self.vocab_size, self.seq_len + 1, dtype=np.int32)
-        for r in range(*self.rows)])
+        for r in self.row_ids])
 
   def _segments(self, inputs):  # one document per row
     return (np.ones_like(inputs),

@@ -5,9 +5,10 @@ tokens[w*T : w*T + T + 1], T = seq_len, so consecutive windows share one boundar
 every token is a target exactly once per epoch); inputs = w[:-1], targets = w[1:].
 
 Training: the global batch of step s holds the windows at flat positions s*B .. s*B+B-1 of an
-endless sequence of epochs, epoch e being a permutation of all windows drawn by
-np.random.default_rng([seed, e]); a batch that crosses the end of an epoch takes the rest from
-the next epoch's permutation. Resuming at step k, a sweep or a multi-host run therefore see
+endless sequence of epochs, epoch e being a permutation of all windows keyed by (seed, e) and
+computed one position at a time by grain's index_shuffle (no index array: memory does not grow
+with the corpus); a batch that crosses the end of an epoch takes the rest from the next epoch's
+permutation. Resuming at step k, a sweep or a multi-host run therefore see
 exactly the same data with no state but the step.
 
 Evaluation: eval batch i holds windows (i*B + r) mod n_windows, r = 0..B-1: always the same
@@ -33,6 +34,7 @@ from collections.abc import Iterator
 
 import jax
 import numpy as np
+from grain.experimental import index_shuffle
 
 from llama_jax.data import cache, corpora
 from llama_jax.data.errors import DataError
@@ -68,6 +70,24 @@ def _local_rows(batch_size: int, seq_len: int, sharding, process_index: int,
                     "processes; make it a multiple of the process count")
   per = batch_size // process_count
   return np.arange(process_index * per, (process_index + 1) * per)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+  """The 32-bit seed of one epoch's permutation (index_shuffle takes 32 bits): SeedSequence
+  mixes (seed, epoch) so that neighbouring seeds or epochs give unrelated permutations."""
+  return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
+
+
+def shuffled(j: np.ndarray, n: int, seed: int) -> np.ndarray:
+  """Item at flat positions j of an endless sequence of epochs, epoch e a permutation of
+  range(n) drawn from (seed, e). grain's index_shuffle computes one position of the
+  permutation without materialising it (a 4-round Feistel network), so memory is O(1) in n:
+  the index array it replaces was 4 bytes x 4.9e8 windows = 1.8 GiB per epoch for 10^12
+  tokens at seq_len 2048. About 6 us a row, 25 ms for a 4096-row batch."""
+  epochs, pos = np.divmod(np.asarray(j, np.int64), n)
+  seeds = {e: epoch_seed(seed, e) for e in set(epochs.tolist())}  # one or two epochs a batch
+  return np.fromiter((index_shuffle(p, n - 1, seeds[e], 4)
+                      for e, p in zip(epochs.tolist(), pos.tolist())), np.int64, len(pos))
 
 
 def segments(inputs: np.ndarray, bos_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -185,34 +205,16 @@ class TokenLoader(Loader):
     self.bytes_per_token = tokens.bytes_per_token  # for bits per byte (see cache.py)
     self.n_windows = max(0, (self.n_tokens - 1) // self.seq_len)
     self.num_batches = max(1, self.n_windows // self.batch_size)  # one pass (eval)
-    self._perms: dict[int, np.ndarray] = {}
-    self._lock = threading.Lock()
 
   def epoch(self, step: int) -> int:
     return step * self.batch_size // self.n_windows
-
-  def _permutation(self, epoch: int) -> np.ndarray:
-    with self._lock:
-      perm = self._perms.get(epoch)
-      if perm is None:
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
-        perm = perm.astype(np.int32 if self.n_windows < 2**31 else np.int64)
-        while len(self._perms) >= 2:  # the current epoch and the next
-          self._perms.pop(min(self._perms))
-        self._perms[epoch] = perm
-      return perm
 
   def window_ids(self, step: int) -> np.ndarray:
     """Global window indices of this process's rows of batch `step`."""
     j = step * self.batch_size + self.row_ids.astype(np.int64)  # flat stream position
     if not self.shuffle:
       return j % self.n_windows
-    epochs, pos = np.divmod(j, self.n_windows)
-    ids = np.empty_like(j)
-    for e in np.unique(epochs):
-      m = epochs == e
-      ids[m] = self._permutation(int(e))[pos[m]]
-    return ids
+    return shuffled(j, self.n_windows, self.seed)
 
   def _windows(self, step: int) -> np.ndarray:
     if step < 0:

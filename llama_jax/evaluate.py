@@ -84,6 +84,26 @@ def evaluate(model: Llama, loader, n_batches: int | None = None, *,
           "bytes": n_bytes, "batches": n_batches, "bytes_source": source}
 
 
+def evaluate_sources(model: Llama, sources: dict, n_batches: int | None = None, *,
+                     tokenizer=None) -> dict[str, Any]:
+  """A mixture's evaluation: evaluate() on each source's loader, under 'sources' by name and
+  flat as 'loss/<source>' and 'bits_per_byte/<source>'; the top-level loss is their
+  unweighted mean (as training's eval_loss), bits_per_byte the nats of all sources over all
+  their bytes (None if a source has no byte count)."""
+  per = {name: evaluate(model, loader, n_batches, tokenizer=tokenizer)
+         for name, loader in sources.items()}
+  loss = float(np.mean([r["loss"] for r in per.values()]))
+  nats = sum(r["loss"] * r["tokens"] for r in per.values())
+  n_bytes = (None if any(r["bytes"] is None for r in per.values())
+             else sum(r["bytes"] for r in per.values()))
+  flat = {f"{key}/{name}": r[key] for name, r in per.items()
+          for key in ("loss", "bits_per_byte")}
+  return {"loss": loss, "perplexity": math.exp(loss),
+          "bits_per_byte": nats / math.log(2) / n_bytes if n_bytes else None,
+          "tokens": sum(r["tokens"] for r in per.values()), "bytes": n_bytes,
+          "batches": sum(r["batches"] for r in per.values()), **flat, "sources": per}
+
+
 # ---------------------------------------------------------------------------- CLI
 
 def main(argv):
@@ -102,7 +122,9 @@ def main(argv):
   n_batches = f.max_batches or None  # one pass over the split
   if n_batches is None and config.data.name == "synthetic":  # endless: the run's eval size
     n_batches = int(config.train.eval_steps)
-  result = evaluate(model, loader, n_batches, tokenizer=tokenizer)
+  sources = getattr(loader, "sources", None)
+  result = (evaluate_sources(model, sources, n_batches, tokenizer=tokenizer) if sources
+            else evaluate(model, loader, n_batches, tokenizer=tokenizer))
   print(json.dumps({**result, "split": f.split, "step": int(step),
                     "seq_len": int(config.data.seq_len), "workdir": f.workdir}))
 

@@ -37,6 +37,7 @@ import numpy as np
 from grain.experimental import index_shuffle
 
 from llama_jax.data import cache, corpora
+from llama_jax.data import mixture as mixture_lib
 from llama_jax.data.errors import DataError
 from llama_jax.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -72,20 +73,22 @@ def _local_rows(batch_size: int, seq_len: int, sharding, process_index: int,
   return np.arange(process_index * per, (process_index + 1) * per)
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
+def epoch_seed(seed: int, epoch: int, *stream: int) -> int:
   """The 32-bit seed of one epoch's permutation (index_shuffle takes 32 bits): SeedSequence
-  mixes (seed, epoch) so that neighbouring seeds or epochs give unrelated permutations."""
-  return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
+  mixes (seed, epoch[, stream]) so that neighbouring seeds, epochs or a mixture's sources give
+  unrelated permutations."""
+  return int(np.random.SeedSequence([int(seed), int(epoch), *map(int, stream)])
+             .generate_state(1)[0])
 
 
-def shuffled(j: np.ndarray, n: int, seed: int) -> np.ndarray:
+def shuffled(j: np.ndarray, n: int, seed: int, *stream: int) -> np.ndarray:
   """Item at flat positions j of an endless sequence of epochs, epoch e a permutation of
   range(n) drawn from (seed, e). grain's index_shuffle computes one position of the
   permutation without materialising it (a 4-round Feistel network), so memory is O(1) in n:
   the index array it replaces was 4 bytes x 4.9e8 windows = 1.8 GiB per epoch for 10^12
   tokens at seq_len 2048. About 6 us a row, 25 ms for a 4096-row batch."""
   epochs, pos = np.divmod(np.asarray(j, np.int64), n)
-  seeds = {e: epoch_seed(seed, e) for e in set(epochs.tolist())}  # one or two epochs a batch
+  seeds = {e: epoch_seed(seed, e, *stream) for e in set(epochs.tolist())}  # one or two epochs a batch
   return np.fromiter((index_shuffle(p, n - 1, seeds[e], 4)
                       for e, p in zip(epochs.tolist(), pos.tolist())), np.int64, len(pos))
 
@@ -226,6 +229,48 @@ class TokenLoader(Loader):
     return out
 
 
+class MixtureLoader(Loader):
+  """Rows of several sources' token files, as many of each per batch as data.mixture gives
+  (mixture.py): source k's rows are positions of its own endless stream, shuffled per epoch
+  like TokenLoader's (keyed by (seed, epoch, k + 1))."""
+
+  def __init__(self, files: list[cache.TokenFile], mix: mixture_lib.Mixture, *, seed: int,
+               bos_id: int, **kwargs):
+    super().__init__(**kwargs)
+    self.mixture, self.files, self.seed, self.bos_id = mix, files, int(seed), int(bos_id)
+    self.n_windows = np.array([max(0, (f.n_tokens - 1) // self.seq_len) for f in files])
+    self.num_batches = 1 << 20  # endless
+
+  def window_ids(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """(source index, window index) of each of this process's rows of batch `step`."""
+    counts, first = self.mixture.batch_rows(step)
+    ends = np.cumsum(counts)
+    k = np.searchsorted(ends, self.row_ids, side="right")  # rows: source 0's, then 1's, ...
+    pos = first[k] + self.row_ids - (ends - counts)[k]
+    windows = np.empty(len(k), np.int64)
+    for src in np.unique(k):
+      m = k == src
+      windows[m] = shuffled(pos[m], int(self.n_windows[src]), self.seed, int(src) + 1)
+    return k, windows
+
+  def _windows(self, step: int) -> np.ndarray:
+    if step < 0:
+      raise ValueError(f"step must be >= 0, got {step}")
+    T = self.seq_len
+    out = np.empty((len(self.row_ids), T + 1), np.int32)
+    for r, (k, w) in enumerate(zip(*self.window_ids(step))):
+      out[r] = self.files[k].tokens[w * T: w * T + T + 1]
+    return out
+
+
+class PerSource:
+  """A mixture's evaluation: one in-order TokenLoader per source (eval_loss/<source>)."""
+
+  def __init__(self, sources: dict[str, TokenLoader]):
+    self.sources = sources
+    self.num_batches = min(ld.num_batches for ld in sources.values())
+
+
 class SyntheticLoader(Loader):
   """Uniform random tokens in [0, vocab_size): row r of batch s from rng([seed, split, s, r])."""
 
@@ -279,23 +324,48 @@ def make_loaders(config, batch_sharding=None, process_index: int | None = None,
     return (tokenizer, SyntheticLoader(vocab_size=V, seed=data.seed, split="train", **common),
             SyntheticLoader(vocab_size=V, seed=data.seed, split="validation", **common))
 
-  corpus = corpora.open_corpus(data)
-  root = corpora.cache_root(data)
-  loaders = []
-  for split, shuffle in (("train", True), ("validation", False)):
-    f = cache.token_file(corpus, split, tokenizer, root)
-    loader = TokenLoader(f, seed=data.seed, shuffle=shuffle, bos_id=tokenizer.bos_id,
-                         split=split, **common)
-    if shuffle and loader.n_windows < loader.batch_size:
-      raise DataError(
-          f"{corpus.name}: the train split has {f.n_tokens} tokens, {loader.n_windows} windows "
-          f"of data.seq_len+1={loader.seq_len + 1}: fewer than one batch of data.batch_size="
-          f"{loader.batch_size}; add text or lower data.seq_len / data.batch_size")
-    if not shuffle and loader.n_windows < 1:
-      raise DataError(
-          f"{corpus.name}: the validation split ({f.n_docs} documents, {f.n_tokens} tokens) "
-          f"is shorter than one window of data.seq_len+1={loader.seq_len + 1} tokens; add "
-          f"documents ({corpora.VALIDATION_FRACTION:.0%} of them by hash, and at least one of "
-          "two or more, go to validation) or lower data.seq_len")
-    loaders.append(loader)
-  return tokenizer, loaders[0], loaders[1]
+  mix = mixture_lib.parse(data.get("mixture", ""), int(data.batch_size), int(data.seed))
+  if mix is None:
+    corpus = corpora.open_corpus(data)
+    root = corpora.cache_root(data)
+    return (tokenizer,
+            _split_loader(corpus, "train", tokenizer, root, data.seed, common),
+            _split_loader(corpus, "validation", tokenizer, root, data.seed, common))
+  trains, evals = [], {}
+  for source in mix.sources:  # every source opened and checked before anything is compiled
+    cfg = mixture_lib.source_data_config(data, source)
+    try:
+      corpus = corpora.open_corpus(cfg)
+      root = corpora.cache_root(cfg)
+      # A source may be shorter than a batch: its stream repeats, as every stream does.
+      train = _split_loader(corpus, "train", tokenizer, root, data.seed, common, min_windows=1)
+      evals[source] = _split_loader(corpus, "validation", tokenizer, root, data.seed, common)
+    except DataError as e:
+      raise DataError(f"data.mixture source {source!r}: {e}") from None
+    trains.append(train.file)
+  return (tokenizer,
+          MixtureLoader(trains, mix, seed=data.seed, bos_id=tokenizer.bos_id, **common),
+          PerSource(evals))
+
+
+def _split_loader(corpus, split: str, tokenizer, root: str, seed: int, common,
+                  min_windows: int | None = None) -> TokenLoader:
+  """The TokenLoader of one split (train: shuffled; validation: in order), with a DataError
+  when the split is too short: under min_windows (default: one batch) train windows, or not
+  one validation window."""
+  shuffle = split == "train"
+  f = cache.token_file(corpus, split, tokenizer, root)
+  loader = TokenLoader(f, seed=seed, shuffle=shuffle, bos_id=tokenizer.bos_id, split=split,
+                       **common)
+  if shuffle and loader.n_windows < (min_windows or loader.batch_size):
+    raise DataError(
+        f"{corpus.name}: the train split has {f.n_tokens} tokens, {loader.n_windows} windows "
+        f"of data.seq_len+1={loader.seq_len + 1}: fewer than one batch of data.batch_size="
+        f"{loader.batch_size}; add text or lower data.seq_len / data.batch_size")
+  if not shuffle and loader.n_windows < 1:
+    raise DataError(
+        f"{corpus.name}: the validation split ({f.n_docs} documents, {f.n_tokens} tokens) "
+        f"is shorter than one window of data.seq_len+1={loader.seq_len + 1} tokens; add "
+        f"documents ({corpora.VALIDATION_FRACTION:.0%} of them by hash, and at least one of "
+        "two or more, go to validation) or lower data.seq_len")
+  return loader

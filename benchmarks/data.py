@@ -7,6 +7,15 @@ tokenizer training and token cache (goal < 2 min on 2 cores for the default corp
 times the loader on that cache: `tokens_per_s` for numpy batches through iterate() (the
 loader's own cost, goal >= 1M tokens/s per host) and `tokens_per_s_jax` for global jax.Arrays
 on a batch sharding over all local devices. --nocold uses config.data.data_dir as it is.
+
+  python benchmarks/data.py --memory_tokens=1000000000000 [--memory_rows=16 --memory_seq=2048]
+
+instead measures the loader's own memory on a token file of that many tokens (a sparse file:
+the corpus's size is what matters, not its content): resident anonymous bytes (RssAnon, the
+loader's arrays; the memory-mapped tokens are file pages, RssFile) before the loader is made
+and after it has loaded `--steps` batches of a host's share (16 rows x 2048 tokens: a 1024-row
+global batch over 64 hosts), shuffled. Run it for 10^6 and 10^12 tokens: the goal is the same
+RssAnon to within a few MB.
 """
 
 import json
@@ -21,6 +30,47 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.")
 _COLD = flags.DEFINE_bool("cold", True, "Build every cache in a fresh temporary data_dir.")
 _STEPS = flags.DEFINE_integer("steps", 500, "Batches to time.")
+_MEM_TOKENS = flags.DEFINE_integer("memory_tokens", 0, "Measure the loader's memory on a sparse "
+                                   "token file of this many tokens (0: the speed benchmark).")
+_MEM_ROWS = flags.DEFINE_integer("memory_rows", 16, "Rows per batch for --memory_tokens.")
+_MEM_SEQ = flags.DEFINE_integer("memory_seq", 2048, "seq_len for --memory_tokens.")
+
+
+def _rss() -> dict[str, int]:
+  """RssAnon and RssFile of this process in bytes (/proc/self/status, Linux)."""
+  out = {}
+  with open("/proc/self/status") as f:
+    for line in f:
+      key, _, value = line.partition(":")
+      if key in ("RssAnon", "RssFile"):
+        out[key] = int(value.split()[0]) * 1024
+  return out
+
+
+def _memory(n_tokens: int, steps: int) -> dict:
+  import numpy as np
+  from llama_jax.data import cache, loader
+  with tempfile.TemporaryDirectory(prefix="llama_jax_mem_") as tmp:
+    path = os.path.join(tmp, "tokens.uint16.bin")
+    with open(path, "wb") as f:
+      f.truncate(2 * n_tokens)  # sparse: no disk blocks, reads as zeros
+    tokens = np.memmap(path, dtype=np.uint16, mode="r", shape=(n_tokens,))
+    f = cache.TokenFile(path, tokens, n_docs=1, n_tokens=n_tokens, n_bytes=n_tokens)
+    loader.shuffled(np.arange(4), 10, 0)  # index_shuffle loaded before the first reading
+    before = _rss()
+    ld = loader.TokenLoader(f, seed=0, shuffle=True, bos_id=1, seq_len=_MEM_SEQ.value,
+                            batch_size=_MEM_ROWS.value)
+    t0 = time.perf_counter()
+    for step in range(steps):
+      ld.local_batch(step * 997)  # steps far apart: many epochs of the small file
+    dt = time.perf_counter() - t0
+    after = _rss()
+  return dict(benchmark="loader_memory", n_tokens=n_tokens, windows=int(ld.n_windows),
+              rows=ld.batch_size, seq_len=ld.seq_len, steps=steps,
+              rss_anon_before=before["RssAnon"], rss_anon_after=after["RssAnon"],
+              rss_anon_growth=after["RssAnon"] - before["RssAnon"],
+              rss_file_after=after["RssFile"],
+              tokens_per_s=round(steps * ld.batch_size * ld.seq_len / dt))
 
 
 def _timed(fn, *args):
@@ -49,6 +99,9 @@ def main(argv):
 
   from llama_jax import data
 
+  if _MEM_TOKENS.value:
+    print(json.dumps(_memory(_MEM_TOKENS.value, _STEPS.value)))
+    return
   config = _CONFIG.value
   tmp = None
   if _COLD.value:

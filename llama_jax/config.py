@@ -91,6 +91,10 @@ def defaults(size: str | None = None) -> ml_collections.ConfigDict:
       # SOURCE as name takes it or files:GLOB, weights changing at STEP (llama_jax/data/
       # mixture.py); '' = name alone. The tokenizer is still name's.
       mixture="",
+      # > 0: each split tokenized in this many shards by the run's own processes, with a
+      # manifest, read by range from the shards (llama_jax/data/prepare.py); 0 = one flat
+      # token cache file per split, built by one process.
+      shards=0,
   ))
 
   config.optim = ml_collections.ConfigDict(dict(
@@ -197,6 +201,8 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
                      ("optim.grad_accum", o.grad_accum)):
     if value <= 0:
       raise ConfigError(f"{key}={value} must be positive")
+  if d.shards < 0:
+    raise ConfigError(f"data.shards={d.shards} must be >= 0 (0: one flat token cache file)")
   if d.seed < 0:  # numpy's seed sequences take no negative entropy
     raise ConfigError(f"data.seed={d.seed} must be >= 0")
   if d.mixture:  # its syntax and weights, before any data is read

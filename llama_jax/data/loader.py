@@ -38,6 +38,7 @@ from grain.experimental import index_shuffle
 
 from llama_jax.data import cache, corpora
 from llama_jax.data import mixture as mixture_lib
+from llama_jax.data import prepare
 from llama_jax.data.errors import DataError
 from llama_jax.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -101,6 +102,16 @@ def segments(inputs: np.ndarray, bos_id: int) -> tuple[np.ndarray, np.ndarray]:
   t = np.arange(inputs.shape[1], dtype=np.int32)
   first = np.maximum.accumulate(np.where(start, t, 0), axis=1)  # where each document began
   return segment_ids, (t - first).astype(np.int32)
+
+
+def read_rows(tokens, starts: np.ndarray, length: int) -> np.ndarray:
+  """[len(starts), length] int32: tokens[a : a + length] for each a. A ShardedTokens reads
+  them in one call (concurrent range requests on a bucket), an array by slicing."""
+  if hasattr(tokens, "read_many"):
+    rows = tokens.read_many([(int(a), int(a) + length) for a in starts])
+  else:
+    rows = [tokens[a: a + length] for a in starts]
+  return np.stack(rows).astype(np.int32) if len(rows) else np.zeros((0, length), np.int32)
 
 
 class Loader:
@@ -222,11 +233,7 @@ class TokenLoader(Loader):
   def _windows(self, step: int) -> np.ndarray:
     if step < 0:
       raise ValueError(f"step must be >= 0, got {step}")
-    T = self.seq_len
-    out = np.empty((len(self.row_ids), T + 1), np.int32)
-    for r, w in enumerate(self.window_ids(step)):  # one contiguous read per row
-      out[r] = self.tokens[w * T: w * T + T + 1]
-    return out
+    return read_rows(self.tokens, self.window_ids(step) * self.seq_len, self.seq_len + 1)
 
 
 class MixtureLoader(Loader):
@@ -258,8 +265,10 @@ class MixtureLoader(Loader):
       raise ValueError(f"step must be >= 0, got {step}")
     T = self.seq_len
     out = np.empty((len(self.row_ids), T + 1), np.int32)
-    for r, (k, w) in enumerate(zip(*self.window_ids(step))):
-      out[r] = self.files[k].tokens[w * T: w * T + T + 1]
+    src, windows = self.window_ids(step)
+    for k in np.unique(src):
+      m = src == k
+      out[m] = read_rows(self.files[k].tokens, windows[m] * T, T + 1)
     return out
 
 
@@ -297,8 +306,17 @@ class SyntheticLoader(Loader):
 # ---------------------------------------------------------------------------------------------
 
 def make_tokenizer(config) -> Tokenizer:
-  """The tokenizer of config.data, of exactly config.model.vocab_size ids (trains it once)."""
-  return load_tokenizer(config.data, int(config.model.vocab_size))
+  """The tokenizer of config.data, of exactly config.model.vocab_size ids (trains it once);
+  for data.name='prepared:DIR' with data.tokenizer='spm', the one saved beside its manifest."""
+  data = config.data
+  name = str(data.name)
+  if name.startswith(prepare.PREPARED_PREFIX) and str(data.tokenizer) == "spm":
+    tok = prepare.prepared_tokenizer(name[len(prepare.PREPARED_PREFIX):])
+    if tok.vocab_size != int(config.model.vocab_size):
+      raise DataError(f"{name}: its tokenizer has {tok.vocab_size} ids but model.vocab_size="
+                      f"{config.model.vocab_size}; set --config.model.vocab_size={tok.vocab_size}")
+    return tok
+  return load_tokenizer(data, int(config.model.vocab_size))
 
 
 def make_loaders(config, batch_sharding=None, process_index: int | None = None,
@@ -325,21 +343,18 @@ def make_loaders(config, batch_sharding=None, process_index: int | None = None,
             SyntheticLoader(vocab_size=V, seed=data.seed, split="validation", **common))
 
   mix = mixture_lib.parse(data.get("mixture", ""), int(data.batch_size), int(data.seed))
+  where = (common["process_index"], common["process_count"])
   if mix is None:
-    corpus = corpora.open_corpus(data)
-    root = corpora.cache_root(data)
-    return (tokenizer,
-            _split_loader(corpus, "train", tokenizer, root, data.seed, common),
-            _split_loader(corpus, "validation", tokenizer, root, data.seed, common))
+    name, files = _token_files(data, tokenizer, *where)
+    return (tokenizer, _split_loader(name, files, "train", tokenizer, data.seed, common),
+            _split_loader(name, files, "validation", tokenizer, data.seed, common))
   trains, evals = [], {}
   for source in mix.sources:  # every source opened and checked before anything is compiled
-    cfg = mixture_lib.source_data_config(data, source)
     try:
-      corpus = corpora.open_corpus(cfg)
-      root = corpora.cache_root(cfg)
+      name, files = _token_files(mixture_lib.source_data_config(data, source), tokenizer, *where)
       # A source may be shorter than a batch: its stream repeats, as every stream does.
-      train = _split_loader(corpus, "train", tokenizer, root, data.seed, common, min_windows=1)
-      evals[source] = _split_loader(corpus, "validation", tokenizer, root, data.seed, common)
+      train = _split_loader(name, files, "train", tokenizer, data.seed, common, min_windows=1)
+      evals[source] = _split_loader(name, files, "validation", tokenizer, data.seed, common)
     except DataError as e:
       raise DataError(f"data.mixture source {source!r}: {e}") from None
     trains.append(train.file)
@@ -348,23 +363,41 @@ def make_loaders(config, batch_sharding=None, process_index: int | None = None,
           PerSource(evals))
 
 
-def _split_loader(corpus, split: str, tokenizer, root: str, seed: int, common,
+def _token_files(data_cfg, tokenizer, process_index: int,
+                 process_count: int) -> tuple[str, dict[str, cache.TokenFile]]:
+  """(corpus name, {split: TokenFile}) of config.data: a prepared corpus's manifest
+  ('prepared:DIR'), the corpus prepared in data.shards shards by the run's processes, or (0
+  shards) the flat token cache."""
+  name = str(data_cfg.name)
+  if name.startswith(prepare.PREPARED_PREFIX):
+    manifest = prepare.read_manifest(name[len(prepare.PREPARED_PREFIX):], tokenizer)
+    return manifest["name"], prepare.token_files(manifest)
+  corpus = corpora.open_corpus(data_cfg)
+  root = corpora.cache_root(data_cfg)
+  if int(data_cfg.get("shards", 0)):
+    manifest = prepare.prepare(corpus, tokenizer, root, int(data_cfg.shards), process_index,
+                               process_count)
+    return corpus.name, prepare.token_files(manifest)
+  return corpus.name, {s: cache.token_file(corpus, s, tokenizer, root) for s in prepare.SPLITS}
+
+
+def _split_loader(name: str, files: dict, split: str, tokenizer, seed: int, common,
                   min_windows: int | None = None) -> TokenLoader:
   """The TokenLoader of one split (train: shuffled; validation: in order), with a DataError
   when the split is too short: under min_windows (default: one batch) train windows, or not
   one validation window."""
   shuffle = split == "train"
-  f = cache.token_file(corpus, split, tokenizer, root)
+  f = files[split]
   loader = TokenLoader(f, seed=seed, shuffle=shuffle, bos_id=tokenizer.bos_id, split=split,
                        **common)
   if shuffle and loader.n_windows < (min_windows or loader.batch_size):
     raise DataError(
-        f"{corpus.name}: the train split has {f.n_tokens} tokens, {loader.n_windows} windows "
+        f"{name}: the train split has {f.n_tokens} tokens, {loader.n_windows} windows "
         f"of data.seq_len+1={loader.seq_len + 1}: fewer than one batch of data.batch_size="
         f"{loader.batch_size}; add text or lower data.seq_len / data.batch_size")
   if not shuffle and loader.n_windows < 1:
     raise DataError(
-        f"{corpus.name}: the validation split ({f.n_docs} documents, {f.n_tokens} tokens) "
+        f"{name}: the validation split ({f.n_docs} documents, {f.n_tokens} tokens) "
         f"is shorter than one window of data.seq_len+1={loader.seq_len + 1} tokens; add "
         f"documents ({corpora.VALIDATION_FRACTION:.0%} of them by hash, and at least one of "
         "two or more, go to validation) or lower data.seq_len")

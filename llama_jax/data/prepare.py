@@ -98,14 +98,21 @@ def prepare_shard(corpus, split: str, tokenizer: Tokenizer, out: str, shard: int
   return meta
 
 
-def _wait(what: str, ready, timeout: float = WAIT_S):
+def _wait(what: str, ready, folder_path: str, timeout: float = WAIT_S):
+  """ready()'s first value that is not None, polling; what other processes wrote is seen
+  because a bucket's cached listings (gcsfs keeps them per process) are dropped each time."""
   t0 = time.time()
-  while (value := ready()) is None:
+  while True:
+    if storage.is_remote(folder_path):
+      import fsspec
+      fsspec.core.url_to_fs(folder_path)[0].invalidate_cache()
+    value = ready()
+    if value is not None:
+      return value
     if time.time() - t0 > timeout:
       raise DataError(f"waited {timeout:.0f} s for {what}; check that every process of the "
                       "run is running and sees the same data.data_dir")
     time.sleep(POLL_S)
-  return value
 
 
 def prepare(corpus, tokenizer: Tokenizer, root: str, shards: int, process_index: int = 0,
@@ -123,11 +130,15 @@ def prepare(corpus, tokenizer: Tokenizer, root: str, shards: int, process_index:
       dtype = np.dtype(cache.token_dtype(tokenizer.vocab_size))
 
       def all_finished():
+        want = {f"{_name(s, i, shards)}.json" for s in SPLITS for i in range(shards)}
+        if not want <= set(storage.listdir(out)):  # one listing a poll until all are there
+          return None
         metas = {s: [_sidecar(storage.join(out, f"{_name(s, i, shards)}.{dtype.name}.bin"),
                               dtype) for i in range(shards)] for s in SPLITS}
         return None if any(m is None for ms in metas.values() for m in ms) else metas
 
-      metas = _wait(f"the {shards} shards of {corpus.name} under {out}", all_finished, timeout)
+      metas = _wait(f"the {shards} shards of {corpus.name} under {out}", all_finished, out,
+                    timeout)
       tokenizer.save(out)
       manifest = dict(
           format=FORMAT, corpus=corpus.key, name=corpus.name, shards=shards,
@@ -140,7 +151,7 @@ def prepare(corpus, tokenizer: Tokenizer, root: str, shards: int, process_index:
       storage.write_text(manifest_path, json.dumps(manifest, indent=1))
     else:
       _wait(f"{manifest_path} (process 0 writes it)",
-            lambda: True if storage.exists(manifest_path) else None, timeout)
+            lambda: True if storage.exists(manifest_path) else None, out, timeout)
   return read_manifest(out, tokenizer)
 
 
@@ -236,3 +247,4 @@ class ShardedTokens:
     arrays = iter(np.frombuffer(b, self.dtype) for b in blobs)
     return [np.concatenate([next(arrays) for _ in p] or [np.zeros(0, self.dtype)])
             for p in pieces]
+

@@ -21,9 +21,8 @@ from llama_jax.data import mixture
 SEQ, BATCH = 23, 8
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  d = tmp_path_factory.mktemp("mix")
+def write_two_sources(d):
+  """d/a/*.txt: 5 files of 'ka lo mi' words; d/b/n.jsonl: 60 lines of numbers."""
   rng = np.random.default_rng(0)
   (d / "a").mkdir()
   (d / "b").mkdir()
@@ -33,6 +32,11 @@ def corpus(tmp_path_factory):
     for i in range(60):
       f.write(json.dumps({"text": " ".join(map(str, rng.integers(0, 99, 40)))}) + "\n")
   return d
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  return write_two_sources(tmp_path_factory.mktemp("mix"))
 
 
 def make_config(corpus, data_dir, spec, **data_kw):

@@ -8,6 +8,8 @@ A tiny corpus of the user's files with the byte tokenizer (no training), 40 json
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from llama_jax.data import prepare
 from tests.object_store import bucket, gcs  # noqa: F401  (fixtures)
 
 SEQ, BATCH = 19, 6
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +143,31 @@ def test_shards_in_a_bucket_are_read_by_range(files, flat, bucket, tmp_path):
   cache_dir = tmp_path / "llama_jax_cache" / "objects"
   copies = [f for _, _, fs in os.walk(cache_dir) for f in fs if f.endswith(".bin")]
   assert not copies, copies  # no local copy of a shard
+
+
+def test_two_processes_prepare_their_shares_in_a_bucket(files, flat, bucket, tmp_path):
+  """Two real worker processes, each with its own local cache, one bucket data dir; worker 1
+  starts first and waits for worker 0's shards and manifest (seen across processes)."""
+  c = make_config(files, f"{bucket}/data", 4)
+  cmd = [sys.executable, "-m", "llama_jax.data", "--config=configs/base.py:tiny",
+         "--config.data.name=text_files", f"--config.data.files={files}",
+         "--config.data.tokenizer=byte", "--config.model.vocab_size=259",
+         f"--config.data.data_dir={bucket}/data", "--config.data.shards=4",
+         f"--config.data.seq_len={SEQ}", "--num_processes=2"]
+  procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+                                     LLAMA_JAX_CACHE=str(tmp_path / f"cache{i}")))
+           for i in (1, 0)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  lines = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+  assert lines[0]["train"] == lines[1]["train"] and lines[0]["manifest"] == lines[1]["manifest"]
+  out = _folder(c)
+  for split in ("train", "validation"):
+    for i in range(4):
+      meta = json.loads(storage.read_text(storage.join(out, f"{split}-0000{i}-of-00004.json")))
+      assert meta["by"] == i % 2  # shards p, p + 2 by process p
+  _, train, _ = data.make_loaders(c)
+  _same_batches(flat[1][1], train)

@@ -67,7 +67,7 @@ def _sidecar(path: str, dtype) -> dict | None:
 
 
 def prepare_shard(corpus, split: str, tokenizer: Tokenizer, out: str, shard: int,
-                  shards: int) -> dict:
+                  shards: int, by: int = 0) -> dict:
   """Tokenizes one shard unless it is finished; returns its counts. Written to a temporary
   file and renamed (a bucket: built locally, uploaded), its sidecar last."""
   dtype = np.dtype(cache.token_dtype(tokenizer.vocab_size))
@@ -93,7 +93,7 @@ def prepare_shard(corpus, split: str, tokenizer: Tokenizer, out: str, shard: int
       storage.upload(local, path)
   meta = dict(format=FORMAT, split=split, shard=shard, shards=shards, docs=hi - lo,
               first_doc=lo, tokens=n_tokens, bytes=n_bytes, dtype=dtype.name,
-              file=os.path.basename(path), build_s=round(time.time() - t0, 2))
+              file=os.path.basename(path), build_s=round(time.time() - t0, 2), by=by)
   storage.write_text(f"{base}.json", json.dumps(meta, indent=1))
   return meta
 
@@ -103,9 +103,9 @@ def _wait(what: str, ready, folder_path: str, timeout: float = WAIT_S):
   because a bucket's cached listings (gcsfs keeps them per process) are dropped each time."""
   t0 = time.time()
   while True:
-    if storage.is_remote(folder_path):
-      import fsspec
-      fsspec.core.url_to_fs(folder_path)[0].invalidate_cache()
+    if storage.is_remote(folder_path):  # the gcsfs instance epath (storage.*) lists with
+      from etils.epath import backend
+      backend.fsspec_backend.fs(folder_path).invalidate_cache()
     value = ready()
     if value is not None:
       return value
@@ -125,7 +125,7 @@ def prepare(corpus, tokenizer: Tokenizer, root: str, shards: int, process_index:
     mine = range(process_index, shards, process_count)
     for split in SPLITS:
       for shard in mine:
-        prepare_shard(corpus, split, tokenizer, out, shard, shards)
+        prepare_shard(corpus, split, tokenizer, out, shard, shards, by=process_index)
     if process_index == 0:
       dtype = np.dtype(cache.token_dtype(tokenizer.vocab_size))
 

@@ -15,6 +15,11 @@ The bytes come from the split's statistics (`loader.bytes_per_token`, n_bytes / 
 the whole tokenized split: BOS/EOS are tokens of no bytes) or, when the loader has none, from
 decoding the evaluated target tokens with the tokenizer and counting their UTF-8 bytes; with
 neither (synthetic data) bits_per_byte is null.
+
+With a mixture (config.data.mixture) every source's validation split is evaluated on its own:
+the JSON adds loss/<source> and bits_per_byte/<source> (and 'sources', each source's full
+result); loss is their unweighted mean, as training's eval_loss, and bits_per_byte all the
+sources' nats over all their bytes.
 """
 
 from __future__ import annotations
@@ -120,7 +125,8 @@ def main(argv):
   tokenizer, train_loader, eval_loader = make_loaders(config)
   loader = {"validation": eval_loader, "train": train_loader}[f.split]
   n_batches = f.max_batches or None  # one pass over the split
-  if n_batches is None and config.data.name == "synthetic":  # endless: the run's eval size
+  endless = config.data.name == "synthetic" or (f.split == "train" and config.data.get("mixture"))
+  if n_batches is None and endless:  # no one pass to make: the run's eval size
     n_batches = int(config.train.eval_steps)
   sources = getattr(loader, "sources", None)
   result = (evaluate_sources(model, sources, n_batches, tokenizer=tokenizer) if sources
@@ -134,7 +140,8 @@ def _define_flags():
   flags.DEFINE_string("workdir", None, "A llama_jax run directory.", required=True)
   flags.DEFINE_enum("split", "validation", ["validation", "train"], "The split to evaluate.")
   flags.DEFINE_integer("max_batches", 0, "At most this many batches (0 = one pass over the "
-                       "split; train.eval_steps for synthetic data).", lower_bound=0)
+                       "split; train.eval_steps for synthetic data and a mixture's train "
+                       "split).", lower_bound=0)
   flags.DEFINE_integer("step", None, "The checkpoint step (default: the newest).")
 
 

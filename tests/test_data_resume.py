@@ -139,3 +139,19 @@ def test_resumed_on_two_processes_sees_the_same_batches(runs):
   per = [k for k in evals[-1] if k.startswith("eval_loss/")]
   assert len(per) == 2
   assert evals[-1]["eval_loss"] == pytest.approx(np.mean([evals[-1][k] for k in per]))
+
+
+def test_evaluate_prints_each_sources_loss_and_bits_per_byte(runs, tmp_path):
+  ref = runs[0]
+  out = subprocess.run([sys.executable, "-m", "llama_jax.evaluate", f"--workdir={ref}",
+                        "--max_batches=2"], cwd=ROOT, env=_env(8, tmp_path / "cache"),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  names = sorted(result["sources"])
+  assert len(names) == 2 and all(n.startswith("files:") for n in names)
+  for n in names:
+    assert result[f"loss/{n}"] == result["sources"][n]["loss"] > 0
+    assert 0 < result[f"bits_per_byte/{n}"] < 8
+  assert result["loss"] == pytest.approx(np.mean([result[f"loss/{n}"] for n in names]))
+  assert result["step"] == 8

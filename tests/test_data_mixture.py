@@ -1,13 +1,11 @@
-"""Mixtures (config.data.mixture): rows per source per batch, the mixed loader, bad input, and
-eval_loss/<source> from a short training run and evaluate's per-source output.
+"""Mixtures (config.data.mixture): rows per source per batch, the mixed loader and bad input.
+(eval_loss/<source> from training and evaluate's per-source output: test_data_resume.py.)
 
 Two tiny corpora of the user's files (byte tokenizer): a/*.txt of 'ka lo mi' words and
 b/*.jsonl of digits, so a row's tokens tell which source it came from.
 """
 
 import json
-import math
-import os
 from fractions import Fraction
 
 import numpy as np
@@ -144,35 +142,3 @@ def test_each_row_is_a_window_of_its_source(mixed):
       np.testing.assert_array_equal(
           np.concatenate([h.batch(step)[k] for h in halves]), want[k])
   it.close()
-
-
-# ------------------------------------------------------------------------------ training
-
-def test_training_logs_eval_loss_per_source_and_evaluate_reports_them(corpus, spec, tmp_path):
-  from llama_jax import evaluate, train
-  from llama_jax.checkpoint import restore_params
-  c = make_config(corpus, tmp_path / "dd", spec, packing=True)
-  c.model.update(dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=88, max_seq_len=32))
-  c.train.update(dict(steps=2, log_every=1, eval_every=1, eval_steps=2, checkpoint_every=2,
-                      sample_tokens=0))
-  c.optim.update(dict(lr=1e-2, warmup_steps=1))
-  c.mesh.update(dict(data=4, fsdp=2, tensor=1))  # vocab 259 (bytes) is prime
-  train.train(c, str(tmp_path / "w"))
-  evals = [json.loads(l) for l in open(tmp_path / "w" / "metrics.jsonl") if "eval_loss" in l]
-  names = [f"files:{corpus}/a/*.txt", f"files:{corpus}/b/*.jsonl"]
-  assert [e["step"] for e in evals] == [0, 1, 2]
-  for e in evals:
-    per = [e[f"eval_loss/{n}"] for n in names]
-    assert all(np.isfinite(per)) and per[0] != per[1]
-    assert e["eval_loss"] == pytest.approx(np.mean(per), rel=1e-6)
-  assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
-
-  model, config, step = restore_params(str(tmp_path / "w"), None)
-  _, _, ev = data.make_loaders(config)
-  out = evaluate.evaluate_sources(model, ev.sources, 2)
-  assert step == 2 and sorted(out["sources"]) == sorted(names)
-  for n in names:
-    r = out["sources"][n]
-    assert out[f"loss/{n}"] == r["loss"] and out[f"bits_per_byte/{n}"] == r["bits_per_byte"]
-    assert r["bits_per_byte"] == pytest.approx(r["loss"] * r["tokens"] / math.log(2) / r["bytes"])
-  assert out["loss"] == pytest.approx(np.mean([out["sources"][n]["loss"] for n in names]))

@@ -82,8 +82,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def runs(gcs, tmp_path_factory):
+def _runs(tmp_path_factory):
   """(uninterrupted run, killed-and-resumed run, killed run resumed on 2 processes, log)."""
   corpus = write_two_sources(tmp_path_factory.mktemp("corpus"))
   bucket = f"gs://{object_store.new_bucket('resume')}"
@@ -116,7 +115,16 @@ def runs(gcs, tmp_path_factory):
   return ref, run, two, log + log2
 
 
-def test_sigkill_then_resume_with_a_mixture_is_bitwise_exact(runs):
+def test_resume_with_a_mixture_in_a_bucket_on_one_then_two_processes(gcs, tmp_path_factory):
+  # One test, not three sharing a module fixture: pytest-xdist would run the five training
+  # processes once on each worker that got one of them.
+  runs = _runs(tmp_path_factory)
+  _check_sigkill_then_resume_is_bitwise_exact(runs)
+  _check_resumed_on_two_processes_sees_the_same_batches(runs)
+  _check_evaluate_prints_each_sources_loss_and_bits_per_byte(runs, tmp_path_factory.mktemp("e"))
+
+
+def _check_sigkill_then_resume_is_bitwise_exact(runs):
   ref, run, _, log = runs
   assert log.count("resumed from step 2") == 2  # the rerun and process 0 of the 2-process one
   a, b = _losses(ref), _losses(run)
@@ -127,7 +135,7 @@ def test_sigkill_then_resume_with_a_mixture_is_bitwise_exact(runs):
     np.testing.assert_array_equal(x, y)
 
 
-def test_resumed_on_two_processes_sees_the_same_batches(runs):
+def _check_resumed_on_two_processes_sees_the_same_batches(runs):
   ref, _, two, _ = runs
   a, b = _losses(ref), _losses(two)
   assert sorted(b) == list(range(1, 9))
@@ -141,7 +149,7 @@ def test_resumed_on_two_processes_sees_the_same_batches(runs):
   assert evals[-1]["eval_loss"] == pytest.approx(np.mean([evals[-1][k] for k in per]))
 
 
-def test_evaluate_prints_each_sources_loss_and_bits_per_byte(runs, tmp_path):
+def _check_evaluate_prints_each_sources_loss_and_bits_per_byte(runs, tmp_path):
   ref = runs[0]
   out = subprocess.run([sys.executable, "-m", "llama_jax.evaluate", f"--workdir={ref}",
                         "--max_batches=2"], cwd=ROOT, env=_env(8, tmp_path / "cache"),

@@ -8,7 +8,6 @@ are checked against each other, and against the text itself.
 
 import json
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest

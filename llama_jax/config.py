@@ -87,6 +87,14 @@ def defaults(size: str | None = None) -> ml_collections.ConfigDict:
       batch_size=16,         # global, in sequences
       seed=0,
       packing=False,         # True: segment ids + positions so attention stays in a document
+      # 'SOURCE=WEIGHT,...[; STEP: SOURCE=WEIGHT,...]': rows per batch from several corpora,
+      # SOURCE as name takes it or files:GLOB, weights changing at STEP (llama_jax/data/
+      # mixture.py); '' = name alone. The tokenizer is still name's.
+      mixture="",
+      # > 0: each split tokenized in this many shards by the run's own processes, with a
+      # manifest, read by range from the shards (llama_jax/data/prepare.py); 0 = one flat
+      # token cache file per split, built by one process.
+      shards=0,
   ))
 
   config.optim = ml_collections.ConfigDict(dict(
@@ -193,8 +201,16 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
                      ("optim.grad_accum", o.grad_accum)):
     if value <= 0:
       raise ConfigError(f"{key}={value} must be positive")
+  if d.shards < 0:
+    raise ConfigError(f"data.shards={d.shards} must be >= 0 (0: one flat token cache file)")
   if d.seed < 0:  # numpy's seed sequences take no negative entropy
     raise ConfigError(f"data.seed={d.seed} must be >= 0")
+  if d.mixture:  # its syntax and weights, before any data is read
+    from llama_jax.data import mixture
+    try:
+      mixture.parse(d.mixture, d.batch_size, d.seed)
+    except mixture.DataError as e:
+      raise ConfigError(str(e)) from None
   if d.batch_size % o.grad_accum:
     raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by "
                       f"optim.grad_accum={o.grad_accum}")

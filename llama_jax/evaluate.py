@@ -15,6 +15,11 @@ The bytes come from the split's statistics (`loader.bytes_per_token`, n_bytes / 
 the whole tokenized split: BOS/EOS are tokens of no bytes) or, when the loader has none, from
 decoding the evaluated target tokens with the tokenizer and counting their UTF-8 bytes; with
 neither (synthetic data) bits_per_byte is null.
+
+With a mixture (config.data.mixture) every source's validation split is evaluated on its own:
+the JSON adds loss/<source> and bits_per_byte/<source> (and 'sources', each source's full
+result); loss is their unweighted mean, as training's eval_loss, and bits_per_byte all the
+sources' nats over all their bytes.
 """
 
 from __future__ import annotations
@@ -84,6 +89,26 @@ def evaluate(model: Llama, loader, n_batches: int | None = None, *,
           "bytes": n_bytes, "batches": n_batches, "bytes_source": source}
 
 
+def evaluate_sources(model: Llama, sources: dict, n_batches: int | None = None, *,
+                     tokenizer=None) -> dict[str, Any]:
+  """A mixture's evaluation: evaluate() on each source's loader, under 'sources' by name and
+  flat as 'loss/<source>' and 'bits_per_byte/<source>'; the top-level loss is their
+  unweighted mean (as training's eval_loss), bits_per_byte the nats of all sources over all
+  their bytes (None if a source has no byte count)."""
+  per = {name: evaluate(model, loader, n_batches, tokenizer=tokenizer)
+         for name, loader in sources.items()}
+  loss = float(np.mean([r["loss"] for r in per.values()]))
+  nats = sum(r["loss"] * r["tokens"] for r in per.values())
+  n_bytes = (None if any(r["bytes"] is None for r in per.values())
+             else sum(r["bytes"] for r in per.values()))
+  flat = {f"{key}/{name}": r[key] for name, r in per.items()
+          for key in ("loss", "bits_per_byte")}
+  return {"loss": loss, "perplexity": math.exp(loss),
+          "bits_per_byte": nats / math.log(2) / n_bytes if n_bytes else None,
+          "tokens": sum(r["tokens"] for r in per.values()), "bytes": n_bytes,
+          "batches": sum(r["batches"] for r in per.values()), **flat, "sources": per}
+
+
 # ---------------------------------------------------------------------------- CLI
 
 def main(argv):
@@ -100,9 +125,12 @@ def main(argv):
   tokenizer, train_loader, eval_loader = make_loaders(config)
   loader = {"validation": eval_loader, "train": train_loader}[f.split]
   n_batches = f.max_batches or None  # one pass over the split
-  if n_batches is None and config.data.name == "synthetic":  # endless: the run's eval size
+  endless = config.data.name == "synthetic" or (f.split == "train" and config.data.get("mixture"))
+  if n_batches is None and endless:  # no one pass to make: the run's eval size
     n_batches = int(config.train.eval_steps)
-  result = evaluate(model, loader, n_batches, tokenizer=tokenizer)
+  sources = getattr(loader, "sources", None)
+  result = (evaluate_sources(model, sources, n_batches, tokenizer=tokenizer) if sources
+            else evaluate(model, loader, n_batches, tokenizer=tokenizer))
   print(json.dumps({**result, "split": f.split, "step": int(step),
                     "seq_len": int(config.data.seq_len), "workdir": f.workdir}))
 
@@ -112,7 +140,8 @@ def _define_flags():
   flags.DEFINE_string("workdir", None, "A llama_jax run directory.", required=True)
   flags.DEFINE_enum("split", "validation", ["validation", "train"], "The split to evaluate.")
   flags.DEFINE_integer("max_batches", 0, "At most this many batches (0 = one pass over the "
-                       "split; train.eval_steps for synthetic data).", lower_bound=0)
+                       "split; train.eval_steps for synthetic data and a mixture's train "
+                       "split).", lower_bound=0)
   flags.DEFINE_integer("step", None, "The checkpoint step (default: the newest).")
 
 

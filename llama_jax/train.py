@@ -335,9 +335,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
 
     # ---- loop ---------------------------------------------------------------------------
     def run_eval(done: int, params) -> float:
-      loss = evaluate(eval_step, params, eval_loader, t_cfg.eval_steps)
-      writer.write(done, {"eval_loss": loss})
-      log(f"step {done}: eval_loss {loss:.4f}")
+      # A mixture evaluates each source (eval_loss/<source>); its eval_loss is their
+      # unweighted mean, so the curve does not jump where the weights change.
+      per_source = {name: evaluate(eval_step, params, loader, t_cfg.eval_steps)
+                    for name, loader in getattr(eval_loader, "sources", {}).items()}
+      loss = (float(np.mean(list(per_source.values()))) if per_source
+              else evaluate(eval_step, params, eval_loader, t_cfg.eval_steps))
+      writer.write(done, {"eval_loss": loss,
+                          **{f"eval_loss/{name}": v for name, v in per_source.items()}})
+      log(f"step {done}: eval_loss {loss:.4f}"
+          + "".join(f", {name} {v:.4f}" for name, v in per_source.items()))
       return loss
 
     progress = _progress(start_step, t_cfg.steps, is_main)

@@ -5,8 +5,9 @@ no TensorFlow (`tfds.data_source` / `builder.as_data_source()`). Two builders li
 
   python_stdlib  the .py files of the running Python's standard library (no test suites, no
                  site-packages, no generated tables): ~730 files, ~12 MB of code on 3.11.
-  text_files     the user's files from `data.files` (comma-separated globs): .jsonl -> one
-                 document per line's "text" field; any other text file -> one document.
+  text_files     the user's files from `data.files` (comma-separated globs): .jsonl, .parquet
+                 and .array_record -> one document per line / row / record (sources.py); any
+                 other text file -> one document.
 
 Both split train/validation by a stable hash of each document's key (its relative path, or a
 jsonl line's content), VALIDATION_FRACTION of the keys going to validation (and at least one
@@ -24,7 +25,6 @@ import dataclasses
 import glob as globlib
 import hashlib
 import inspect
-import json
 import logging
 import os
 import re
@@ -37,9 +37,9 @@ from etils import epath
 
 from llama_jax import storage
 from llama_jax.data.errors import DataError
+from llama_jax.data.sources import TEXT_FEATURE, check, decode_text, documents
 
 VALIDATION_FRACTION = 0.02  # 2% of the documents, chosen by key hash
-TEXT_FEATURE = "text"
 
 # Directory names never part of the default corpus: test suites, installed packages, binaries.
 _STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages",
@@ -98,14 +98,6 @@ def validation_keys(keys: Sequence[str]) -> set[str]:
   if not val and len(hashes) >= 2:
     val = {min(hashes, key=hashes.get)}
   return val
-
-
-def decode_text(data: bytes, path: str = "") -> str:
-  """UTF-8 text of a file; NUL bytes mean binary (DataError), stray invalid bytes -> U+FFFD."""
-  if b"\0" in data:
-    raise DataError(f"{path} is not a text file (it contains NUL bytes); "
-                    "remove it from data.files or narrow the glob")
-  return data.decode("utf-8", errors="replace")
 
 
 def _code_path(cls) -> epath.Path:
@@ -244,7 +236,7 @@ def match_files(files: str) -> list[tuple[str, str]]:
   patterns = [p.strip() for p in str(files or "").split(",") if p.strip()]
   if not patterns:
     raise DataError("data.name='text_files' needs files: pass --config.data.files='DIR/*.txt' "
-                    "(comma-separated globs of .txt/.md/.py/.jsonl files)")
+                    "(comma-separated globs of .txt/.md/.jsonl/.parquet/.array_record files)")
   out, seen, keys = [], set(), set()
   for pattern in patterns:
     pattern = os.path.expanduser(pattern)
@@ -271,44 +263,29 @@ class TextFilesConfig(tfds.core.BuilderConfig):
   """The matched files: ((absolute path, key), ...)."""
 
   files: tuple[tuple[str, str], ...] = ()
+  column: str = TEXT_FEATURE  # the text column of .parquet files
 
   def __repr__(self):
     return f"TextFilesConfig({self.name!r}, {len(self.files)} files)"
 
 
-def text_files_config(files: str) -> TextFilesConfig:
-  """Checks the files (exist, text, not all empty) and names the config by their stat hash."""
+def text_files_config(files: str, column: str = TEXT_FEATURE) -> TextFilesConfig:
+  """Checks the files (exist, what their extension says, not all empty) and names the config
+  by their stat hash."""
   matched = match_files(files)
   h = hashlib.sha256()
   total = 0
   for path, key in matched:
     st = os.stat(path)
     total += st.st_size
-    with open(path, "rb") as f:
-      decode_text(f.read(8000), path)  # git's binary test: a NUL in the first 8000 bytes
+    check(path, column)
     h.update(f"{path}\0{key}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+  if column != TEXT_FEATURE:  # (the default leaves the names of earlier builds as they were)
+    h.update(f"column\0{column}".encode())
   if total == 0:
     raise DataError(f"data.files={files!r} matched only empty files; the corpus has no text")
   return TextFilesConfig(name=f"f{h.hexdigest()[:16]}", description=f"files: {files}",
-                         files=tuple(matched))
-
-
-def _jsonl_docs(path: str, key: str) -> Iterator[tuple[str, str]]:
-  """(doc key, text) per non-empty line of a .jsonl file; the key is the line's content hash."""
-  with open(path, "rb") as f:
-    for n, raw in enumerate(f, 1):
-      if not raw.strip():
-        continue
-      line = decode_text(raw, f"{path}:{n}")
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{n} is not valid JSON ({e.msg}); "
-                        "fix the line or drop the file from data.files") from None
-      if not isinstance(obj, dict) or not isinstance(obj.get(TEXT_FEATURE), str):
-        raise DataError(f"{path}:{n} has no string {TEXT_FEATURE!r} field; each .jsonl line "
-                        'must be an object like {"text": "..."}')
-      yield f"{key}:{n}:{hashlib.sha256(raw).hexdigest()[:16]}", obj[TEXT_FEATURE]
+                         files=tuple(matched), column=column)
 
 
 class TextFiles(tfds.core.GeneratorBasedBuilder):
@@ -327,12 +304,8 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
   def _units(self) -> Iterator[tuple[str, str, str, str | None]]:
     """(split key, document key, path, text or None = read the file later) per document."""
     for path, key in self.builder_config.files:
-      if path.endswith(".jsonl"):
-        for doc_key, text in _jsonl_docs(path, key):
-          if text:  # split by the line's content hash
-            yield doc_key.rsplit(":", 1)[1], doc_key, path, text
-      elif os.path.getsize(path):
-        yield key, key, path, None
+      for split_key, doc_key, text in documents(path, key, self.builder_config.column):
+        yield split_key, doc_key, path, text
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -438,7 +411,8 @@ def open_corpus(data_cfg) -> Corpus:
   if name == "python_stdlib":
     return build_corpus(PythonStdlib, stdlib_config(), data_cfg)
   if name == "text_files":
-    return build_corpus(TextFiles, text_files_config(data_cfg.files), data_cfg)
+    column = str(data_cfg.get("text_feature", TEXT_FEATURE) or TEXT_FEATURE)
+    return build_corpus(TextFiles, text_files_config(data_cfg.files, column), data_cfg)
   if name == "synthetic":
     raise ValueError("the synthetic corpus has no documents; make_loaders generates it")
   return _catalog_corpus(name, data_cfg)

@@ -21,12 +21,12 @@ import jax
 import numpy as np
 import pytest
 
-from tests import object_store
+from tests import object_store, training_process
 from tests.object_store import gcs  # noqa: F401  (fixture)
 from tests.test_data_mixture import write_two_sources
 from tests.test_object_store import _final_params
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = training_process.ROOT
 pytestmark = pytest.mark.slow
 
 
@@ -47,21 +47,16 @@ def _args(corpus, data_dir):
 
 
 def _env(devices, cache):
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, LLAMA_JAX_CACHE=str(cache),
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return training_process.env(devices, LLAMA_JAX_CACHE=str(cache))
 
 
 def _start(workdir, args, cache, devices=8, *extra):
-  return subprocess.Popen([sys.executable, "run_train.py", f"--workdir={workdir}", *args, *extra],
-                          cwd=ROOT, env=_env(devices, cache), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  return training_process.start(workdir, args, *extra, devices=devices,
+                                LLAMA_JAX_CACHE=str(cache))
 
 
 def _finish(*procs):
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  return "".join(o + e for o, e in outs)
+  return "".join(out + err for _, out, err in training_process.finish(*procs))
 
 
 def _lines(workdir):

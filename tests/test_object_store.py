@@ -23,48 +23,29 @@ import numpy as np
 import pytest
 
 from llama_jax import storage
-from tests import object_store
+from tests import object_store, training_process
 from tests.object_store import bucket, gcs  # noqa: F401  (fixtures)
+from tests.training_process import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# A tiny synthetic run: every step logged, a checkpoint every 2 steps (as tests/test_resume.py,
-# on a data-parallel mesh: the layout is not what is tested here).
-ARGS = [
-    "--config=configs/base.py:tiny",
-    "--config.data.name=synthetic", "--config.data.seq_len=24", "--config.data.batch_size=8",
-    "--config.model.dim=48", "--config.model.ffn_dim=88", "--config.model.vocab_size=104",
-    "--config.train.steps=10", "--config.train.log_every=1", "--config.train.eval_every=5",
-    "--config.train.eval_steps=1", "--config.train.checkpoint_every=2",
-    "--config.train.sample_tokens=0", "--config.mesh.data=-1", "--config.optim.warmup_steps=2",
-    "--config.train.keep_checkpoints=10",
-]
+# tests/test_resume.py's tiny run on a data-parallel mesh: the layout is not what is tested here.
+ARGS = [*training_process.TINY_RUN, "--config.mesh.data=-1"]
 # Where the time goes in each line (not compared: wall-clock dependent).
 _TIMING = ("tokens_per_s", "mfu", "mfu_causal_half")
 
 
+# One CPU device: a third less compile and run time than 8; the mesh is not what these tests
+# are about, and the checkpoints are restored here on 8.
 def _env(**extra):
-  """The subprocesses' environment: the emulator's variables (set by tests/conftest.py),
-  LLAMA_JAX_CACHE, and one CPU device (a third less compile and run time than 8; the mesh is
-  not what these tests are about, and the checkpoints are restored here on 8)."""
-  env = dict(os.environ)
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), **extra)
-  return env
+  return training_process.env(1, **extra)
 
 
 def _start(workdir, *extra):
-  return subprocess.Popen([sys.executable, "run_train.py", f"--workdir={workdir}", *ARGS, *extra],
-                          cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  return training_process.start(workdir, ARGS, *extra, devices=1)
 
 
 def _run(workdir, *extra, check=True):
-  p = _start(workdir, *extra)
-  out, err = p.communicate(timeout=600)
-  if check:
-    assert p.returncode == 0, err[-3000:]
-  return p.returncode, out + err
+  code, out, err = training_process.finish(_start(workdir, *extra), check=check)[0]
+  return code, out + err
 
 
 def _split(gs_path):

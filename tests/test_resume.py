@@ -13,40 +13,20 @@ import jax
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import training_process
+from tests.training_process import ROOT
 
-# A tiny synthetic run; every step logged, a checkpoint every 2 steps.
-ARGS = [
-    "--config=configs/base.py:tiny",
-    "--config.data.name=synthetic", "--config.data.seq_len=24", "--config.data.batch_size=8",
-    "--config.model.dim=48", "--config.model.ffn_dim=88", "--config.model.vocab_size=104",
-    "--config.train.steps=10", "--config.train.log_every=1", "--config.train.eval_every=5",
-    "--config.train.eval_steps=1", "--config.train.checkpoint_every=2",
-    "--config.train.sample_tokens=0", "--config.mesh.data=2", "--config.mesh.fsdp=2",
-    "--config.mesh.tensor=2", "--config.optim.warmup_steps=2", "--config.train.keep_checkpoints=10",
-]
-
-
-def _env():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  return env
+# training_process's tiny run on a mesh of all three axes.
+ARGS = [*training_process.TINY_RUN, "--config.mesh.data=2", "--config.mesh.fsdp=2",
+        "--config.mesh.tensor=2"]
 
 
 def _start(workdir, *extra):
-  return subprocess.Popen([sys.executable, "run_train.py", f"--workdir={workdir}", *ARGS, *extra],
-                          cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  return training_process.start(workdir, ARGS, *extra)
 
 
 def _run(workdir, *extra, check=True):
-  p = _start(workdir, *extra)
-  out, err = p.communicate(timeout=600)
-  if check:
-    assert p.returncode == 0, err[-3000:]
-  return p.returncode, out, err
+  return training_process.finish(_start(workdir, *extra), check=check)[0]
 
 
 def _losses(workdir):
@@ -167,7 +147,7 @@ def test_cli_config_errors_are_one_line(tmp_path):
 def test_dry_run_prints_memory_json(tmp_path):
   p = subprocess.run([sys.executable, "run_train.py", "--dry_run", *ARGS,
                       "--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.tensor=2"],
-                     cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+                     cwd=ROOT, env=training_process.env(), capture_output=True, text=True, timeout=300)
   assert p.returncode == 0, p.stderr[-2000:]
   d = json.loads(p.stdout.strip().splitlines()[-1])
   for key in ("param_bytes_per_device", "opt_bytes_per_device", "temp_bytes_per_device",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import os
 import shutil
 import tempfile
@@ -165,6 +166,14 @@ def write_bytes(path, data: bytes) -> None:
 
 def write_text(path, text: str) -> None:
   write_bytes(path, text.encode("utf-8"))
+
+
+def write_png(path, fig, dpi: int) -> None:
+  """A matplotlib figure as a PNG: saved into memory, then one write_bytes (the path may be in
+  a bucket, where savefig cannot write)."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=dpi)
+  write_bytes(path, buf.getvalue())
 
 
 def listdir(path) -> list[str]:

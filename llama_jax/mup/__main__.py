@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import os
+import io
 
 from absl import flags
 from ml_collections import config_flags
 
-from llama_jax import errors
+from llama_jax import errors, storage
 from llama_jax.model.config import DEPTH_SCALINGS
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py:tiny", "Base config.")
@@ -51,14 +51,16 @@ def main(argv):
   config.train.steps = _STEPS.value
   coords = cc.coord_check(config, widths=widths, depths=depths, steps=_STEPS.value,
                           depth_scaling=_DEPTH_SCALING.value)
-  os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, "coords.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=[x.name for x in dataclasses.fields(cc.Coord)])
-    w.writeheader()
-    w.writerows(dataclasses.asdict(c) for c in coords)
-  cc.plot([c for c in coords if c.depth == config.model.n_layers], os.path.join(_OUT.value, "width.png"))
+  table = io.StringIO(newline="")  # written whole: --out may be a bucket
+  w = csv.DictWriter(table, fieldnames=[x.name for x in dataclasses.fields(cc.Coord)])
+  w.writeheader()
+  w.writerows(dataclasses.asdict(c) for c in coords)
+  storage.write_text(storage.join(_OUT.value, "coords.csv"), table.getvalue())
+  cc.plot([c for c in coords if c.depth == config.model.n_layers],
+          storage.join(_OUT.value, "width.png"))
   if depths:
-    cc.plot([c for c in coords if c.width == base], os.path.join(_OUT.value, "depth.png"), over="depth")
+    cc.plot([c for c in coords if c.width == base], storage.join(_OUT.value, "depth.png"),
+            over="depth")
   last = _STEPS.value
   for over, present in (("width", len(widths) > 1), ("depth", len(depths) > 1)):
     if not present:

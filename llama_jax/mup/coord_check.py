@@ -23,6 +23,7 @@ import ml_collections
 from flax import nnx
 
 from llama_jax import config as config_lib
+from llama_jax import storage
 from llama_jax import train
 from llama_jax.data.loader import make_loaders
 
@@ -153,5 +154,5 @@ def plot(coords: Sequence[Coord], path: str, over: str = "width", stat: str = "d
         ax.set_ylabel("mean |x_t - x_0|" if stat == "delta" else "mean |x_t|")
   axes[0][-1].legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  storage.write_png(path, fig, dpi=100)
   plt.close(fig)

@@ -52,15 +52,8 @@ def plot_isoflop(fit: IsoFLOPFit, points: Sequence[Point], path: str) -> None:
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3, which="both")
   fig.tight_layout()
-  _save_png(fig, path)
+  storage.write_png(path, fig, dpi=120)
   plt.close(fig)
-
-
-def _save_png(fig, path: str) -> None:
-  """savefig into memory, then one write: the path may be in a bucket."""
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=120)
-  storage.write_bytes(path, buf.getvalue())
 
 
 def plot_optimal(fits: Sequence[IsoFLOPFit], path: str) -> None:
@@ -92,7 +85,7 @@ def plot_optimal(fits: Sequence[IsoFLOPFit], path: str) -> None:
       ax.legend(fontsize=8)
       ax.grid(alpha=0.3, which="both")
   fig.tight_layout()
-  _save_png(fig, path)
+  storage.write_png(path, fig, dpi=120)
   plt.close(fig)
 
 

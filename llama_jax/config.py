@@ -132,12 +132,13 @@ def defaults(size: str | None = None) -> ml_collections.ConfigDict:
   return config
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  """{"a.b": v} from {"a": {"b": v}} (rope_scaling, a dict value, stays whole)."""
   out = {}
   for k, v in d.items():
     key = f"{prefix}{k}"
     if isinstance(v, dict) and k != "rope_scaling":
-      out.update(_flatten(v, key + "."))
+      out.update(flatten(v, key + "."))
     else:
       out[key] = v
   return out
@@ -145,7 +146,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def _schema() -> dict[str, Any]:
   """Every leaf key of the schema ('model.dim', ...) -> its default."""
-  return _flatten(defaults().to_dict())
+  return flatten(defaults().to_dict())
 
 
 def _unknown_key(key: str, known) -> str:
@@ -174,7 +175,7 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
     raise ConfigError(f"the config is a {type(config).__name__}, not a ConfigDict: check that "
                       "the --config file exists and its get_config() returns a ConfigDict")
   schema = _schema()
-  given = _flatten(config.to_dict())
+  given = flatten(config.to_dict())
   unknown = sorted(set(given) - set(schema))
   if unknown:
     also = f"; also unknown: {unknown[1:]}" if len(unknown) > 1 else ""
@@ -310,7 +311,7 @@ def from_dict(d: dict) -> ml_collections.ConfigDict:
   config = defaults()
   d = dict(d)
   rules = d.pop("sharding_rules", None)
-  config.update_from_flattened_dict(_flatten(d))
+  config.update_from_flattened_dict(flatten(d))
   if rules is not None:
     config.sharding_rules = tuple((name, tuple(m) if isinstance(m, list) else m)
                                   for name, m in rules)

@@ -58,22 +58,25 @@ class Setup:
   abstract_state: Any      # {'params', 'opt_state', 'step'} of ShapeDtypeStructs
   state_shardings: Any
   batch_sharding: jax.sharding.NamedSharding
+  lr_multipliers: Any = None  # per-parameter lr multipliers (μP, depth scaling) or None
 
 
-def make_setup(config: ml_collections.ConfigDict, devices=None, log=print) -> Setup:
-  """The Setup of a validated config on `devices` (default all); what needs the devices (the
-  mesh fits them, each split divides its size) raises ShardingError here."""
+def make_setup(config: ml_collections.ConfigDict, devices=None, log=print, *,
+               mesh: jax.sharding.Mesh | None = None) -> Setup:
+  """The Setup of a validated config on `devices` (default all), or on `mesh` (a population's,
+  whose extra `runs` axis no rule names); what needs the devices (the mesh fits them, each
+  split divides its size) raises ShardingError here."""
   # Building the ModelConfig is not a second validation: its checks are the dataclass's own
   # invariants, which config.validate reached by building it too.
   model_cfg = ModelConfig.from_dict(config.model)
-  mesh = sharding.make_mesh(config.mesh, devices)
+  mesh = sharding.make_mesh(config.mesh, devices) if mesh is None else mesh
   rules = sharding.resolve_rules(config, model_cfg, mesh, warn=log)
 
   # Abstract model -> logical names -> shardings; nothing is allocated yet.
   abstract_model = nnx.eval_shape(lambda: Llama(model_cfg, rngs=nnx.Rngs(0)))
   graphdef, abs_vars = nnx.split(abstract_model)
-  optimizer = make_optimizer(config.optim, config.train.steps,
-                             param_lib.lr_multiplier_tree(model_cfg, abs_vars))
+  multipliers = param_lib.lr_multiplier_tree(model_cfg, abs_vars)
+  optimizer = make_optimizer(config.optim, config.train.steps, multipliers)
   param_shardings = nnx.to_pure_dict(sharding.tree_shardings(abs_vars, mesh, rules))
   abs_params = nnx.to_pure_dict(abs_vars)
   abs_opt = jax.eval_shape(optimizer.init, abs_params)
@@ -86,7 +89,7 @@ def make_setup(config: ml_collections.ConfigDict, devices=None, log=print) -> Se
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_shardings)
   return Setup(config, model_cfg, mesh, rules, graphdef, optimizer, abstract, state_shardings,
-               sharding.batch_sharding(mesh, rules))
+               sharding.batch_sharding(mesh, rules), multipliers)
 
 
 def _like_params(abs_opt, abs_params, param_shardings, mesh):
@@ -108,7 +111,7 @@ def init_state(setup: Setup, seed: int):
   """The train state created directly in its shardings: no device holds the full params."""
   def init():
     model = Llama(setup.model_cfg, rngs=nnx.Rngs(seed))
-    params = nnx.to_pure_dict(nnx.state(model))
+    params = param_lib.scale_init(nnx.to_pure_dict(nnx.state(model)), setup.model_cfg.init_scale)
     return {"params": params, "opt_state": setup.optimizer.init(params),
             "step": jnp.zeros((), jnp.int32)}
   with jax.set_mesh(setup.mesh):
@@ -119,15 +122,23 @@ def init_state(setup: Setup, seed: int):
 
 
 def make_train_step(setup: Setup) -> Callable:
-  """(state, batch) -> (state, metrics), jitted with donated state.
+  """(state, batch) -> (state, metrics), jitted with donated state (train_step_fn's step)."""
+  step = train_step_fn(setup.config, setup.graphdef, setup.optimizer,
+                       make_schedule(setup.config.optim, setup.config.train.steps))
+  return jax.jit(step, in_shardings=(setup.state_shardings, setup.batch_sharding),
+                 out_shardings=(setup.state_shardings, None), donate_argnums=0)
+
+
+def train_step_fn(config: ml_collections.ConfigDict, graphdef, optimizer: optax.
+                  GradientTransformation, schedule: optax.Schedule) -> Callable:
+  """The pure (state, batch) -> (state, metrics) of one update, for jit (make_train_step) or
+  for vmap over a population's members (llama_jax.population, each with its own optimizer).
 
   With grad_accum = A the [B, T] batch is split into A microbatches of B/A rows (row r goes to
   microbatch r % A, so each stays evenly split over the batch-sharded devices) and the
   gradients are averaged in fp32 inside the step: one update sees the large batch's gradient.
   """
-  config, graphdef = setup.config, setup.graphdef
   accum, z_loss = config.optim.grad_accum, config.optim.z_loss
-  schedule = make_schedule(config.optim, config.train.steps)
 
   def loss_fn(params, batch):
     return batch_loss(nnx.merge(graphdef, params), batch, z_loss)
@@ -152,14 +163,13 @@ def make_train_step(setup: Setup) -> Callable:
       (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)
       grads = jax.tree.map(lambda g: g / accum, grads)
       loss = loss / accum
-    updates, opt_state = setup.optimizer.update(grads, state["opt_state"], params)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                  "step": state["step"] + 1}
     stats = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
     return new_state, stats
 
-  return jax.jit(train_step, in_shardings=(setup.state_shardings, setup.batch_sharding),
-                 out_shardings=(setup.state_shardings, None), donate_argnums=0)
+  return train_step
 
 
 def make_eval_step(setup: Setup) -> Callable:
@@ -171,15 +181,53 @@ def make_eval_step(setup: Setup) -> Callable:
   return jax.jit(eval_step, in_shardings=(setup.state_shardings["params"], setup.batch_sharding))
 
 
-def evaluate(eval_step, params, eval_loader, n_batches: int) -> float:
+def evaluate(eval_step, params, eval_loader, n_batches: int):
+  """The mean eval loss over n_batches (a float; for a population's vmapped step, one per
+  member)."""
   losses = [eval_step(params, eval_loader.batch(i)) for i in range(n_batches)]
-  return float(np.mean(jax.device_get(losses)))
+  mean = np.mean(np.asarray(jax.device_get(losses)), axis=0)
+  return float(mean) if mean.ndim == 0 else mean
+
+
+def eval_losses(eval_step, params, eval_loader, n_batches: int):
+  """(eval_loss, {source: loss}): a mixture evaluates each source, and its eval_loss is their
+  unweighted mean, so the curve does not jump where the weights change."""
+  per_source = {name: evaluate(eval_step, params, loader, n_batches)
+                for name, loader in getattr(eval_loader, "sources", {}).items()}
+  if per_source:
+    return np.mean(np.stack(list(per_source.values())), axis=0), per_source
+  return evaluate(eval_step, params, eval_loader, n_batches), per_source
+
+
+def step_metrics(stats: dict, tps: float, done: int, tokens_per_step: int, flops: tuple
+                 ) -> dict[str, float]:
+  """The scalars of a log step; `flops`: (FLOPs/token, the same counting half the causal
+  products, peak FLOP/s per device, devices)."""
+  flops_tok, flops_tok_half, peak, units = flops
+  return {"loss": float(stats["loss"]), "lr": float(stats["lr"]),
+          "grad_norm": float(stats["grad_norm"]), "tokens_per_s": tps,
+          "mfu": metrics_lib.mfu(tps, flops_tok, peak, units),
+          "mfu_causal_half": metrics_lib.mfu(tps, flops_tok_half, peak, units),
+          "tokens": done * tokens_per_step}
+
+
+def model_flops(setup: Setup, log=print) -> tuple:
+  """step_metrics' `flops` for this setup, and the log line that says them."""
+  seq_len = setup.config.data.seq_len
+  flops_tok = sizes.flops_per_token(setup.model_cfg, seq_len)
+  flops_tok_half = sizes.flops_per_token(setup.model_cfg, seq_len, causal_half=True)
+  peak, peak_source = metrics_lib.device_peak_flops()
+  peak_units = metrics_lib.peak_units(setup.mesh.devices.flat)
+  log(f"model {metrics_lib.human(sizes.count_params(setup.model_cfg))} params, "
+      f"{flops_tok:.3g} FLOPs/token, peak {peak:.3g} FLOP/s/device ({peak_source}), "
+      f"mesh {dict(setup.mesh.shape)}")
+  return flops_tok, flops_tok_half, peak, peak_units
 
 
 # ============================================================================ the loop
 
 
-class _StopSignal:
+class StopSignal:
   """SIGTERM / SIGINT make the loop save the current step and exit cleanly.
 
   One process: the signal sets a flag, acted on after the step. Several: a signal reaches one
@@ -284,14 +332,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
   """Trains (resuming from DIR/checkpoints if any); returns a summary dict."""
   is_main = jax.process_index() == 0
   log_all, log = log, log if is_main else (lambda *a, **k: None)  # log_all: on every process
-  stop = _StopSignal()  # with several processes it listens from here on
+  stop = StopSignal()  # with several processes it listens from here on
 
   # ---- mesh, shardings (the checks that need the devices, before data or params) --------
   setup = make_setup(config, log=log)
   storage.check_writable(workdir, "--workdir")  # a missing bucket fails here, not in Orbax
   if config.data.data_dir:
     storage.check_bucket(config.data.data_dir, "data.data_dir")
-  _check_workdir_config(config, workdir)
+  check_workdir_config(config, workdir)
   if is_main:
     config_lib.write(config, workdir)
   t_cfg = config.train
@@ -299,16 +347,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
   with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(setup.rules):
     # ---- data -------------------------------------------------------------------------
     from llama_jax import data
-    # Process 0 makes the tokenizer (training it on the corpus the first time) and saves it in
-    # the workdir; the others read that file, so every process has the same one.
-    tokenizer = data.make_tokenizer(config) if is_main else None
-    if is_main:
-      tokenizer.save(workdir)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("llama_jax: tokenizer saved")
-      if not is_main:
-        tokenizer = data.tokenizer_from_path(workdir)
+    tokenizer = run_tokenizer(config, [workdir])
     tokenizer, train_loader, eval_loader = data.make_loaders(config, setup.batch_sharding,
                                                              tokenizer=tokenizer)
 
@@ -325,29 +364,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
     eval_step = make_eval_step(setup)
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, config=config)
     tokens_per_step = config.data.batch_size * config.data.seq_len
-    flops_tok = sizes.flops_per_token(setup.model_cfg, config.data.seq_len)
-    flops_tok_half = sizes.flops_per_token(setup.model_cfg, config.data.seq_len, causal_half=True)
-    peak, peak_source = metrics_lib.device_peak_flops()
-    peak_units = metrics_lib.peak_units(setup.mesh.devices.flat)
-    log(f"model {metrics_lib.human(sizes.count_params(setup.model_cfg))} params, "
-        f"{flops_tok:.3g} FLOPs/token, peak {peak:.3g} FLOP/s/device ({peak_source}), "
-        f"mesh {dict(setup.mesh.shape)}")
+    flops = model_flops(setup, log)
 
     # ---- loop ---------------------------------------------------------------------------
     def run_eval(done: int, params) -> float:
-      # A mixture evaluates each source (eval_loss/<source>); its eval_loss is their
-      # unweighted mean, so the curve does not jump where the weights change.
-      per_source = {name: evaluate(eval_step, params, loader, t_cfg.eval_steps)
-                    for name, loader in getattr(eval_loader, "sources", {}).items()}
-      loss = (float(np.mean(list(per_source.values()))) if per_source
-              else evaluate(eval_step, params, eval_loader, t_cfg.eval_steps))
+      loss, per_source = eval_losses(eval_step, params, eval_loader, t_cfg.eval_steps)
+      loss = float(loss)
       writer.write(done, {"eval_loss": loss,
                           **{f"eval_loss/{name}": v for name, v in per_source.items()}})
       log(f"step {done}: eval_loss {loss:.4f}"
           + "".join(f", {name} {v:.4f}" for name, v in per_source.items()))
       return loss
 
-    progress = _progress(start_step, t_cfg.steps, is_main)
+    progress = progress_bar(start_step, t_cfg.steps, is_main)
     throughput = Throughput(tokens_per_step)
     pending: list[tuple[int, Any]] = []  # (step, loss) not yet checked for NaN / Inf
     last_stats, last_eval, stopped_by = None, None, None
@@ -374,12 +403,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
           if at_log:
             stats = jax.device_get(stats)
             tps = throughput.read()
-            last_stats = {"loss": float(stats["loss"]), "lr": float(stats["lr"]),
-                          "grad_norm": float(stats["grad_norm"]), "tokens_per_s": tps,
-                          "mfu": metrics_lib.mfu(tps, flops_tok, peak, peak_units),
-                          "mfu_causal_half": metrics_lib.mfu(tps, flops_tok_half, peak,
-                                                             peak_units),
-                          "tokens": done * tokens_per_step}
+            last_stats = step_metrics(stats, tps, done, tokens_per_step, flops)
             writer.write(done, last_stats)
             progress.set_postfix(loss=f"{last_stats['loss']:.3f}", tok_s=f"{tps:,.0f}")
           if at_eval:
@@ -411,6 +435,24 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
           "stopped_by": stopped_by}
 
 
+def run_tokenizer(config: ml_collections.ConfigDict, workdirs: list[str]):
+  """The run's tokenizer, saved in each of `workdirs` (a population's members share one).
+  Process 0 makes it (training it on the corpus the first time); the others read the saved
+  file, so every process has the same one."""
+  from llama_jax import data
+  is_main = jax.process_index() == 0
+  tokenizer = data.make_tokenizer(config) if is_main else None
+  if is_main:
+    for workdir in workdirs:
+      tokenizer.save(workdir)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("llama_jax: tokenizer saved")
+    if not is_main:
+      tokenizer = data.tokenizer_from_path(workdirs[0])
+  return tokenizer
+
+
 def _sample(setup: Setup, params, tokenizer, t_cfg) -> str | None:
   if jax.process_count() > 1:  # sampling would need every process; use llama_jax.generate
     return None
@@ -420,13 +462,13 @@ def _sample(setup: Setup, params, tokenizer, t_cfg) -> str | None:
                      temperature=0.8, top_k=40, seed=t_cfg.seed)
 
 
-def _progress(start: int, total: int, enabled: bool):
+def progress_bar(start: int, total: int, enabled: bool):
   from tqdm import tqdm
   return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True,
               file=sys.stderr)
 
 
-def _check_workdir_config(config, workdir: str) -> None:
+def check_workdir_config(config, workdir: str) -> None:
   """A workdir holds one run: resuming with a different model or data is refused, since the
   checkpoints and metrics would silently mix two experiments."""
   path = storage.join(workdir, "config.json")

@@ -65,6 +65,9 @@ class ModelConfig:
   mup_base_n_heads: int = 0
   mup_base_ffn_dim: int = 0
   mup_base_n_layers: int = 0
+  # Multiplies every weight's initial values (embeddings, projections, readout; norms stay 1):
+  # the init-scale hyperparameter of a sweep or a population member.
+  init_scale: float = 1.0
 
   def __post_init__(self):
     if isinstance(self.rope_scaling, dict):
@@ -87,6 +90,8 @@ class ModelConfig:
                           ("depth_scaling", DEPTH_SCALINGS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
+    if not float(self.init_scale) > 0:
+      raise ValueError(f"model.init_scale={self.init_scale} must be positive")
     self._check_base_shape()
 
   def _check_base_shape(self):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from llama_jax.model.config import ModelConfig
@@ -115,3 +116,17 @@ def lr_multiplier_tree(cfg: ModelConfig, abstract_vars):
   mults = jax.tree.map(lambda spec: lr_multiplier(cfg, tuple(spec)), names,
                        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   return None if all(m == 1.0 for m in jax.tree.leaves(mults)) else mults
+
+
+def scale_init(params, init_scale):
+  """The initial params with every weight (norms' `scale` and any `bias` excepted) times
+  `init_scale` (model.init_scale; a traced value for a population's members, where x * s
+  rounds once, as for a run trained alone)."""
+  if isinstance(init_scale, (int, float)) and float(init_scale) == 1.0:
+    return params
+
+  def scale(path, x):
+    names = {str(getattr(k, "key", getattr(k, "name", k))) for k in path}
+    return x if names & {"scale", "bias"} else x * jnp.asarray(init_scale, x.dtype)
+
+  return jax.tree_util.tree_map_with_path(scale, params)

@@ -17,7 +17,8 @@ from llama_jax.errors import cli
 from llama_jax.sweep.cluster import job_name, relative_to_cwd, slurm_script, submit, tpu_script
 from llama_jax.sweep.errors import SweepError
 from llama_jax.sweep.experiment import absolute_config, expand, is_remote, load_experiment
-from llama_jax.sweep.local import default_train_cmd, run_local
+from llama_jax.sweep.local import (default_train_cmd, population_groups, population_name,
+                                   run_local)
 from llama_jax.sweep.overrides import canonical_key, load_config, parse_value
 from llama_jax.sweep.results import collect_results
 from llama_jax.sweep.run import Run
@@ -131,6 +132,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="tpu: attempts per run (a preempted slice is asked for again)")
   p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                  help="slurm: extra #SBATCH line, e.g. --sbatch=--gpus-per-node=8")
+  p.add_argument("--population", action="store_true",
+                 help="local: train runs that differ only in lr, weight decay, warmup, seed and "
+                 "init scale as one program each (llama_jax.population)")
+  p.add_argument("--population_size", type=int, default=0,
+                 help="with --population: at most this many runs per program (0: no limit)")
+  p.add_argument("--population_devices", type=int, default=1,
+                 help="with --population: groups of devices on the runs axis (must divide "
+                 "the group's size and the device count)")
   args = p.parse_args(argv)
 
   try:
@@ -154,6 +163,12 @@ def _main(args: argparse.Namespace) -> int:
   workdir = args.workdir.rstrip("/") if is_remote(args.workdir) else os.path.abspath(args.workdir)
   rel_experiment = relative_to_cwd(experiment.path)
 
+  if args.population and args.launcher != "local":
+    raise SweepError("--population goes with the local launcher (--launcher local); a TPU or "
+                     "SLURM script runs each run as its own job")
+  if args.population_size < 0 or args.population_devices < 1:
+    raise SweepError(f"--population_size={args.population_size} must be >= 0 and "
+                     f"--population_devices={args.population_devices} >= 1")
   if args.submit and args.launcher != "slurm":
     raise SweepError("--submit goes with --launcher slurm (a TPU script runs with bash)")
   if args.launcher != "local":
@@ -207,8 +222,15 @@ def _main(args: argparse.Namespace) -> int:
   if is_remote(args.workdir) and not args.dry:
     storage.check_writable(workdir, "--workdir")  # a missing bucket: one line, nothing run
   train_cmd = _train_cmd(args.train_cmd)
+  population = None
+  if args.population:
+    population = {"dir": storage.join(workdir, "populations"), "max_size": args.population_size,
+                  "runs_devices": args.population_devices}
   if args.dry:
     print(dry_listing(runs, train_cmd), end="")
+    if population:
+      for group in population_groups(runs, args.population_size):
+        print(f"population {population_name(group)}: {[r.name for r in group]}")
     return 0
   results = os.path.join(workdir, "results.csv")
   if args.collect:
@@ -222,7 +244,8 @@ def _main(args: argparse.Namespace) -> int:
 
   previous = signal.signal(signal.SIGTERM, on_term)
   try:
-    statuses = run_local(runs, parallel=args.parallel, train_cmd=train_cmd)
+    statuses = run_local(runs, parallel=args.parallel, train_cmd=train_cmd,
+                         population=population)
   finally:
     signal.signal(signal.SIGTERM, previous)
     collect_results(runs, results)

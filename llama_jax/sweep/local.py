@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
+from llama_jax import config as config_lib
 from llama_jax import storage
 from llama_jax.sweep.run import Run, final_value, last_step
 
@@ -56,40 +57,30 @@ def _terminate(proc: subprocess.Popen) -> None:
       proc.terminate()
 
 
-def run_one(run: Run, train_cmd: Sequence[str], children: _Children | None = None,
-            print_fn: Callable[[str], None] = print) -> str:
-  """Runs (or resumes) one run to completion; returns its status afterwards.
+def _log_paths(path: str) -> str:
+  """The local file a log is appended to: the log itself, or for a bucket (which cannot
+  append) a local copy, downloaded first when another machine started it, uploaded after."""
+  if not storage.is_remote(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path
+  local = storage.local_copy_path(path)
+  if storage.exists(path) and not os.path.exists(local):
+    storage.download(path, local)
+  os.makedirs(os.path.dirname(local), exist_ok=True)
+  return local
 
-  In a bucket, which cannot append, the run's output goes to a local copy of its log.txt
-  (downloaded first when another machine started it) that is uploaded when the run ends."""
-  remote = storage.is_remote(run.workdir)
-  if not remote:
-    os.makedirs(run.workdir, exist_ok=True)
-  log_path = os.path.join(run.workdir, "log.txt")
-  local_log = storage.local_copy_path(log_path)
-  if remote and storage.exists(log_path) and not os.path.exists(local_log):
-    storage.download(log_path, local_log)
-  os.makedirs(os.path.dirname(local_log), exist_ok=True)
-  cmd = list(train_cmd) + run.train_args()
-  record = run.record()
-  if record.get("overrides") not in (None, run.overrides):
-    print_fn(f"[sweep] warning: {run.name}: {run.workdir} was started with other overrides "
-             f"({record['overrides']}); its checkpoints are resumed with the new ones")
-  record.update(name=run.name, overrides=run.overrides, tags=run.tags, command=shlex.join(cmd),
-                cwd=os.getcwd())
-  record.setdefault("attempts", [])
-  start = time.time()
-  attempt = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "resumed_from_step":
-             last_step(run.metrics()), "returncode": None, "wall_s": None}
-  record["attempts"].append(attempt)
-  _write_json(os.path.join(run.workdir, "sweep.json"), record)
+
+def _run_process(cmd: list[str], log_path: str, started: str, children: _Children | None,
+                 env: dict[str, str]) -> int:
+  """Runs cmd to its end, its output appended to log_path (see _log_paths); its return code."""
+  local_log = _log_paths(log_path)
   with open(local_log, "a") as log:
-    log.write(f"\n===== {attempt['started']} sweep: {shlex.join(cmd)}\n")
+    log.write(f"\n===== {started} sweep: {shlex.join(cmd)}\n")
     log.flush()
     # The run inherits the current directory: the config path is absolute, and a relative
     # data.files glob or data_dir means what it means where the sweep was started.
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, env={**os.environ, **run.wandb_env()})
+                            start_new_session=True, env={**os.environ, **env})
     if children is not None:
       with children.lock:
         children.procs.add(proc)
@@ -101,9 +92,29 @@ def run_one(run: Run, train_cmd: Sequence[str], children: _Children | None = Non
       if children is not None:
         with children.lock:
           children.procs.discard(proc)
-  if remote:
+  if storage.is_remote(log_path):
     storage.upload(local_log, log_path)
-  attempt.update(returncode=rc, wall_s=round(time.time() - start, 3))
+  return rc
+
+
+def _begin_attempt(run: Run, command: str, **extra) -> tuple[dict, dict]:
+  """The run's sweep.json record with a new attempt appended (and written)."""
+  record = run.record()
+  record.update(name=run.name, overrides=run.overrides, tags=run.tags, command=command,
+                cwd=os.getcwd())
+  record.setdefault("attempts", [])
+  attempt = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "resumed_from_step":
+             last_step(run.metrics()), "returncode": None, "wall_s": None, **extra}
+  record["attempts"].append(attempt)
+  _write_json(os.path.join(run.workdir, "sweep.json"), record)
+  return record, attempt
+
+
+def _end_attempt(run: Run, record: dict, attempt: dict, rc: int, wall_s: float,
+                 children: _Children | None, print_fn) -> str:
+  """Records how the attempt ended, writes DONE for a run that reached train.steps; the
+  run's status."""
+  attempt.update(returncode=rc, wall_s=round(wall_s, 3))
   if children is not None and children.stopping:
     attempt["interrupted"] = True  # stopped by the sweep: resumable, not a failure
   record["wall_s"] = round(sum(a["wall_s"] or 0 for a in record["attempts"]), 3)
@@ -119,6 +130,73 @@ def run_one(run: Run, train_cmd: Sequence[str], children: _Children | None = Non
   return run.status()
 
 
+def _warn_changed_overrides(run: Run, print_fn) -> None:
+  record = run.record()
+  if record.get("overrides") not in (None, run.overrides):
+    print_fn(f"[sweep] warning: {run.name}: {run.workdir} was started with other overrides "
+             f"({record['overrides']}); its checkpoints are resumed with the new ones")
+
+
+def run_one(run: Run, train_cmd: Sequence[str], children: _Children | None = None,
+            print_fn: Callable[[str], None] = print) -> str:
+  """Runs (or resumes) one run to completion; returns its status afterwards. Its output goes
+  to its log.txt (a local copy for a bucket, uploaded when the run ends)."""
+  if not storage.is_remote(run.workdir):
+    os.makedirs(run.workdir, exist_ok=True)
+  cmd = list(train_cmd) + run.train_args()
+  _warn_changed_overrides(run, print_fn)
+  record, attempt = _begin_attempt(run, shlex.join(cmd))
+  start = time.time()
+  rc = _run_process(cmd, os.path.join(run.workdir, "log.txt"), attempt["started"], children,
+                    run.wandb_env())
+  return _end_attempt(run, record, attempt, rc, time.time() - start, children, print_fn)
+
+
+def population_name(runs: Sequence[Run]) -> str:
+  return runs[0].name if len(runs) == 1 else f"{runs[0].name}+{len(runs) - 1}"
+
+
+def run_population(runs: Sequence[Run], populations_dir: str, *, runs_devices: int = 1,
+                   python: str = sys.executable, children: _Children | None = None,
+                   print_fn: Callable[[str], None] = print) -> dict[str, str]:
+  """Trains same-shape runs as one program (llama_jax.population) to completion; returns
+  {name: status}. The program's spec and output are in POPULATIONS_DIR/<first>+<K-1>/; each
+  run's sweep.json and log.txt say which population trained it, and each run gets its DONE
+  as a run alone would."""
+  name = population_name(runs)
+  folder = storage.join(populations_dir, name)
+  spec = storage.join(folder, "spec.json")
+  _write_json(spec, {"runs_devices": runs_devices, "members": [
+      {"name": r.name, "workdir": r.workdir, "config": json.loads(config_lib.to_json(r.config))}
+      for r in runs]})
+  cmd = [python, "-m", "llama_jax.population", spec]
+  log_path = storage.join(folder, "log.txt")
+  attempts = []
+  for run in runs:
+    if not storage.is_remote(run.workdir):
+      os.makedirs(run.workdir, exist_ok=True)
+    _warn_changed_overrides(run, print_fn)
+    record, attempt = _begin_attempt(run, shlex.join(cmd), population=name)
+    storage.write_text(os.path.join(run.workdir, "log.txt"),
+                       _read_text(os.path.join(run.workdir, "log.txt"))
+                       + f"\n===== {attempt['started']} sweep: trained in population {name} "
+                       f"of {len(runs)}; its output: {log_path}\n")
+    attempts.append((record, attempt))
+  start = time.time()
+  rc = _run_process(cmd, log_path, attempts[0][1]["started"], children, {})
+  statuses = {}
+  for run, (record, attempt) in zip(runs, attempts):
+    # A member that reached train.steps ended well even when another diverged (exit 2).
+    member_rc = 0 if last_step(run.metrics()) >= run.steps else (rc or 1)
+    statuses[run.name] = _end_attempt(run, record, attempt, member_rc, time.time() - start,
+                                      children, print_fn)
+  return statuses
+
+
+def _read_text(path: str) -> str:
+  return storage.read_text(path) if storage.exists(path) else ""
+
+
 def _tail(path: str, n: int) -> list[str]:
   if not storage.exists(path):
     return []
@@ -126,13 +204,25 @@ def _tail(path: str, n: int) -> list[str]:
   return ["    " + line for line in lines[-n:]]
 
 
+def population_groups(runs: Sequence[Run], max_size: int = 0) -> list[list[Run]]:
+  """Runs grouped into populations: the same config but for the values members may differ in
+  (llama_jax.population.members.VARYING) and resumable from the same checkpoint step; each
+  group of at most max_size (0: no limit) runs."""
+  from llama_jax.population.members import group, group_key
+  return group(runs, lambda r: (group_key(r.config), r.checkpoint_step()), max_size)
+
+
 def run_local(runs: Sequence[Run], *, parallel: int = 1, train_cmd: Sequence[str] | None = None,
-              print_fn: Callable[[str], None] = print) -> dict[str, str]:
+              print_fn: Callable[[str], None] = print, population: dict | None = None
+              ) -> dict[str, str]:
   """Runs every unfinished run, at most `parallel` at once; returns {name: status}.
 
   Finished runs are skipped; interrupted ones are started again and resume from their
   checkpoints. Ctrl-C stops the runs this call started, then re-raises. train_cmd is the
   trainer's argv prefix (default: default_train_cmd()); each run's train_args() follow it.
+  `population` ({"dir", "max_size", "runs_devices"}) trains the same-shape runs as
+  populations (population_groups, run_population; a group of one runs alone), `parallel` of
+  them at once.
   """
   train_cmd = list(train_cmd) if train_cmd is not None else default_train_cmd()
   statuses: dict[str, str] = {}
@@ -145,35 +235,46 @@ def run_local(runs: Sequence[Run], *, parallel: int = 1, train_cmd: Sequence[str
       todo.append(run)
   if not todo:
     return statuses
+  groups = (population_groups(todo, population.get("max_size", 0)) if population
+            else [[run] for run in todo])
   children = _Children()
   t0 = time.time()
   total = len(todo)
   finished = 0
 
-  def work(run: Run) -> str:
-    step = last_step(run.metrics())
-    print_fn(f"[sweep] {run.name}: " + (f"resuming from step {step}" if step >= 0 else "starting")
-             + f" -> {run.workdir}/log.txt")
-    return run_one(run, train_cmd, children, print_fn)
+  def work(group: list[Run]) -> dict[str, str]:
+    if len(group) == 1:
+      run = group[0]
+      step = last_step(run.metrics())
+      print_fn(f"[sweep] {run.name}: " + (f"resuming from step {step}" if step >= 0
+                                          else "starting") + f" -> {run.workdir}/log.txt")
+      return {run.name: run_one(run, train_cmd, children, print_fn)}
+    name = population_name(group)
+    print_fn(f"[sweep] population {name}: {len(group)} runs as one program -> "
+             f"{storage.join(population['dir'], name)}/log.txt")
+    return run_population(group, population["dir"], children=children, print_fn=print_fn,
+                          runs_devices=population.get("runs_devices", 1))
 
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel))
-  futures = {pool.submit(work, run): run for run in todo}
+  futures = {pool.submit(work, group): group for group in groups}
   try:
     for fut in concurrent.futures.as_completed(futures):
-      run = futures[fut]
-      finished += 1
+      group = futures[fut]
       try:
-        statuses[run.name] = fut.result()
+        result = fut.result()
       except Exception as e:  # a sweep keeps going when one run cannot even start
-        statuses[run.name] = "failed"
-        print_fn(f"[sweep] {run.name}: could not run: {e!r}")
-      metrics = run.metrics()
-      print_fn(f"[sweep] {run.name}: {statuses[run.name]} ({finished}/{total}, "
-               f"{time.time() - t0:.0f}s) loss={final_value(metrics, 'loss'):.4g} "
-               f"eval_loss={final_value(metrics, 'eval_loss'):.4g}")
-      if statuses[run.name] == "failed":
-        print_fn(f"[sweep] {run.name}: end of {run.workdir}/log.txt:\n"
-                 + "".join(_tail(os.path.join(run.workdir, "log.txt"), 5)))
+        result = {run.name: "failed" for run in group}
+        print_fn(f"[sweep] {population_name(group)}: could not run: {e!r}")
+      for run in group:
+        finished += 1
+        statuses[run.name] = result[run.name]
+        metrics = run.metrics()
+        print_fn(f"[sweep] {run.name}: {statuses[run.name]} ({finished}/{total}, "
+                 f"{time.time() - t0:.0f}s) loss={final_value(metrics, 'loss'):.4g} "
+                 f"eval_loss={final_value(metrics, 'eval_loss'):.4g}")
+        if statuses[run.name] == "failed":
+          print_fn(f"[sweep] {run.name}: end of {run.workdir}/log.txt:\n"
+                   + "".join(_tail(os.path.join(run.workdir, "log.txt"), 5)))
   except KeyboardInterrupt:
     print_fn("[sweep] interrupted: stopping the runs started here")
     for fut in futures:

@@ -76,6 +76,18 @@ class Run:
       env["WANDB_RUN_GROUP"] = self.sweep
     return env
 
+  def checkpoint_step(self) -> int:
+    """The newest checkpoint's step in the workdir (-1: none): runs of a population resume
+    together only from one step."""
+    if not storage.exists(os.path.join(self.workdir, "checkpoints")):
+      return -1
+    from llama_jax.checkpoint import Checkpointer
+    checkpointer = Checkpointer(self.workdir, read_only=True)
+    try:
+      return max(checkpointer.steps(), default=-1)
+    finally:
+      checkpointer.close()
+
   def metrics(self) -> list[dict[str, Any]]:
     return read_jsonl(os.path.join(self.workdir, "metrics.jsonl"))
 

@@ -139,10 +139,13 @@ def curves(rows, study):
 
 
 def optima(study_curves):
-  """{parametrization: {size: (optimal lr, at_edge)}} and {parametrization: shift}."""
-  best = {p: {size: optimum(*c) for size, c in sizes.items()} for p, sizes in study_curves.items()}
+  """{parametrization: {size: (optimal lr, at_edge)}} and {parametrization: shift}; a shape
+  with no finished run has no optimum."""
+  import numpy as np
+  best = {p: {size: optimum(*c) for size, c in sizes.items() if np.isfinite(c[1]).any()}
+          for p, sizes in study_curves.items()}
   shift = {p: max(v[0] for v in b.values()) / min(v[0] for v in b.values())
-           for p, b in best.items()}
+           for p, b in best.items() if b}
   return best, shift
 
 
@@ -158,8 +161,8 @@ def plot(study_curves, best, study, path):
     for j, (size, (lrs, losses)) in enumerate(study_curves.get(p, {}).items()):
       y = np.where(np.isfinite(losses), losses, np.nan)
       ax.plot(np.log2(lrs), y, marker="o", ms=4, color=f"C{j}", label=f"{study} {size}")
-      opt, _ = best[p][size]
-      ax.axvline(np.log2(opt), color=f"C{j}", ls=":", lw=1)
+      if size in best[p]:
+        ax.axvline(np.log2(best[p][size][0]), color=f"C{j}", ls=":", lw=1)
     ax.set_title(f"{names[p]}: final eval loss against learning rate")
     ax.set_xlabel("log2(lr)")
     ax.grid(alpha=0.3)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -65,8 +67,22 @@ def device_peak_flops(device=None) -> tuple[float, str]:
     if name.lower() in kind.lower():
       return peak, f"spec sheet: {name} dense bf16"
   if device.platform == "cpu":
-    return measure_cpu_matmul_peak(), "measured: best fp32 1024^3 matmul on this CPU"
+    given = os.environ.get(CPU_PEAK_ENV)
+    if given:
+      return float(given), f"{CPU_PEAK_ENV}={given}"
+    return _cpu_peak(), "measured: best fp32 1024^3 matmul on this CPU"
   return float("nan"), f"unknown device kind {kind!r}"
+
+
+# A CPU's peak given rather than measured (1-2 s at every start on 2 cores): what the tests
+# set for the many short runs they start, whose MFU nothing reads.
+CPU_PEAK_ENV = "LLAMA_JAX_CPU_PEAK_FLOPS"
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_peak() -> float:
+  """measure_cpu_matmul_peak once per process (a notebook or test trains many runs)."""
+  return measure_cpu_matmul_peak()
 
 
 def mfu(tokens_per_s: float, flops_per_tok: float, peak_per_device: float, n_devices: int) -> float:
@@ -115,7 +131,7 @@ class MetricsWriter:
       if project:  # before TensorBoard: a missing package stops the run before any file
         from llama_jax.wandb_writer import WandbWriter
         self._wandb = WandbWriter(project, workdir, config)
-      from tensorboardX import SummaryWriter
+      SummaryWriter = _summary_writer_class()
       if storage.is_remote(workdir):
         _register_bucket_events()
       self._tb = SummaryWriter(storage.join(workdir, "tensorboard"))
@@ -143,6 +159,22 @@ class MetricsWriter:
       self._tb.close()
       if self._wandb is not None:
         self._wandb.close()
+
+
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without torch: tensorboardX's writer imports torch
+  when it is installed (the tests' HF parity pulls it in) only to accept torch tensors, which
+  cost 2-7 s of every run's start on 2 cores; this writer logs Python floats. torch stays
+  importable afterwards: the block is lifted once tensorboardX is in."""
+  if "tensorboardX.writer" in sys.modules or "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
 
 
 class _BucketEvents:
@@ -179,6 +211,7 @@ class _BucketEventsFactory:
 
 
 def _register_bucket_events() -> None:
+  _summary_writer_class()  # tensorboardX itself first, without torch
   from tensorboardX import record_writer
   record_writer.register_writer_factory("gs", _BucketEventsFactory())
 

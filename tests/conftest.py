@@ -6,6 +6,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Every training run (and subprocess) would measure the CPU's matmul peak for its MFU, 1-2 s
+# each on 2 cores; the tests read no MFU, so they give one (tests/test_benchmarks measures it).
+os.environ.setdefault("LLAMA_JAX_CPU_PEAK_FLOPS", "5e10")
 
 # Every GCS client reads where GCS is when first imported: point them at the test emulator
 # (tests/object_store.py) now, before anything imports gcsfs or tensorstore.

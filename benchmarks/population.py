@@ -1,7 +1,8 @@
 """K same-shape runs as one program (llama_jax.population) against the same K runs one after
 another: wall time and tokens/s, measured side by side in one process. One JSON line.
 
-  python benchmarks/population.py [--members=8] [--config=configs/base.py:tiny] [--config.x=y]
+  python benchmarks/population.py [--members=8] [--steps=60] [--seq_len=64] [--batch_size=8]
+      [--config=configs/base.py:tiny] [--config.x=y]
 
 The K runs differ in lr (K values from 1e-3 up by factors of 1.5) and seed, as a learning-rate
 sweep's do; data is synthetic (no corpus build in either timing). Each side is timed from the
@@ -24,6 +25,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py:tiny", "Config file.")
 _MEMBERS = flags.DEFINE_integer("members", 8, "Runs (K).")
 _STEPS = flags.DEFINE_integer("steps", 60, "Training steps of each run.")
+_SEQ = flags.DEFINE_integer("seq_len", 64, "data.seq_len (the tiny config's default 256 exceeds "
+                            "its max_seq_len).")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "data.batch_size.")
 
 
 def _members(config, k):
@@ -50,6 +54,7 @@ def main(argv):
 
   config = _CONFIG.value
   config.data.name = "synthetic"
+  config.data.seq_len, config.data.batch_size = _SEQ.value, _BATCH.value
   config.train.steps = _STEPS.value
   config.train.update(dict(log_every=10, eval_every=_STEPS.value, eval_steps=2,
                            checkpoint_every=_STEPS.value, sample_tokens=0))

@@ -31,8 +31,9 @@ from llama_jax import sharding
 from llama_jax import storage
 from llama_jax.errors import UserError
 from llama_jax.loss import batch_loss
+from llama_jax.model import lora as lora_lib
 from llama_jax.model import sizes
-from llama_jax.model.llama import Llama
+from llama_jax.model.llama import Llama  # noqa: F401  (tests build train.Llama)
 from llama_jax.model import parametrization as param_lib
 from llama_jax.model.config import ModelConfig
 from llama_jax.optim import make_optimizer, make_schedule
@@ -58,6 +59,19 @@ class Setup:
   abstract_state: Any      # {'params', 'opt_state', 'step'} of ShapeDtypeStructs
   state_shardings: Any
   batch_sharding: jax.sharding.NamedSharding
+  # LoRA (config.lora.rank > 0): params hold base and adapters, the optimizer state and the
+  # checkpoints only the adapters; None = every param trains.
+  lora: lora_lib.LoraSpec | None = None
+
+
+def _trainable(spec: lora_lib.LoraSpec | None, params):
+  """The part of a params tree that trains: the adapters under LoRA, else all of it."""
+  return params if spec is None else lora_lib.adapters_of(params)
+
+
+def _with_trained(spec: lora_lib.LoraSpec | None, params, trained):
+  """params with its trainable part replaced by `trained`."""
+  return trained if spec is None else lora_lib.with_adapters(params, trained)
 
 
 def make_setup(config: ml_collections.ConfigDict, devices=None, log=print) -> Setup:
@@ -70,15 +84,18 @@ def make_setup(config: ml_collections.ConfigDict, devices=None, log=print) -> Se
   rules = sharding.resolve_rules(config, model_cfg, mesh, warn=log)
 
   # Abstract model -> logical names -> shardings; nothing is allocated yet.
-  abstract_model = nnx.eval_shape(lambda: Llama(model_cfg, rngs=nnx.Rngs(0)))
+  spec = lora_lib.spec_from_config(config.lora, model_cfg.mlp)
+  abstract_model = nnx.eval_shape(lambda: lora_lib.build(model_cfg, spec, nnx.Rngs(0)))
   graphdef, abs_vars = nnx.split(abstract_model)
-  optimizer = make_optimizer(config.optim, config.train.steps,
+  # μP's per-parameter learning rates are for the base's widths; adapters train at optim.lr.
+  optimizer = make_optimizer(config.optim, config.train.steps, None if spec else
                              param_lib.lr_multiplier_tree(model_cfg, abs_vars))
   param_shardings = nnx.to_pure_dict(sharding.tree_shardings(abs_vars, mesh, rules))
   abs_params = nnx.to_pure_dict(abs_vars)
-  abs_opt = jax.eval_shape(optimizer.init, abs_params)
+  abs_opt = jax.eval_shape(optimizer.init, _trainable(spec, abs_params))
   # Optimizer moments are laid out like the params they track; scalars (counts) replicate.
-  opt_shardings = _like_params(abs_opt, abs_params, param_shardings, mesh)
+  opt_shardings = _like_params(abs_opt, _trainable(spec, abs_params),
+                               _trainable(spec, param_shardings), mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
   abstract = {"params": abs_params, "opt_state": abs_opt,
@@ -86,7 +103,7 @@ def make_setup(config: ml_collections.ConfigDict, devices=None, log=print) -> Se
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_shardings)
   return Setup(config, model_cfg, mesh, rules, graphdef, optimizer, abstract, state_shardings,
-               sharding.batch_sharding(mesh, rules))
+               sharding.batch_sharding(mesh, rules), spec)
 
 
 def _like_params(abs_opt, abs_params, param_shardings, mesh):
@@ -107,9 +124,9 @@ def _like_params(abs_opt, abs_params, param_shardings, mesh):
 def init_state(setup: Setup, seed: int):
   """The train state created directly in its shardings: no device holds the full params."""
   def init():
-    model = Llama(setup.model_cfg, rngs=nnx.Rngs(seed))
+    model = lora_lib.build(setup.model_cfg, setup.lora, nnx.Rngs(seed))
     params = nnx.to_pure_dict(nnx.state(model))
-    return {"params": params, "opt_state": setup.optimizer.init(params),
+    return {"params": params, "opt_state": setup.optimizer.init(_trainable(setup.lora, params)),
             "step": jnp.zeros((), jnp.int32)}
   with jax.set_mesh(setup.mesh):
     return jax.jit(init, out_shardings=setup.state_shardings)()
@@ -132,12 +149,19 @@ def make_train_step(setup: Setup) -> Callable:
   def loss_fn(params, batch):
     return batch_loss(nnx.merge(graphdef, params), batch, z_loss)
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  # Differentiated: the trainable part only. Under LoRA the frozen base enters as a constant,
+  # so the backward pass computes no weight gradient for it, only the adapters' (and the
+  # activations' gradients that reach them).
+  spec = setup.lora
+  grad_fn = jax.value_and_grad(
+      lambda trained, params, batch: loss_fn(_with_trained(spec, params, trained), batch),
+      has_aux=True)
 
   def train_step(state, batch):
     params = state["params"]
+    trained = _trainable(spec, params)
     if accum == 1:
-      (_, loss), grads = grad_fn(params, batch)
+      (_, loss), grads = grad_fn(trained, params, batch)
     else:
       micro = jax.tree.map(
           lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
@@ -145,15 +169,16 @@ def make_train_step(setup: Setup) -> Callable:
       def body(carry, mb):
         g_sum, l_sum = carry
         mb = jax.tree.map(lambda x: sharding.constrain(x, ("act_batch", None)), mb)
-        (_, l), g = grad_fn(params, mb)
+        (_, l), g = grad_fn(trained, params, mb)
         return (jax.tree.map(jnp.add, g_sum, g), l_sum + l), None
 
-      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trained)
       (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)
       grads = jax.tree.map(lambda g: g / accum, grads)
       loss = loss / accum
-    updates, opt_state = setup.optimizer.update(grads, state["opt_state"], params)
-    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+    updates, opt_state = setup.optimizer.update(grads, state["opt_state"], trained)
+    new_params = _with_trained(spec, params, optax.apply_updates(trained, updates))
+    new_state = {"params": new_params, "opt_state": opt_state,
                  "step": state["step"] + 1}
     stats = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
     return new_state, stats
@@ -314,9 +339,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
 
     # ---- state: restore or create sharded -----------------------------------------------
     checkpointer = ckpt_lib.Checkpointer(workdir, t_cfg.keep_checkpoints)
-    restored = checkpointer.restore_latest(setup.abstract_state, log=log_all)
+    restored = checkpointer.restore_latest(checkpointed(setup, setup.abstract_state),
+                                           log=log_all)
     if restored is not None:
       start_step, state = restored
+      if setup.lora is not None:  # the adapters were saved; the base is rebuilt
+        state = {**state, "params": _with_trained(
+            setup.lora, init_state(setup, t_cfg.seed)["params"], state["params"])}
       log(f"resumed from step {start_step} in {checkpointer.directory}")
     else:
       start_step, state = 0, init_state(setup, t_cfg.seed)
@@ -332,6 +361,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
     log(f"model {metrics_lib.human(sizes.count_params(setup.model_cfg))} params, "
         f"{flops_tok:.3g} FLOPs/token, peak {peak:.3g} FLOP/s/device ({peak_source}), "
         f"mesh {dict(setup.mesh.shape)}")
+    if setup.lora is not None:
+      log(f"LoRA rank {setup.lora.rank} on {','.join(setup.lora.targets)}: "
+          f"{metrics_lib.human(lora_lib.count(state['params']))} adapter params train, the "
+          "base is frozen")
 
     # ---- loop ---------------------------------------------------------------------------
     def run_eval(done: int, params) -> float:
@@ -386,7 +419,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
             last_eval = run_eval(done, state["params"])
             throughput.restart()  # keep eval time out of tokens/s
           if at_ckpt or stopping:
-            checkpointer.save(done, state, config)
+            checkpointer.save(done, checkpointed(setup, state), config)
             writer.flush()  # a bucket's metrics.jsonl is rewritten: every line so far
           if stopping:
             stopped_by = signal.Signals(stop.received).name
@@ -409,6 +442,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
     log(f"stopped by {stopped_by} at step {step}; checkpoint saved, rerun to resume")
   return {"step": step, "train": last_stats, "eval_loss": last_eval, "sample": sample,
           "stopped_by": stopped_by}
+
+
+def checkpointed(setup: Setup, state):
+  """What a checkpoint holds of the train state: all of it, or under LoRA the adapters, their
+  optimizer state and the step (the base comes from where it was made: train.seed's init,
+  which config.json records, and which restore_params rebuilds)."""
+  if setup.lora is None:
+    return state
+  return {**state, "params": lora_lib.adapters_of(state["params"])}
 
 
 def _sample(setup: Setup, params, tokenizer, t_cfg) -> str | None:
@@ -434,7 +476,7 @@ def _check_workdir_config(config, workdir: str) -> None:
     return
   old = json.loads(storage.read_text(path))
   new = json.loads(config_lib.to_json(config))
-  for section in ("model", "data"):
+  for section in ("model", "data") + (("lora",) if "lora" in old else ()):
     for key in sorted(set(old.get(section, {})) | set(new[section])):
       if old.get(section, {}).get(key) != new[section].get(key):
         raise config_lib.ConfigError(

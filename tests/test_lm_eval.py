@@ -23,25 +23,28 @@ lm_eval = pytest.importorskip("lm_eval", reason="pip install -e '.[eval]' (lm-ev
 from llama_jax import checkpoint as ckpt_lib  # noqa: E402
 from llama_jax import config as config_lib  # noqa: E402
 from llama_jax import train  # noqa: E402
-from llama_jax.data.tokenizer import ByteTokenizer  # noqa: E402
+from llama_jax import hf  # noqa: E402
+from llama_jax.data.tokenizer import SpmTokenizer  # noqa: E402
 from llama_jax.errors import UserError  # noqa: E402
 from llama_jax.generate.decode import generate  # noqa: E402
 from llama_jax.loss import cross_entropy  # noqa: E402
+from llama_jax.model import lora as lora_lib  # noqa: E402
 from llama_jax.lm_eval import LlamaJaxLM, bucket  # noqa: E402
 from llama_jax.lm_eval.__main__ import evaluate  # noqa: E402
 
 from .test_lora import lora_config  # noqa: E402
 
 TOL = 1e-4  # nats per document: padded, batched scoring against one unpadded row
-VOCAB = 260  # the byte tokenizer's 259 ids, rounded up so the tensor axis (2) divides it
+VOCAB = 320  # the test tokenizer's pieces (even, so the tensor axis (2) divides it)
 
 MC = [{"question": "The capital of France is", "choices": ["Paris", "Rome", "a cat"],
        "answer": 0},
       {"question": "def add(a, b): return", "choices": ["a + b", "a - b"], "answer": 0}]
 TEXTS = [{"text": "import os\nprint(os.getcwd())\n"},
-         # 102 bytes: longer than max_seq_len (64), so it is scored in two rolling windows.
-         {"text": "for i in range(10):\n    print(i * i)\n" * 2 + "while True:\n    break\n" * 2}]
-GEN = [{"prompt": "def f(x):\n", "answer": "    return x"}]
+         # Longer than max_seq_len (64) tokens: scored in several rolling windows.
+         {"text": "for i in range(10):\n    print(i * i)\n" * 3
+                 + "while x < 7: x = y ** 2 - 1\n" * 4}]
+GEN = [{"prompt": "def f(x):\n", "answer": "    return x"}, {"prompt": "# a", "answer": "b"}]
 
 YAML = {
     "mc": """task: lj_mc
@@ -89,33 +92,62 @@ metric_list:
 }
 
 
+def _spm(path) -> SpmTokenizer:
+  """A 320-piece BPE SentencePiece model (byte fallback: any text encodes) trained in 0.1 s
+  on the tests' own text, so context/continuation splits are real subword merges."""
+  import io
+  import sentencepiece as spm
+  lines = [d["question"] + " " + c for d in MC for c in d["choices"]]
+  lines += [TEXTS[0]["text"]] + [g["prompt"] + g["answer"] for g in GEN]  # not the long one
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(lines * 20), model_writer=model, vocab_size=VOCAB,
+      model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+      hard_vocab_limit=False, add_dummy_prefix=False, minloglevel=2)
+  path.write_bytes(model.getvalue())
+  return SpmTokenizer(str(path))
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-  """A LoRA workdir (byte tokenizer, random B so the adapters matter) saved as training saves
-  it, the model it holds, and a directory of task YAML over local jsonl."""
+  """A LoRA workdir (random B, so the adapters matter) saved as training saves it, the same
+  model exported merged as an HF directory, the model itself, its tokenizer, and a directory
+  of task YAML over local jsonl."""
   root = tmp_path_factory.mktemp("lm_eval")
-  workdir, tasks = root / "run", root / "tasks"
+  workdir, hf_dir, tasks = root / "run", root / "hf", root / "tasks"
   tasks.mkdir()
+  tok = _spm(root / "tokenizer.model")
   c = lora_config(**{"model.vocab_size": VOCAB, "model.max_seq_len": 64,
-                     "data.tokenizer": "byte"})
+                     "data.tokenizer": str(root / "tokenizer.model")})
   setup = train.make_setup(c)
   state = train.init_state(setup, seed=0)
   keys = iter(jax.random.split(jax.random.key(1), 64))
   params = state["params"]
   noise = jax.tree.map(lambda a: 0.2 * jax.random.normal(next(keys), a.shape),
-                       train.lora_lib.adapters_of(params))
-  state = {**state, "params": train.lora_lib.with_adapters(params, noise)}
+                       lora_lib.adapters_of(params))
+  state = {**state, "params": lora_lib.with_adapters(params, noise)}
   ckpt = ckpt_lib.Checkpointer(str(workdir))
   ckpt.save(1, train.checkpointed(setup, state), c)
   ckpt.close()
   config_lib.write(c, str(workdir))
-  ByteTokenizer(VOCAB).save(str(workdir))
+  tok.save(str(workdir))
+  model = nnx.merge(setup.graphdef, jax.device_get(state["params"]))
+  hf.save_hf(model, model.cfg, str(hf_dir))  # merged: W + alpha/rank A B
+  tok.save(str(hf_dir))
   for name, rows in (("mc", MC), ("texts", TEXTS), ("gen", GEN)):
     (tasks / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   for name, text in YAML.items():
     (tasks / f"{name}.yaml").write_text(text.format(dir=tasks))
-  model = nnx.merge(setup.graphdef, jax.device_get(state["params"]))
-  return workdir, tasks, model
+  return {"workdir": workdir, "hf_dir": hf_dir, "tasks": tasks, "model": model, "tok": tok}
+
+
+@pytest.fixture(scope="module")
+def results(run):
+  lm = LlamaJaxLM(workdir=str(run["workdir"]), batch_size=4)
+  out = evaluate(lm, ["lj_mc", "lj_ppl", "lj_gen"], include_path=str(run["tasks"]),
+                 include_defaults=False, log_samples=True)
+  return lm, {task: sorted(rows, key=lambda r: r["doc_id"])
+              for task, rows in out["samples"].items()}, out["results"]
 
 
 @nnx.jit
@@ -133,62 +165,74 @@ def _our_loglikelihood(model, context: list[int], continuation: list[int]) -> fl
   return -float(mean) * len(continuation)
 
 
-def _enc(text):
-  return ByteTokenizer().encode(text)
+def _pair(tok, context: str, continuation: str):
+  """lm_eval's split (TemplateLM._encode_pair): BOS + context + continuation encoded whole;
+  the continuation is what follows the encoded context."""
+  whole = [tok.bos_id] + tok.encode(context + continuation)
+  ctx = [tok.bos_id] + tok.encode(context)
+  return ctx, whole[len(ctx):]
 
 
-def test_tasks_score_each_document_as_the_model_does(run, tmp_path):
-  workdir, tasks, model = run
-  lm = LlamaJaxLM(workdir=str(workdir), batch_size=4)
-  results = evaluate(lm, ["lj_mc", "lj_ppl", "lj_gen"], include_path=str(tasks),
-                     log_samples=True)
-  bos = ByteTokenizer().bos_id
-
-  # Multiple choice: each choice's log-likelihood after " " (lm_eval's target delimiter).
-  samples = sorted(results["samples"]["lj_mc"], key=lambda s: s["doc_id"])
-  assert len(samples) == len(MC)
-  for doc, sample in zip(MC, samples):
+def test_multiple_choice_scores_each_choice_as_the_model_does(run, results):
+  _, samples, metrics = results
+  assert len(samples["lj_mc"]) == len(MC)
+  for doc, sample in zip(MC, samples["lj_mc"]):
     got = [r[0][0] for r in sample["resps"]]
-    want = [_our_loglikelihood(model, [bos] + _enc(doc["question"]), _enc(" " + ch))
+    want = [_our_loglikelihood(run["model"], *_pair(run["tok"], doc["question"], " " + ch))
             for ch in doc["choices"]]
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
     assert sample["acc"] == float(np.argmax(want) == doc["answer"])
-  assert "acc,none" in results["results"]["lj_mc"]
+  assert 0 <= metrics["lj_mc"]["acc,none"] <= 1
 
-  # Perplexity: lm_eval's rolling windows of max_seq_len (64) tokens, each after BOS or the
-  # tokens before it; the 102-byte document takes two.
-  samples = sorted(results["samples"]["lj_ppl"], key=lambda s: s["doc_id"])
-  for doc, sample in zip(TEXTS, samples):
-    tokens = _enc(doc["text"])
+
+def test_perplexity_scores_each_rolling_window_as_the_model_does(run, results):
+  """lm_eval's rolling windows of max_seq_len (64) tokens, each after BOS or the tokens
+  before it; the long document takes two or more."""
+  _, samples, metrics = results
+  tok = run["tok"]
+  for doc, sample in zip(TEXTS, samples["lj_ppl"]):
+    tokens = tok.encode(doc["text"])
     windows = [lm_eval.utils.make_disjoint_window(w) for w in
-               lm_eval.utils.get_rolling_token_windows(tokens, bos, 64, 1)]
-    assert len(windows) == (2 if len(tokens) > 64 else 1)
-    want = sum(_our_loglikelihood(model, list(ctx), list(cont)) for ctx, cont in windows)
+               lm_eval.utils.get_rolling_token_windows(tokens, tok.bos_id, 64, 1)]
+    assert (len(windows) > 1) == (len(tokens) > 64)
+    want = sum(_our_loglikelihood(run["model"], list(ctx), list(cont)) for ctx, cont in windows)
     np.testing.assert_allclose(sample["resps"][0][0], want, atol=TOL, rtol=0)
-  assert results["results"]["lj_ppl"]["word_perplexity,none"] > 1
+  assert any(len(tok.encode(d["text"])) > 64 for d in TEXTS)
+  assert metrics["lj_ppl"]["word_perplexity,none"] > 1
 
-  # Generation: greedy decoding, cut at the first blank line, as llama_jax.generate gives it.
-  samples = sorted(results["samples"]["lj_gen"], key=lambda s: s["doc_id"])
-  for doc, sample in zip(GEN, samples):
-    new = generate(model, [[bos] + _enc(doc["prompt"])], max_new_tokens=6, temperature=0.0,
-                   eos_id=ByteTokenizer().eos_id)[0]
-    want = ByteTokenizer().decode([t for t in new if t != ByteTokenizer().eos_id])
+
+def test_generation_is_greedy_decoding_cut_at_the_stop_string(run, results):
+  _, samples, _ = results
+  tok = run["tok"]
+  for doc, sample in zip(GEN, samples["lj_gen"]):
+    new = generate(run["model"], [[tok.bos_id] + tok.encode(doc["prompt"])], max_new_tokens=6,
+                   temperature=0.0, eos_id=tok.eos_id)[0]
+    want = tok.decode([t for t in new if t != tok.eos_id])
     assert sample["resps"][0][0] == want.split("\n\n")[0]
 
 
-def test_a_control_the_comparison_can_fail(run):
-  """The base model alone (adapters dropped) scores differently: the adapter's numbers come
-  from the run's adapters, not from any model of that shape."""
-  workdir, _, model = run
-  lm = LlamaJaxLM(workdir=str(workdir), batch_size=4)
-  ctx, cont = [1] + _enc("The capital of France is"), _enc(" Paris")
+def test_a_control_the_comparison_can_fail(run, results):
+  """The base model alone (the adapters dropped) scores differently: the numbers come from
+  the run's adapters, not from any model of that shape."""
+  lm = results[0]
+  ctx, cont = _pair(run["tok"], "The capital of France is", " Paris")
   ours = lm.score_pairs([(ctx, cont)])[0][0]
-  assert abs(ours - _our_loglikelihood(model, ctx, cont)) < TOL
-  base = train.lora_lib.merged(model)  # same values, folded: still equal
-  assert abs(ours - _our_loglikelihood(base, ctx, cont)) < TOL
-  from llama_jax.model.llama import Llama
-  plain = Llama(model.cfg, rngs=nnx.Rngs(0))  # the base without the adapters
-  assert abs(ours - _our_loglikelihood(plain, ctx, cont)) > 1e-2
+  assert abs(ours - _our_loglikelihood(run["model"], ctx, cont)) < TOL
+  base = nnx.merge(*nnx.split(lora_lib.build(run["model"].cfg, None, nnx.Rngs(0))))
+  assert abs(ours - _our_loglikelihood(base, ctx, cont)) > 1e-2
+
+
+def test_the_merged_hf_export_scores_as_the_lora_workdir(run, results):
+  """hf:DIR (save_hf's merged W + alpha/rank A B, the tokenizer beside it) gives the same
+  per-document log-likelihoods as the workdir's base + adapters."""
+  samples = results[1]
+  lm = LlamaJaxLM(workdir=f"hf:{run['hf_dir']}", batch_size=4)
+  out = evaluate(lm, ["lj_mc"], include_path=str(run["tasks"]), include_defaults=False,
+                 log_samples=True)
+  for a, b in zip(sorted(out["samples"]["lj_mc"], key=lambda r: r["doc_id"]),
+                  samples["lj_mc"]):
+    np.testing.assert_allclose([r[0][0] for r in a["resps"]], [r[0][0] for r in b["resps"]],
+                               atol=TOL, rtol=0)
 
 
 def test_buckets_bound_the_compiles():
@@ -196,16 +240,15 @@ def test_buckets_bound_the_compiles():
 
 
 def test_cli_runs_a_local_task_and_refuses_an_unknown_one(run, tmp_path):
-  workdir, tasks, _ = run
   env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu",
              HF_DATASETS_CACHE=str(tmp_path / "hf_cache"))
   out = tmp_path / "results.json"
-  cmd = [sys.executable, "-m", "llama_jax.lm_eval", f"--workdir={workdir}", "--tasks=lj_mc",
-         f"--include_path={tasks}", "--limit=2", f"--output_path={out}"]
+  cmd = [sys.executable, "-m", "llama_jax.lm_eval", f"--workdir={run['workdir']}",
+         "--tasks=lj_mc", f"--include_path={run['tasks']}", "--limit=1", f"--output_path={out}"]
   p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
   assert p.returncode == 0, p.stderr[-2000:]
   line = json.loads(p.stdout.strip().splitlines()[-1])
   assert line["task"] == "lj_mc" and 0 <= line["acc,none"] <= 1
-  assert len(json.load(open(out))["samples"]["lj_mc"]) == 2
+  assert len(json.load(open(out))["samples"]["lj_mc"]) == 1
   with pytest.raises(UserError, match=r"unknown lm_eval task\(s\) \['no_such_task'\]"):
-    evaluate(None, ["no_such_task"], include_path=str(tasks), include_defaults=False)
+    evaluate(None, ["no_such_task"], include_path=str(run["tasks"]), include_defaults=False)

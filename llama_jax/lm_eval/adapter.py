@@ -30,7 +30,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from llama_jax.generate.decode import _bos, _eos, generate
+from llama_jax.generate.decode import _bos, _eos, _strip_eos, generate
 
 MIN_BUCKET = 16
 
@@ -140,23 +140,30 @@ class LlamaJaxLM(TemplateLM):
     return totals
 
   def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-    out = []
-    for context, kwargs in (req.args for req in requests):
+    """Greedy continuations, batch_size prompts per llama_jax.generate call (requests grouped
+    by their stop strings and max_gen_toks; a short last batch is filled with copies of its
+    first prompt, so every call has the same batch size), each cut at its first stop string.
+    The prompt is cut from the left to leave max_gen_toks of room in max_seq_len."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, kwargs) in enumerate(req.args for req in requests):
       kwargs = dict(kwargs or {})
-      until = kwargs.get("until") or []
-      until = [until] if isinstance(until, str) else list(until)
-      max_new = int(kwargs.get("max_gen_toks", 256))
-      room = self.max_length - max_new
-      if room < 1:
-        max_new, room = self.max_length - 1, 1
-      prompt = self.tok_encode(context)[-room:]
-      new = generate(self.model, [prompt], max_new_tokens=max_new, temperature=0.0,
-                     eos_id=self.eot_token_id)[0]
-      if new and new[-1] == self.eot_token_id:
-        new = new[:-1]
-      text = self.tok.decode(new)
-      for stop in until:
-        if stop and stop in text:
-          text = text[:text.index(stop)]
-      out.append(text)
+      until = kwargs.get("until") or ()
+      until = (until,) if isinstance(until, str) else tuple(until)
+      max_new = min(int(kwargs.get("max_gen_toks", 256)), self.max_length - 1)
+      groups.setdefault((until, max_new), []).append(i)
+    eos, out = self.eot_token_id, [""] * len(requests)
+    for (until, max_new), idx in groups.items():
+      for start in range(0, len(idx), self.batch_size):
+        chunk = idx[start:start + self.batch_size]
+        prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_new):]
+                   for i in chunk]
+        prompts += [prompts[0]] * (self.batch_size - len(prompts))
+        new = generate(self.model, prompts, max_new_tokens=max_new, temperature=0.0,
+                       eos_id=eos)
+        for i, tokens in zip(chunk, new):
+          text = self.tok.decode(_strip_eos(tokens, eos))
+          for stop in until:
+            if stop and stop in text:
+              text = text[:text.index(stop)]
+          out[i] = text
     return out

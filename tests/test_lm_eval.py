@@ -35,7 +35,7 @@ from llama_jax.lm_eval.__main__ import evaluate  # noqa: E402
 from .test_lora import lora_config  # noqa: E402
 
 TOL = 1e-4  # nats per document: padded, batched scoring against one unpadded row
-VOCAB = 320  # the test tokenizer's pieces (even, so the tensor axis (2) divides it)
+VOCAB = 320  # the test tokenizer's pieces
 
 MC = [{"question": "The capital of France is", "choices": ["Paris", "Rome", "a cat"],
        "answer": 0},
@@ -117,9 +117,12 @@ def run(tmp_path_factory):
   workdir, hf_dir, tasks = root / "run", root / "hf", root / "tasks"
   tasks.mkdir()
   tok = _spm(root / "tokenizer.model")
+  # One device: evaluation reads the workdir onto one device anyway, and the fixture skips
+  # compiling the 8-device init.
   c = lora_config(**{"model.vocab_size": VOCAB, "model.max_seq_len": 64,
-                     "data.tokenizer": str(root / "tokenizer.model")})
-  setup = train.make_setup(c)
+                     "data.tokenizer": str(root / "tokenizer.model"), "mesh.data": 1,
+                     "mesh.fsdp": 1, "mesh.tensor": 1, "data.batch_size": 1})
+  setup = train.make_setup(c, devices=jax.devices()[:1])
   state = train.init_state(setup, seed=0)
   keys = iter(jax.random.split(jax.random.key(1), 64))
   params = state["params"]
@@ -218,7 +221,7 @@ def test_a_control_the_comparison_can_fail(run, results):
   ctx, cont = _pair(run["tok"], "The capital of France is", " Paris")
   ours = lm.score_pairs([(ctx, cont)])[0][0]
   assert abs(ours - _our_loglikelihood(run["model"], ctx, cont)) < TOL
-  base = nnx.merge(*nnx.split(lora_lib.build(run["model"].cfg, None, nnx.Rngs(0))))
+  base = lora_lib.build(run["model"].cfg, None, nnx.Rngs(0))
   assert abs(ours - _our_loglikelihood(base, ctx, cont)) > 1e-2
 
 

@@ -108,12 +108,10 @@ def _spm(path) -> SpmTokenizer:
   return SpmTokenizer(str(path))
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def _run(root):
   """A LoRA workdir (random B, so the adapters matter) saved as training saves it, the same
   model exported merged as an HF directory, the model itself, its tokenizer, and a directory
   of task YAML over local jsonl."""
-  root = tmp_path_factory.mktemp("lm_eval")
   workdir, hf_dir, tasks = root / "run", root / "hf", root / "tasks"
   tasks.mkdir()
   tok = _spm(root / "tokenizer.model")
@@ -144,8 +142,7 @@ def run(tmp_path_factory):
   return {"workdir": workdir, "hf_dir": hf_dir, "tasks": tasks, "model": model, "tok": tok}
 
 
-@pytest.fixture(scope="module")
-def results(run):
+def _results(run):
   lm = LlamaJaxLM(workdir=str(run["workdir"]), batch_size=4)
   out = evaluate(lm, ["lj_mc", "lj_ppl", "lj_gen"], include_path=str(run["tasks"]),
                  include_defaults=False, log_samples=True)
@@ -176,7 +173,7 @@ def _pair(tok, context: str, continuation: str):
   return ctx, whole[len(ctx):]
 
 
-def test_multiple_choice_scores_each_choice_as_the_model_does(run, results):
+def _check_multiple_choice_scores_each_choice_as_the_model_does(run, results):
   _, samples, metrics = results
   assert len(samples["lj_mc"]) == len(MC)
   for doc, sample in zip(MC, samples["lj_mc"]):
@@ -188,7 +185,7 @@ def test_multiple_choice_scores_each_choice_as_the_model_does(run, results):
   assert 0 <= metrics["lj_mc"]["acc,none"] <= 1
 
 
-def test_perplexity_scores_each_rolling_window_as_the_model_does(run, results):
+def _check_perplexity_scores_each_rolling_window_as_the_model_does(run, results):
   """lm_eval's rolling windows of max_seq_len (64) tokens, each after BOS or the tokens
   before it; the long document takes two or more."""
   _, samples, metrics = results
@@ -204,7 +201,7 @@ def test_perplexity_scores_each_rolling_window_as_the_model_does(run, results):
   assert metrics["lj_ppl"]["word_perplexity,none"] > 1
 
 
-def test_generation_is_greedy_decoding_cut_at_the_stop_string(run, results):
+def _check_generation_is_greedy_decoding_cut_at_the_stop_string(run, results):
   _, samples, _ = results
   tok = run["tok"]
   for doc, sample in zip(GEN, samples["lj_gen"]):
@@ -214,7 +211,7 @@ def test_generation_is_greedy_decoding_cut_at_the_stop_string(run, results):
     assert sample["resps"][0][0] == want.split("\n\n")[0]
 
 
-def test_a_control_the_comparison_can_fail(run, results):
+def _check_a_control_the_comparison_can_fail(run, results):
   """The base model alone (the adapters dropped) scores differently: the numbers come from
   the run's adapters, not from any model of that shape."""
   lm = results[0]
@@ -225,7 +222,7 @@ def test_a_control_the_comparison_can_fail(run, results):
   assert abs(ours - _our_loglikelihood(base, ctx, cont)) > 1e-2
 
 
-def test_the_merged_hf_export_scores_as_the_lora_workdir(run, results):
+def _check_the_merged_hf_export_scores_as_the_lora_workdir(run, results):
   """hf:DIR (save_hf's merged W + alpha/rank A B, the tokenizer beside it) gives the same
   per-document log-likelihoods as the workdir's base + adapters."""
   samples = results[1]
@@ -242,7 +239,7 @@ def test_buckets_bound_the_compiles():
   assert [bucket(n, 64) for n in (1, 16, 17, 33, 64, 80)] == [16, 16, 32, 64, 64, 64]
 
 
-def test_cli_runs_a_local_task_and_refuses_an_unknown_one(run, tmp_path):
+def _check_cli_runs_a_local_task_and_refuses_an_unknown_one(run, tmp_path):
   env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu",
              HF_DATASETS_CACHE=str(tmp_path / "hf_cache"))
   out = tmp_path / "results.json"
@@ -255,3 +252,16 @@ def test_cli_runs_a_local_task_and_refuses_an_unknown_one(run, tmp_path):
   assert len(json.load(open(out))["samples"]["lj_mc"]) == 1
   with pytest.raises(UserError, match=r"unknown lm_eval task\(s\) \['no_such_task'\]"):
     evaluate(None, ["no_such_task"], include_path=str(run["tasks"]), include_defaults=False)
+
+
+def test_the_adapter_on_local_tasks(tmp_path):
+  """Every check on one LoRA workdir, in one test (pytest-xdist would build a module
+  fixture once per worker that runs a test using it)."""
+  run = _run(tmp_path)
+  results = _results(run)
+  _check_multiple_choice_scores_each_choice_as_the_model_does(run, results)
+  _check_perplexity_scores_each_rolling_window_as_the_model_does(run, results)
+  _check_generation_is_greedy_decoding_cut_at_the_stop_string(run, results)
+  _check_a_control_the_comparison_can_fail(run, results)
+  _check_the_merged_hf_export_scores_as_the_lora_workdir(run, results)
+  _check_cli_runs_a_local_task_and_refuses_an_unknown_one(run, tmp_path)

@@ -137,37 +137,27 @@ def test_a_train_step_changes_only_the_adapters():
 # ---------------------------------------------------------------------------- checkpoints
 
 
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory):
-  """A 4-step LoRA run checkpointing at 2 and 4."""
-  workdir = tmp_path_factory.mktemp("lora_run")
+def test_checkpoints_hold_only_the_adapters_and_resume_exactly(tmp_path):
+  """A 4-step run checkpointing at 2 and 4 saves only the adapters (and their optimizer
+  state); a run resumed from step 2 reaches step 4's adapters bitwise; restore_params rebuilds
+  the base (train.seed's init, on one device) bitwise equal to the mesh-sharded one training
+  used, with the trained adapters. (One test, not several on a module fixture: pytest-xdist
+  would run the fixture's training once per worker.)"""
   c = lora_config(**{"train.steps": 4, "train.checkpoint_every": 2, "train.eval_every": 4,
                      "train.eval_steps": 1})
+  workdir = tmp_path / "run"
   train.train(c, str(workdir), log=lambda *a, **k: None)
-  return c, workdir
-
-
-def test_the_checkpoint_holds_only_the_adapters(lora_run):
-  c, workdir = lora_run
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
-  restored = ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / "4" / "state")
-  saved = _flat(restored["params"])
-  assert saved and all(map(_is_adapter, saved)), sorted(saved)
-  assert len(saved) == 2 * 7
+  ckpt = ocp.PyTreeCheckpointer()
+  want = _flat(ckpt.restore(workdir / "checkpoints" / "4" / "state")["params"])
+  assert want and all(map(_is_adapter, want)), sorted(want)
+  assert len(want) == 2 * 7
   assert json.load(open(workdir / "config.json"))["lora"]["rank"] == 4
 
-
-def test_resume_and_rebuild_give_the_trained_model(lora_run, tmp_path):
-  """A run resumed from step 2 reaches step 4's adapters bitwise; restore_params rebuilds the
-  base (train.seed's init, on one device) bitwise equal to the mesh-sharded one training
-  used, with the trained adapters."""
-  c, workdir = lora_run
   resumed = tmp_path / "resumed"
   shutil.copytree(workdir, resumed)
   shutil.rmtree(resumed / "checkpoints" / "4")
   train.train(c, str(resumed), log=lambda *a, **k: None)
-  ckpt = ocp.PyTreeCheckpointer()
-  want = _flat(ckpt.restore(workdir / "checkpoints" / "4" / "state")["params"])
   got = _flat(ckpt.restore(resumed / "checkpoints" / "4" / "state")["params"])
   assert sorted(got) == sorted(want)
   for path in want:
@@ -176,8 +166,7 @@ def test_resume_and_rebuild_give_the_trained_model(lora_run, tmp_path):
   model, config, step = restore_params(str(workdir))
   assert step == 4
   params = _flat(nnx.to_pure_dict(nnx.state(model)))
-  setup = train.make_setup(c)
-  trained_base = _flat(train.init_state(setup, seed=c.train.seed)["params"])
+  trained_base = _flat(train.init_state(train.make_setup(c), seed=c.train.seed)["params"])
   for path, value in params.items():
     if _is_adapter(path):
       np.testing.assert_array_equal(value, want[path], err_msg=path)

@@ -6,4 +6,11 @@ models: importing this registers the model name `llama_jax` (adapter.LlamaJaxLM)
         [--output_path=results.json]
 """
 
-from llama_jax.lm_eval.adapter import LlamaJaxLM, bucket  # noqa: F401  (registers the model)
+try:
+  import lm_eval as _lm_eval  # noqa: F401
+except ImportError as e:  # one line from the CLI instead of a traceback
+  from llama_jax.errors import UserError
+  raise UserError("llama_jax.lm_eval needs lm-evaluation-harness: pip install -e '.[eval]' "
+                  "(lm-eval==0.4.13)") from e
+
+from llama_jax.lm_eval.adapter import LlamaJaxLM, bucket  # noqa: E402,F401  (registers it)

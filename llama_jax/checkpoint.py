@@ -140,9 +140,10 @@ class Checkpointer:
 
 def restore_params(workdir: str, step: int | None = None):
   """(model, config, step) from a workdir's newest (or given) checkpoint, params only, on the
-  default device; for generation and evaluation."""
+  default device; for generation and evaluation. A LoRA run's checkpoint holds its adapters:
+  the model is its base (rebuilt as training made it) with them (lora.merged folds them)."""
   from flax import nnx
-  from llama_jax.model.llama import Llama
+  from llama_jax.model import lora
   from llama_jax.model.config import ModelConfig
 
   storage.check_bucket(workdir)
@@ -161,11 +162,14 @@ def restore_params(workdir: str, step: int | None = None):
     step = steps[-1] if step is None else step
     config = ckpt.restore_config(step)
     model_cfg = ModelConfig.from_dict(config.model)
-    abstract = nnx.eval_shape(lambda: Llama(model_cfg, rngs=nnx.Rngs(0)))
+    spec = lora.spec_from_config(config.lora, model_cfg.mlp)
+    abstract = nnx.eval_shape(lambda: lora.build(model_cfg, spec, nnx.Rngs(0)))
     graphdef, abs_state = nnx.split(abstract)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abs_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                               nnx.to_pure_dict(abs_state))
+    if spec is not None:
+      abs_params = lora.adapters_of(abs_params)
     restored = ckpt.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
             item={"params": abs_params},
@@ -174,4 +178,33 @@ def restore_params(workdir: str, step: int | None = None):
             partial_restore=True)))
   finally:
     ckpt.close()
-  return nnx.merge(graphdef, restored["state"]["params"]), config, step
+  params = restored["state"]["params"]
+  if spec is not None:
+    params = lora.with_adapters(_lora_base(config, model_cfg, spec, device), params)
+  return nnx.merge(graphdef, params), config, step
+
+
+def _lora_base(config, model_cfg, spec, device):
+  """The base params (adapters included, at their init) a LoRA run trained its adapters on,
+  from what config.json records: train.init_from (hf:DIR, or WORKDIR[@step]) when the run
+  started from weights, else train.seed's init, made as train.init_state makes it."""
+  from flax import nnx
+  from llama_jax.model import lora
+
+  source = config.train.get("init_from") or ""
+  if source:
+    if source.startswith("hf:"):
+      from llama_jax.hf import load_hf
+      base, _ = load_hf(source[3:], dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype)
+    else:
+      path, _, at = source.rpartition("@") if "@" in source else (source, "", "")
+      base, _, _ = restore_params(path, int(at) if at else None)
+      base = lora.merged(base)  # a LoRA run as the base: its adapters folded in
+    params = nnx.to_pure_dict(nnx.state(base))
+    fresh = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+        lambda: lora.build(model_cfg, spec, nnx.Rngs(0)))))
+    return lora.with_adapters(params, lora.adapters_of(fresh))  # shapes only: replaced
+
+  def init():
+    return nnx.to_pure_dict(nnx.state(lora.build(model_cfg, spec, nnx.Rngs(config.train.seed))))
+  return jax.jit(init, out_shardings=device)()

@@ -21,7 +21,7 @@ from typing import Any
 import ml_collections
 
 from llama_jax import errors, storage
-from llama_jax.model.config import SIZES, ModelConfig
+from llama_jax.model.config import SIZES, ModelConfig, parse_lora_targets
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 OPTIMIZERS = ("adamw",)
@@ -127,6 +127,11 @@ def defaults(size: str | None = None) -> ml_collections.ConfigDict:
       wandb_project="",      # W&B project for the same scalars as metrics.jsonl ('' = off)
   ))
 
+  # Low-rank adapters (llama_jax/model/lora.py): rank 0 = off (every param trains). rank > 0
+  # trains only A and B on the targeted projections (Hugging Face's names, comma-separated, or
+  # ours: wq,wk,wv,wo,w_gate,w_up,w_down); their output is scaled by alpha / rank.
+  config.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="q_proj,v_proj"))
+
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.sharding_rules = SHARDING_RULES
   return config
@@ -220,6 +225,8 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   if o.name not in OPTIMIZERS:
     raise ConfigError(f"optim.name={o.name!r}: only {OPTIMIZERS} are implemented")
 
+  _validate_lora(config.lora, model)
+
   for a in MESH_AXES:
     if config.mesh[a] == 0 or config.mesh[a] < -1:
       raise ConfigError(f"mesh.{a}={config.mesh[a]} must be positive or -1 (-1: the devices "
@@ -234,6 +241,20 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
         raise ConfigError(f"sharding rule {name!r} -> {target!r} names mesh axis {a!r}, "
                           f"which is not one of {MESH_AXES}")
   return model
+
+
+def _validate_lora(lora, model: ModelConfig) -> None:
+  if lora.rank < 0:
+    raise ConfigError(f"lora.rank={lora.rank} must be >= 0 (0 turns LoRA off)")
+  if not lora.rank:
+    return
+  if lora.alpha <= 0:
+    raise ConfigError(f"lora.alpha={lora.alpha} must be positive (the adapters' output is "
+                      "scaled by alpha / rank)")
+  try:
+    parse_lora_targets(lora.targets, model.mlp)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------- command line

@@ -264,8 +264,11 @@ def _multiplier_folded_into(hf_name: str, cfg: ModelConfig) -> float:
 def save_hf(model: Llama, model_config: ModelConfig, out_dir: str, *,
             max_shard_bytes: int = 5 * 2**30) -> None:
   """Writes config.json and model.safetensors (or numbered shards of at most max_shard_bytes
-  plus model.safetensors.index.json) that LlamaForCausalLM.from_pretrained loads."""
+  plus model.safetensors.index.json) that LlamaForCausalLM.from_pretrained loads. A model with
+  LoRA adapters is exported merged: W + (alpha/rank) A B (llama_jax.model.lora.merged)."""
   from safetensors.numpy import save_file
+  from llama_jax.model import lora
+  model = lora.merged(model)
   hf_config = config_to_hf(model_config)
   params = {".".join(map(str, p)): np.asarray(v[...])
             for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}

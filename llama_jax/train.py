@@ -31,8 +31,9 @@ from llama_jax import sharding
 from llama_jax import storage
 from llama_jax.errors import UserError
 from llama_jax.loss import batch_loss
+from llama_jax.model import lora as lora_lib
 from llama_jax.model import sizes
-from llama_jax.model.llama import Llama
+from llama_jax.model.llama import Llama  # noqa: F401  (tests build train.Llama)
 from llama_jax.model import parametrization as param_lib
 from llama_jax.model.config import ModelConfig
 from llama_jax.optim import make_optimizer, make_schedule
@@ -59,6 +60,19 @@ class Setup:
   state_shardings: Any
   batch_sharding: jax.sharding.NamedSharding
   lr_multipliers: Any = None  # per-parameter lr multipliers (μP, depth scaling) or None
+  # LoRA (config.lora.rank > 0): params hold base and adapters, the optimizer state and the
+  # checkpoints only the adapters; None = every param trains.
+  lora: lora_lib.LoraSpec | None = None
+
+
+def _trainable(spec: lora_lib.LoraSpec | None, params):
+  """The part of a params tree that trains: the adapters under LoRA, else all of it."""
+  return params if spec is None else lora_lib.adapters_of(params)
+
+
+def _with_trained(spec: lora_lib.LoraSpec | None, params, trained):
+  """params with its trainable part replaced by `trained`."""
+  return trained if spec is None else lora_lib.with_adapters(params, trained)
 
 
 def make_setup(config: ml_collections.ConfigDict, devices=None, log=print, *,
@@ -73,15 +87,18 @@ def make_setup(config: ml_collections.ConfigDict, devices=None, log=print, *,
   rules = sharding.resolve_rules(config, model_cfg, mesh, warn=log)
 
   # Abstract model -> logical names -> shardings; nothing is allocated yet.
-  abstract_model = nnx.eval_shape(lambda: Llama(model_cfg, rngs=nnx.Rngs(0)))
+  spec = lora_lib.spec_from_config(config.lora, model_cfg.mlp)
+  abstract_model = nnx.eval_shape(lambda: lora_lib.build(model_cfg, spec, nnx.Rngs(0)))
   graphdef, abs_vars = nnx.split(abstract_model)
-  multipliers = param_lib.lr_multiplier_tree(model_cfg, abs_vars)
+  # μP's per-parameter learning rates are for the base's widths; adapters train at optim.lr.
+  multipliers = None if spec else param_lib.lr_multiplier_tree(model_cfg, abs_vars)
   optimizer = make_optimizer(config.optim, config.train.steps, multipliers)
   param_shardings = nnx.to_pure_dict(sharding.tree_shardings(abs_vars, mesh, rules))
   abs_params = nnx.to_pure_dict(abs_vars)
-  abs_opt = jax.eval_shape(optimizer.init, abs_params)
+  abs_opt = jax.eval_shape(optimizer.init, _trainable(spec, abs_params))
   # Optimizer moments are laid out like the params they track; scalars (counts) replicate.
-  opt_shardings = _like_params(abs_opt, abs_params, param_shardings, mesh)
+  opt_shardings = _like_params(abs_opt, _trainable(spec, abs_params),
+                               _trainable(spec, param_shardings), mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
   abstract = {"params": abs_params, "opt_state": abs_opt,
@@ -89,7 +106,7 @@ def make_setup(config: ml_collections.ConfigDict, devices=None, log=print, *,
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_shardings)
   return Setup(config, model_cfg, mesh, rules, graphdef, optimizer, abstract, state_shardings,
-               sharding.batch_sharding(mesh, rules), multipliers)
+               sharding.batch_sharding(mesh, rules), multipliers, spec)
 
 
 def _like_params(abs_opt, abs_params, param_shardings, mesh):
@@ -110,9 +127,9 @@ def _like_params(abs_opt, abs_params, param_shardings, mesh):
 def init_state(setup: Setup, seed: int):
   """The train state created directly in its shardings: no device holds the full params."""
   def init():
-    model = Llama(setup.model_cfg, rngs=nnx.Rngs(seed))
+    model = lora_lib.build(setup.model_cfg, setup.lora, nnx.Rngs(seed))
     params = param_lib.scale_init(nnx.to_pure_dict(nnx.state(model)), setup.model_cfg.init_scale)
-    return {"params": params, "opt_state": setup.optimizer.init(params),
+    return {"params": params, "opt_state": setup.optimizer.init(_trainable(setup.lora, params)),
             "step": jnp.zeros((), jnp.int32)}
   with jax.set_mesh(setup.mesh):
     return jax.jit(init, out_shardings=setup.state_shardings)()
@@ -124,13 +141,14 @@ def init_state(setup: Setup, seed: int):
 def make_train_step(setup: Setup) -> Callable:
   """(state, batch) -> (state, metrics), jitted with donated state (train_step_fn's step)."""
   step = train_step_fn(setup.config, setup.graphdef, setup.optimizer,
-                       make_schedule(setup.config.optim, setup.config.train.steps))
+                       make_schedule(setup.config.optim, setup.config.train.steps), setup.lora)
   return jax.jit(step, in_shardings=(setup.state_shardings, setup.batch_sharding),
                  out_shardings=(setup.state_shardings, None), donate_argnums=0)
 
 
 def train_step_fn(config: ml_collections.ConfigDict, graphdef, optimizer: optax.
-                  GradientTransformation, schedule: optax.Schedule) -> Callable:
+                  GradientTransformation, schedule: optax.Schedule,
+                  lora: lora_lib.LoraSpec | None = None) -> Callable:
   """The pure (state, batch) -> (state, metrics) of one update, for jit (make_train_step) or
   for vmap over a population's members (llama_jax.population, each with its own optimizer).
 
@@ -143,12 +161,19 @@ def train_step_fn(config: ml_collections.ConfigDict, graphdef, optimizer: optax.
   def loss_fn(params, batch):
     return batch_loss(nnx.merge(graphdef, params), batch, z_loss)
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  # Differentiated: the trainable part only. Under LoRA the frozen base enters as a constant,
+  # so the backward pass computes no weight gradient for it, only the adapters' (and the
+  # activations' gradients that reach them).
+  spec = lora
+  grad_fn = jax.value_and_grad(
+      lambda trained, params, batch: loss_fn(_with_trained(spec, params, trained), batch),
+      has_aux=True)
 
   def train_step(state, batch):
     params = state["params"]
+    trained = _trainable(spec, params)
     if accum == 1:
-      (_, loss), grads = grad_fn(params, batch)
+      (_, loss), grads = grad_fn(trained, params, batch)
     else:
       micro = jax.tree.map(
           lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
@@ -156,15 +181,16 @@ def train_step_fn(config: ml_collections.ConfigDict, graphdef, optimizer: optax.
       def body(carry, mb):
         g_sum, l_sum = carry
         mb = jax.tree.map(lambda x: sharding.constrain(x, ("act_batch", None)), mb)
-        (_, l), g = grad_fn(params, mb)
+        (_, l), g = grad_fn(trained, params, mb)
         return (jax.tree.map(jnp.add, g_sum, g), l_sum + l), None
 
-      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trained)
       (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)
       grads = jax.tree.map(lambda g: g / accum, grads)
       loss = loss / accum
-    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+    updates, opt_state = optimizer.update(grads, state["opt_state"], trained)
+    new_params = _with_trained(spec, params, optax.apply_updates(trained, updates))
+    new_state = {"params": new_params, "opt_state": opt_state,
                  "step": state["step"] + 1}
     stats = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
     return new_state, stats
@@ -353,9 +379,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
 
     # ---- state: restore or create sharded -----------------------------------------------
     checkpointer = ckpt_lib.Checkpointer(workdir, t_cfg.keep_checkpoints)
-    restored = checkpointer.restore_latest(setup.abstract_state, log=log_all)
+    restored = checkpointer.restore_latest(checkpointed(setup, setup.abstract_state),
+                                           log=log_all)
     if restored is not None:
       start_step, state = restored
+      if setup.lora is not None:  # the adapters were saved; the base is rebuilt
+        state = {**state, "params": _with_trained(
+            setup.lora, init_state(setup, t_cfg.seed)["params"], state["params"])}
       log(f"resumed from step {start_step} in {checkpointer.directory}")
     else:
       start_step, state = 0, init_state(setup, t_cfg.seed)
@@ -365,6 +395,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, config=config)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops = model_flops(setup, log)
+    if setup.lora is not None:
+      log(f"LoRA rank {setup.lora.rank} on {','.join(setup.lora.targets)}: "
+          f"{metrics_lib.human(lora_lib.count(state['params']))} adapter params train, the "
+          "base is frozen")
 
     # ---- loop ---------------------------------------------------------------------------
     def run_eval(done: int, params) -> float:
@@ -410,7 +444,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
             last_eval = run_eval(done, state["params"])
             throughput.restart()  # keep eval time out of tokens/s
           if at_ckpt or stopping:
-            checkpointer.save(done, state, config)
+            checkpointer.save(done, checkpointed(setup, state), config)
             writer.flush()  # a bucket's metrics.jsonl is rewritten: every line so far
           if stopping:
             stopped_by = signal.Signals(stop.received).name
@@ -453,6 +487,15 @@ def run_tokenizer(config: ml_collections.ConfigDict, workdirs: list[str]):
   return tokenizer
 
 
+def checkpointed(setup: Setup, state):
+  """What a checkpoint holds of the train state: all of it, or under LoRA the adapters, their
+  optimizer state and the step (the base comes from where it was made: train.seed's init,
+  which config.json records, and which restore_params rebuilds)."""
+  if setup.lora is None:
+    return state
+  return {**state, "params": lora_lib.adapters_of(state["params"])}
+
+
 def _sample(setup: Setup, params, tokenizer, t_cfg) -> str | None:
   if jax.process_count() > 1:  # sampling would need every process; use llama_jax.generate
     return None
@@ -476,7 +519,7 @@ def check_workdir_config(config, workdir: str) -> None:
     return
   old = json.loads(storage.read_text(path))
   new = json.loads(config_lib.to_json(config))
-  for section in ("model", "data"):
+  for section in ("model", "data") + (("lora",) if "lora" in old else ()):
     for key in sorted(set(old.get(section, {})) | set(new[section])):
       if old.get(section, {}).get(key) != new[section].get(key):
         raise config_lib.ConfigError(

@@ -9,38 +9,11 @@ produced, a batch of prompts, or --interactive.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from llama_jax.errors import UserError, report, run
 from llama_jax.generate.decode import TextStream, _eos, _strip_eos, encode_prompt, generate
-from llama_jax.data.hf_tokenizer import HFDirTokenizer
-
-
-def _load(workdir: str | None, hf_dir: str | None, step: int | None, dtype: str | None):
-  if bool(workdir) == bool(hf_dir):
-    raise UserError("give exactly one of --workdir (a llama_jax run) or --hf_dir "
-                    "(a Hugging Face Llama directory)")
-  if hf_dir:
-    from llama_jax.hf import load_hf
-    if not os.path.isdir(hf_dir):
-      raise UserError(f"--hf_dir={hf_dir} is not a directory; give a Hugging Face Llama "
-                      "directory (config.json, *.safetensors, a tokenizer)")
-    try:
-      model, _ = load_hf(hf_dir, dtype=dtype, param_dtype=dtype)
-      tokenizer = HFDirTokenizer(hf_dir)
-    except ValueError as e:  # hf.py and HFDirTokenizer: what the directory lacks or holds
-      raise UserError(f"--hf_dir={hf_dir}: {e}") from e
-    return model, tokenizer
-  from llama_jax import data, storage
-  from llama_jax.checkpoint import restore_params
-  model, config, step = restore_params(workdir, step)
-  print(f"restored step {step} from {workdir}", file=sys.stderr)
-  # Training saves its tokenizer in the workdir; without it, rebuild it from config.data.
-  saved = any(storage.isfile(storage.join(workdir, name))
-              for name in ("tokenizer.model", "byte_tokenizer.json"))
-  tokenizer = data.tokenizer_from_path(workdir) if saved else data.make_tokenizer(config)
-  return model, tokenizer
+from llama_jax.generate.load import load as _load
 
 
 def _complete(model, tokenizer, prompts: list[str], flags_, out=sys.stdout) -> list[str]:

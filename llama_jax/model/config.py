@@ -21,6 +21,41 @@ PARAMETRIZATIONS = ("sp", "mup")
 DEPTH_SCALINGS = ("none", "depth_mup", "completep")
 
 
+# LoRA targets (llama_jax/model/lora.py): Hugging Face / PEFT's projection name -> (submodule
+# of the blocks, our parameter, its input axes).
+LORA_TARGETS = {
+    "q_proj": ("attn", "wq", 1),      # [D, N, H]
+    "k_proj": ("attn", "wk", 1),      # [D, K, H]
+    "v_proj": ("attn", "wv", 1),      # [D, K, H]
+    "o_proj": ("attn", "wo", 2),      # [N, H, D]
+    "gate_proj": ("mlp", "w_gate", 1),  # [D, F]
+    "up_proj": ("mlp", "w_up", 1),    # [D, F]
+    "down_proj": ("mlp", "w_down", 1),  # [F, D]
+}
+# Our parameter names are accepted too: 'wq,wv' is 'q_proj,v_proj'.
+_ALIASES = {param: name for name, (_, param, _) in LORA_TARGETS.items()}
+
+
+def parse_lora_targets(targets, mlp: str = "swiglu") -> tuple[str, ...]:
+  """'q_proj,v_proj' (or a list, or our names 'wq,wv') -> ('q_proj', 'v_proj'); ValueError
+  naming the valid names for anything else (gate_proj exists only in a SwiGLU MLP)."""
+  names = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets)]
+  names = [t for t in names if t]
+  valid = [n for n in LORA_TARGETS if n != "gate_proj" or mlp == "swiglu"]
+  out = []
+  for t in names:
+    t = _ALIASES.get(t, t)
+    if t not in valid:
+      ours = ",".join(LORA_TARGETS[n][1] for n in valid)
+      raise ValueError(f"lora.targets names {t!r}, which is not a projection of this model; "
+                       f"valid: {','.join(valid)} (or ours: {ours})")
+    if t not in out:
+      out.append(t)
+  if not out:
+    raise ValueError(f"lora.targets is empty; name projections from {','.join(valid)}")
+  return tuple(out)
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
   """Llama-3.1 frequency-dependent RoPE scaling (HF `rope_type: llama3`)."""

@@ -154,6 +154,24 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, preferred_element_type=None
   return y.reshape(*batch, *out)
 
 
+def adapter_names(name: str) -> tuple[str, str, str]:
+  """Attributes a LoRA adapter of parameter `name` lives in beside it (llama_jax.model.lora)."""
+  return f"{name}_lora_a", f"{name}_lora_b", f"{name}_lora_scale"
+
+
+def project(module: nnx.Module, name: str, x: jax.Array, n_in: int = 1) -> jax.Array:
+  """x through the module's weight `name`: dense(x, W), plus scale * (x A) B when
+  llama_jax.model.lora gave W an adapter (A [*in, r], B [r, *out]; B = 0 adds exactly 0)."""
+  dt = x.dtype
+  y = dense(x, getattr(module, name)[...].astype(dt), n_in)
+  a_name, b_name, scale_name = adapter_names(name)
+  a = getattr(module, a_name, None)
+  if a is None:
+    return y
+  low = dense(dense(x, a[...].astype(dt), n_in), getattr(module, b_name)[...].astype(dt))
+  return y + low * jnp.asarray(getattr(module, scale_name), dt)
+
+
 @jax.custom_vjp
 def lm_head_logits(x: jax.Array, head: jax.Array) -> jax.Array:
   """x [..., D] @ head [D, V] -> fp32 logits, for a softmax over V that needs fp32's range.
@@ -202,11 +220,11 @@ class Attention(nnx.Module):
   def __call__(self, x, rope, mask, segment_ids, cache):
     cfg = self.cfg
     dt = x.dtype
-    q = dense(x, self.wq[...].astype(dt))  # [B, T, N, H]
+    q = project(self, "wq", x)  # [B, T, N, H]
     if self.query_multiplier != 1.0:  # μP: scores x sqrt(base_head_dim) / head_dim
       q = q * jnp.asarray(self.query_multiplier, dt)
-    k = dense(x, self.wk[...].astype(dt))  # [B, T, K, H]
-    v = dense(x, self.wv[...].astype(dt))
+    k = project(self, "wk", x)  # [B, T, K, H]
+    v = project(self, "wv", x)
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
@@ -227,7 +245,7 @@ class Attention(nnx.Module):
                                segment_ids=segment_ids if cache is None else None,
                                is_causal=is_causal, implementation=cfg.attention,
                                block=cfg.attention_block)
-    out = dense(out, self.wo[...].astype(dt), n_in=2)
+    out = project(self, "wo", out, n_in=2)
     return out, cache
 
 
@@ -248,17 +266,16 @@ class MLP(nnx.Module):
                                         rngs.params(), (f, d), pd))
 
   def __call__(self, x):
-    dt = x.dtype
-    up = dense(x, self.w_up[...].astype(dt))
+    up = project(self, "w_up", x)
     if self.kind == "swiglu":
-      gate = dense(x, self.w_gate[...].astype(dt))
+      gate = project(self, "w_gate", x)
       h = jax.nn.silu(gate) * up
     elif self.kind == "gelu":
       h = jax.nn.gelu(up, approximate=False)
     else:
       h = jax.nn.relu(up)
     h = constrain(h, ("act_batch", "act_seq", "act_mlp"))
-    return dense(h, self.w_down[...].astype(dt))
+    return project(self, "w_down", h)
 
 
 # ---------------------------------------------------------------------------- block

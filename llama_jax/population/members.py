@@ -43,6 +43,9 @@ def check_members(configs: Sequence[ml_collections.ConfigDict], names: Sequence[
   if any(c.train.wandb_project for c in configs):
     raise PopulationError("a population cannot log to W&B (one process would hold K W&B runs); "
                           "set train.wandb_project='' or run the members separately")
+  if any(int(c.lora.rank) > 0 for c in configs):
+    raise PopulationError("LoRA runs cannot train as a population yet (its frozen base and "
+                          "adapter-only optimizer state are not stacked); run them separately")
   first = shared_values(configs[0])
   for config, name in zip(configs[1:], names[1:]):
     other = shared_values(config)

@@ -12,7 +12,8 @@ The byte tokenizer keeps the same layout: byte b is id 3 + b, so its vocab_size 
           cached under DATA_DIR/llama_jax/tokenizers/<corpus>-spm<V>-<options hash>/, so it is
           trained once per (corpus, vocab size, options);
   'byte'  the byte tokenizer (259 ids);
-  a path  an existing SentencePiece tokenizer.model (or a directory holding one).
+  a path  an existing SentencePiece tokenizer.model, a Hugging Face tokenizer.json (Llama 3's:
+          its chat header tokens are then the SFT template's), or a directory holding one.
 """
 
 from __future__ import annotations
@@ -235,12 +236,18 @@ def train_spm(corpus: corpora.Corpus, vocab_size: int, out_dir: str) -> str:
 
 
 def tokenizer_from_path(path: str) -> Tokenizer:
-  """A saved tokenizer: a tokenizer.model, a byte_tokenizer.json, or a directory holding one
-  (such as a workdir, where training saves its tokenizer)."""
+  """A saved tokenizer: a tokenizer.model, a byte_tokenizer.json, a Hugging Face
+  tokenizer.json, or a directory holding one (such as a workdir, where training saves its
+  tokenizer)."""
   path = storage.resolve(path)
   if storage.isdir(path) and not storage.isfile(storage.join(path, MODEL_FILE)):
     if storage.isfile(storage.join(path, BYTE_FILE)):
       path = storage.join(path, BYTE_FILE)
+    elif storage.isfile(storage.join(path, "tokenizer.json")):
+      path = storage.join(path, "tokenizer.json")
+  if os.path.basename(path) == "tokenizer.json":  # a Hugging Face one (Llama 3's format)
+    from llama_jax.data.hf_tokenizer import HFTokenizer
+    return HFTokenizer(path)
   if path.endswith(".json") and storage.isfile(path):
     spec = json.loads(storage.read_text(path))
     if spec.get("type") != "byte":

@@ -215,8 +215,6 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   if d.batch_size % o.grad_accum:
     raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by "
                       f"optim.grad_accum={o.grad_accum}")
-  from llama_jax import init_from  # the spec's syntax; its model is checked by train
-  init_from.parse(t.init_from)
   if o.schedule not in SCHEDULES:
     raise ConfigError(f"optim.schedule={o.schedule!r} is not one of {SCHEDULES}")
   if o.name not in OPTIMIZERS:

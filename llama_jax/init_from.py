@@ -28,8 +28,7 @@ HF_PREFIX = "hf:"
 
 # What makes the weights mean the same thing in both models: their shapes (dim ... vocab) and
 # the function they compute (norm, activation, positions, rope, μP multipliers). dtype, remat,
-# attention kernel, scan and max_seq_len (RoPE has no table) may differ freely. (The module
-# needs no jax until weights are loaded: config.validate parses the spec.)
+# attention kernel, scan and max_seq_len (RoPE has no table) may differ freely.
 ARCH_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size",
                "tie_embeddings", "norm", "mlp", "position", "norm_eps", "rope_theta",
                "rope_scaling", "parametrization", "depth_scaling", "mup_base_dim",

@@ -106,7 +106,7 @@ def test_init_from_mismatch_and_syntax(source, tmp_path):
     train.train(config, str(tmp_path / "run"), log=lambda *a: None)
   assert not (tmp_path / "run" / "checkpoints").exists()  # refused before the state was made
   with pytest.raises(ConfigError, match="the step after '@' must be an integer"):
-    config_lib.validate(tiny_config(**{"train.init_from": f"{source}@last"}))
+    init_from.check(tiny_config(**{"train.init_from": f"{source}@last"}))
   with pytest.raises(ConfigError, match="is not a llama_jax workdir"):
     init_from.check(tiny_config(**{"train.init_from": str(tmp_path / "nothing")}))
   with pytest.raises(checkpoint.CheckpointError, match="no checkpoint of step 5"):

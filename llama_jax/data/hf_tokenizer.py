@@ -1,5 +1,5 @@
-"""Hugging Face tokenizers: a model directory's, for `python -m llama_jax.generate --hf_dir`
-(HFDirTokenizer), and a tokenizer.json as a data tokenizer (HFTokenizer)."""
+"""The tokenizer of a Hugging Face model directory, for `python -m llama_jax.generate --hf_dir`
+(a tokenizer.json as a data tokenizer is tokenizer.HFTokenizer)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import os
 from typing import Any, Sequence
 
 from llama_jax.data.errors import DataError
-from llama_jax.data.tokenizer import Tokenizer
 
 
 class HFDirTokenizer:
@@ -65,63 +64,3 @@ def _special_ids(path: str) -> dict[str, Any]:
   return out
 
 
-
-HF_FILE = "tokenizer.json"  # the `tokenizers` library's format (Llama 3 ships only this)
-
-
-class HFTokenizer(Tokenizer):
-  """A Hugging Face tokenizer.json as a data tokenizer (data.tokenizer=DIR or DIR/tokenizer.json):
-  the token cache, the chat template (Llama 3's header tokens when it has them: sft.py) and a
-  run's saved tokenizer. BOS / EOS are its <|begin_of_text|> / <|end_of_text|> (Llama 3) or
-  <s> / </s> tokens."""
-
-  BOS_NAMES = ("<|begin_of_text|>", "<s>")
-  EOS_NAMES = ("<|end_of_text|>", "</s>")
-
-  def __init__(self, path: str):
-    import hashlib
-    from llama_jax import storage
-    try:
-      import tokenizers
-    except ImportError as e:
-      raise DataError(f"{path} is a tokenizer.json, which needs the `tokenizers` library: "
-                      "pip install tokenizers") from e
-    if storage.isdir(path):
-      path = storage.join(path, HF_FILE)
-    raw = storage.read_bytes(path)
-    try:
-      self._tok = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
-    except Exception as e:  # noqa: BLE001 — the library raises a bare Exception
-      raise DataError(f"{path} is not a Hugging Face tokenizer.json ({str(e)[:100]}); set "
-                      "data.tokenizer to a tokenizer.json, a tokenizer.model, 'spm' or 'byte'"
-                      ) from None
-    self.path, self._raw = storage.resolve(path), raw
-    self.vocab_size = self._tok.get_vocab_size()
-    self.key = "hf-" + hashlib.sha256(raw).hexdigest()[:12]
-    ids = [next((i for i in map(self.special_id, names) if i is not None), None)
-           for names in (self.BOS_NAMES, self.EOS_NAMES)]
-    if None in ids:
-      raise DataError(f"{path} has no BOS/EOS token ({self.BOS_NAMES} / {self.EOS_NAMES}); "
-                      "documents need both")
-    self.bos_id, self.eos_id = ids
-
-  def special_id(self, token: str) -> int | None:
-    return self._tok.token_to_id(token)
-
-  def encode(self, text: str) -> list[int]:
-    return self._tok.encode(text, add_special_tokens=False).ids
-
-  def encode_batch(self, texts: list[str]) -> list[list[int]]:
-    return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
-
-  def decode(self, ids) -> str:
-    import numpy as np
-    return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)],
-                            skip_special_tokens=True)
-
-  def save(self, directory: str) -> str:
-    from llama_jax import storage
-    dst = storage.join(directory, HF_FILE)
-    if storage.resolve(dst) != self.path:
-      storage.write_bytes(dst, self._raw)
-    return dst

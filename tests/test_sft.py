@@ -1,5 +1,6 @@
 """SFT data: record formats, both chat templates, the loss mask through the token cache and a
-packed batch, the masked loss and its gradients, the long-prompt skip and bad records."""
+packed batch, the masked loss and its gradients, the long-prompt skip and bad records (an SFT
+training run: tests/test_init_from.py)."""
 
 import json
 
@@ -9,8 +10,6 @@ import pytest
 from flax import nnx
 
 from configs import base
-from llama_jax import config as config_lib
-from llama_jax import train
 from llama_jax.data import ByteTokenizer, DataError, make_loaders, sft, tokenizer_from_path
 from llama_jax.loss import batch_loss
 from llama_jax.model.config import ModelConfig
@@ -38,7 +37,7 @@ def _records() -> list[dict]:
 def sft_config(data_dir, files, **overrides):
   c = base.get_config("tiny")
   c.model.update(dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=88, vocab_size=259,
-                      max_seq_len=64))
+                      max_seq_len=64, attention="xla", remat="none"))  # compiles fastest
   c.data.update(dict(name="text_files", files=str(files), data_dir=str(data_dir),
                      tokenizer="byte", seq_len=SEQ, batch_size=8, packing=True))
   c.train.update(dict(steps=2, log_every=1, eval_every=2, eval_steps=1, checkpoint_every=2,
@@ -50,11 +49,17 @@ def sft_config(data_dir, files, **overrides):
   return c
 
 
+def write_chat(root):
+  """root/chat.jsonl of _records()."""
+  path = root / "chat.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in _records()))
+  return path
+
+
 @pytest.fixture(scope="module")
 def chat_data(tmp_path_factory):
   root = tmp_path_factory.mktemp("sft")
-  path = root / "chat.jsonl"
-  path.write_text("".join(json.dumps(r) + "\n" for r in _records()))
+  path = write_chat(root)
   logs = []
   config = sft_config(root / "data", path)
   tok, train_loader, _ = make_loaders(config, log=logs.append)
@@ -178,19 +183,8 @@ def test_masked_loss_and_gradients(chat_data):
   assert abs(float(f(params, unmasked)[0]) - float(loss)) > 1e-3
 
 
-def test_sft_run_reports_loss_tokens(chat_data, tmp_path):
-  config, _, _, _ = chat_data
-  config = sft_config(config.data.data_dir, config.data.files,
-                      **{"optim.grad_accum": 2, "data.batch_size": 16})
-  config_lib.validate(config)
-  lines = []
-  train.train(config, str(tmp_path), log=lines.append)
-  assert any(line.startswith("data: text_files train: skipped") for line in lines)
-  metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  steps = [m for m in metrics if "loss" in m]
-  assert len(steps) == 2
-  for m in steps:
-    assert 0 < m["loss_tokens"] < 16 * SEQ and m["loss_tokens"] == int(m["loss_tokens"])
+# An SFT training run (grad_accum, loss_tokens in metrics.jsonl, the skip in the log) is
+# tests/test_init_from.py's: its source run and its fine-tune train on these records.
 
 
 # ---------------------------------------------------------------------------- bad input

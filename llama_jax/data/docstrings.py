@@ -77,8 +77,8 @@ def main(argv):
   print(json.dumps(build(_OUT.value)))
 
 
-if __name__ == "__main__":
-  from absl import app, flags
+if __name__ == "__main__":  # the flag only here: experiments/docstring_sft.py has its own --out
+  from absl import flags
 
   _OUT = flags.DEFINE_string("out", None, "Directory for train.jsonl and validation.jsonl.",
                              required=True)

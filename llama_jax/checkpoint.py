@@ -138,6 +138,49 @@ class Checkpointer:
     self.manager.close()
 
 
+def _open_for_params(workdir: str, step: int | None, what: str) -> tuple["Checkpointer", int]:
+  """A read-only Checkpointer of `workdir` and the step to read (its newest when None)."""
+  storage.check_bucket(workdir)
+  who = f"{what}: " if what else ""
+  none = CheckpointError(f"{who}no checkpoint under {storage.join(workdir, 'checkpoints')}; "
+                         f"train first with run_train.py --workdir={workdir}")
+  if not storage.isdir(storage.join(workdir, "checkpoints")):
+    raise none  # before Orbax, which would create the directory
+  ckpt = Checkpointer(workdir, async_save=False, read_only=True)
+  steps = ckpt.steps()
+  if not steps or (step is not None and step not in steps):
+    ckpt.close()
+    if not steps:
+      raise none
+    raise CheckpointError(f"{who}no checkpoint of step {step} in {ckpt.directory}; it holds "
+                          f"steps {steps}: pick one of them or leave the step out for the newest")
+  return ckpt, steps[-1] if step is None else step
+
+
+def _read_params(ckpt: "Checkpointer", step: int, abs_params: Any) -> Any:
+  """The params of `step`, restored into abs_params' shardings and dtypes (the optimizer
+  state is not read)."""
+  restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+          item={"params": abs_params},
+          restore_args=jax.tree.map(
+              lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype),
+              {"params": abs_params}),
+          partial_restore=True)))
+  return restored["state"]["params"]
+
+
+def restore_params_into(workdir: str, step: int | None, abs_params: Any,
+                        what: str = "") -> tuple[Any, int]:
+  """(params, step): a workdir's newest (or given) checkpoint's params laid out as
+  `abs_params` (ShapeDtypeStructs with shardings: a run's mesh), for train.init_from."""
+  ckpt, step = _open_for_params(workdir, step, what)
+  try:
+    return _read_params(ckpt, step, abs_params), step
+  finally:
+    ckpt.close()
+
+
 def restore_params(workdir: str, step: int | None = None):
   """(model, config, step) from a workdir's newest (or given) checkpoint, params only, on the
   default device; for generation and evaluation. A LoRA run's checkpoint holds its adapters:
@@ -146,20 +189,8 @@ def restore_params(workdir: str, step: int | None = None):
   from llama_jax.model import lora
   from llama_jax.model.config import ModelConfig
 
-  storage.check_bucket(workdir)
-  none = CheckpointError(f"no checkpoint under {storage.join(workdir, 'checkpoints')}; train "
-                         f"first with run_train.py --workdir={workdir}")
-  if not storage.isdir(storage.join(workdir, "checkpoints")):
-    raise none  # before Orbax, which would create the directory
-  ckpt = Checkpointer(workdir, async_save=False, read_only=True)
+  ckpt, step = _open_for_params(workdir, step, "")
   try:  # closing the manager on every path stops its background threads cleanly
-    steps = ckpt.steps()
-    if not steps:
-      raise none
-    if step is not None and step not in steps:
-      raise CheckpointError(f"no checkpoint of step {step} in {ckpt.directory}; it holds steps "
-                            f"{steps}: pick one of them or leave the step out for the newest")
-    step = steps[-1] if step is None else step
     config = ckpt.restore_config(step)
     model_cfg = ModelConfig.from_dict(config.model)
     spec = lora.spec_from_config(config.lora, model_cfg.mlp)
@@ -170,15 +201,9 @@ def restore_params(workdir: str, step: int | None = None):
                               nnx.to_pure_dict(abs_state))
     if spec is not None:
       abs_params = lora.adapters_of(abs_params)
-    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            item={"params": abs_params},
-            restore_args=jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
-                                      {"params": abs_params}),
-            partial_restore=True)))
+    params = _read_params(ckpt, step, abs_params)
   finally:
     ckpt.close()
-  params = restored["state"]["params"]
   if spec is not None:
     params = lora.with_adapters(_lora_base(config, model_cfg, spec, device), params)
   return nnx.merge(graphdef, params), config, step

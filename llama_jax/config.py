@@ -124,6 +124,7 @@ def defaults(size: str | None = None) -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       sample_prompt="def ",
       sample_tokens=64,
+      init_from="",          # '' | hf:DIR | WORKDIR[@STEP]: a fine-tune's weights (init_from.py)
       wandb_project="",      # W&B project for the same scalars as metrics.jsonl ('' = off)
   ))
 

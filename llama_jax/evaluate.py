@@ -33,16 +33,17 @@ import numpy as np
 from flax import nnx
 
 from llama_jax import errors
-from llama_jax.loss import batch_loss
+from llama_jax.loss import batch_loss, loss_tokens
 from llama_jax.model.llama import Llama
 
 
 @jax.jit(static_argnums=0)
 def _batch_nll(graphdef, params, batch):
   """(summed next-token NLL in nats, number of target tokens) of one batch: the token mean
-  that training's eval step reports, times the batch's target tokens."""
+  that training's eval step reports, times the batch's target tokens (SFT: those counted)."""
   _, mean = batch_loss(nnx.merge(graphdef, params), batch)
-  return mean * batch["targets"].size, batch["targets"].size
+  count = loss_tokens(batch)
+  return mean * count, count
 
 
 def _decoded_bytes(tokenizer, targets: np.ndarray) -> int:

@@ -1,5 +1,6 @@
-"""Next-token cross-entropy in fp32, with PaLM's optional z-loss, and the loss of one batch
-that the train step, the eval step and llama_jax.evaluate all use."""
+"""Next-token cross-entropy in fp32, with PaLM's optional z-loss and SFT's loss mask (per-token
+weights), and the loss of one batch that the train step, the eval step and
+llama_jax.evaluate all use."""
 
 from __future__ import annotations
 
@@ -31,7 +32,16 @@ def batch_loss(model, batch: dict[str, jax.Array],
                z_loss: float = 0.0) -> tuple[jax.Array, jax.Array]:
   """(loss to minimise, mean cross-entropy) of `model` on one batch: {'inputs', 'targets'}
   [B, T] int32, with 'positions' and 'segment_ids' [B, T] when documents are packed (each
-  document then attends only to itself, its positions restarting at 0)."""
+  document then attends only to itself, its positions restarting at 0), and 'weights' [B, T]
+  float32 for SFT (1 on the targets the loss counts, 0 on prompts: the mean is over the
+  counted tokens)."""
   logits = model(batch["inputs"], positions=batch.get("positions"),
                  segment_ids=batch.get("segment_ids"))
-  return cross_entropy(logits, batch["targets"], z_loss)
+  return cross_entropy(logits, batch["targets"], z_loss, batch.get("weights"))
+
+
+def loss_tokens(batch: dict[str, jax.Array]) -> jax.Array:
+  """How many target tokens the loss of `batch` counts (all of them without weights)."""
+  w = batch.get("weights")
+  return (jnp.asarray(batch["targets"].size, jnp.float32) if w is None
+          else w.sum(dtype=jnp.float32))

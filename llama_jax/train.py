@@ -26,11 +26,12 @@ from flax import nnx
 
 from llama_jax import checkpoint as ckpt_lib
 from llama_jax import config as config_lib
+from llama_jax import init_from
 from llama_jax import metrics as metrics_lib
 from llama_jax import sharding
 from llama_jax import storage
 from llama_jax.errors import UserError
-from llama_jax.loss import batch_loss
+from llama_jax.loss import batch_loss, loss_tokens
 from llama_jax.model import lora as lora_lib
 from llama_jax.model import sizes
 from llama_jax.model.llama import Llama  # noqa: F401  (tests build train.Llama)
@@ -178,10 +179,17 @@ def train_step_fn(config: ml_collections.ConfigDict, graphdef, optimizer: optax.
       micro = jax.tree.map(
           lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
+      # SFT: microbatches count different numbers of tokens; scaling each one's mean by
+      # accum x its share of the batch's tokens makes the average the batch's token mean.
+      total = loss_tokens(batch)
+
       def body(carry, mb):
         g_sum, l_sum = carry
         mb = jax.tree.map(lambda x: sharding.constrain(x, ("act_batch", None)), mb)
         (_, l), g = grad_fn(trained, params, mb)
+        if "weights" in mb:
+          share = accum * loss_tokens(mb) / jnp.maximum(total, 1.0)
+          l, g = l * share, jax.tree.map(lambda x: x * share, g)
         return (jax.tree.map(jnp.add, g_sum, g), l_sum + l), None
 
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trained)
@@ -192,7 +200,8 @@ def train_step_fn(config: ml_collections.ConfigDict, graphdef, optimizer: optax.
     new_params = _with_trained(spec, params, optax.apply_updates(trained, updates))
     new_state = {"params": new_params, "opt_state": opt_state,
                  "step": state["step"] + 1}
-    stats = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
+    stats = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
+             "loss_tokens": loss_tokens(batch)}
     return new_state, stats
 
   return train_step
@@ -234,7 +243,9 @@ def step_metrics(stats: dict, tps: float, done: int, tokens_per_step: int, flops
           "grad_norm": float(stats["grad_norm"]), "tokens_per_s": tps,
           "mfu": metrics_lib.mfu(tps, flops_tok, peak, units),
           "mfu_causal_half": metrics_lib.mfu(tps, flops_tok_half, peak, units),
-          "tokens": done * tokens_per_step}
+          "tokens": done * tokens_per_step,
+          # the targets this step's loss counted (SFT: the completions only)
+          "loss_tokens": int(stats["loss_tokens"])}
 
 
 def model_flops(setup: Setup, log=print) -> tuple:
@@ -366,6 +377,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
   if config.data.data_dir:
     storage.check_bucket(config.data.data_dir, "data.data_dir")
   check_workdir_config(config, workdir)
+  source = init_from.check(config)  # its model against the config's, before data or compiles
   if is_main:
     config_lib.write(config, workdir)
   t_cfg = config.train
@@ -375,7 +387,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
     from llama_jax import data
     tokenizer = run_tokenizer(config, [workdir])
     tokenizer, train_loader, eval_loader = data.make_loaders(config, setup.batch_sharding,
-                                                             tokenizer=tokenizer)
+                                                             tokenizer=tokenizer, log=log)
 
     # ---- state: restore or create sharded -----------------------------------------------
     checkpointer = ckpt_lib.Checkpointer(workdir, t_cfg.keep_checkpoints)
@@ -384,9 +396,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
     if restored is not None:
       start_step, state = restored
       if setup.lora is not None:  # the adapters were saved; the base is rebuilt
-        state = {**state, "params": _with_trained(
-            setup.lora, init_state(setup, t_cfg.seed)["params"], state["params"])}
+        base = (init_from.initial_state(source, setup, log=lambda *a: None, init_state=init_state)
+                if source else init_state(setup, t_cfg.seed))["params"]
+        state = {**state, "params": _with_trained(setup.lora, base, state["params"])}
       log(f"resumed from step {start_step} in {checkpointer.directory}")
+    elif source is not None:  # a fine-tune's start; once it has checkpoints it resumes above
+      start_step, state = 0, init_from.initial_state(source, setup, log=log,
+                                                     init_state=init_state)
     else:
       start_step, state = 0, init_state(setup, t_cfg.seed)
 
@@ -439,7 +455,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
             tps = throughput.read()
             last_stats = step_metrics(stats, tps, done, tokens_per_step, flops)
             writer.write(done, last_stats)
-            progress.set_postfix(loss=f"{last_stats['loss']:.3f}", tok_s=f"{tps:,.0f}")
+            progress.set_postfix(loss=f"{last_stats['loss']:.3f}", tok_s=f"{tps:,.0f}",
+                                 loss_tokens=last_stats["loss_tokens"])
           if at_eval:
             last_eval = run_eval(done, state["params"])
             throughput.restart()  # keep eval time out of tokens/s

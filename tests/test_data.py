@@ -323,7 +323,7 @@ def test_bad_inputs(tmp_path, files_cfg):
   bad_jsonl.mkdir()
   (bad_jsonl / "x.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
   _err(make_config(dd, files=f"{bad_jsonl}/*.jsonl", tokenizer="byte", vocab_size=259),
-       r"x.jsonl:2 has no string 'text' field")
+       r"x.jsonl:2 has none of the known field sets")
 
   msg = _err(make_config(files_cfg.data.data_dir, files=files_cfg.data.files, tokenizer="byte",
                          vocab_size=512), "259 ids but model.vocab_size=512")

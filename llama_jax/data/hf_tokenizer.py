@@ -1,4 +1,5 @@
-"""The tokenizer of a Hugging Face model directory, for `python -m llama_jax.generate --hf_dir`."""
+"""The tokenizer of a Hugging Face model directory, for `python -m llama_jax.generate --hf_dir`
+(a tokenizer.json as a data tokenizer is tokenizer.HFTokenizer)."""
 
 from __future__ import annotations
 
@@ -61,4 +62,5 @@ def _special_ids(path: str) -> dict[str, Any]:
       if v is not None:
         out[key] = v
   return out
+
 

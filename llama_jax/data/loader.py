@@ -27,6 +27,7 @@ of the window, which usually cuts a document).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import queue
 import threading
@@ -38,7 +39,7 @@ from grain.experimental import index_shuffle
 
 from llama_jax.data import cache, corpora
 from llama_jax.data import mixture as mixture_lib
-from llama_jax.data import prepare
+from llama_jax.data import prepare, sft
 from llama_jax.data.errors import DataError
 from llama_jax.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -146,11 +147,17 @@ class Loader:
     """[rows, T + 1] int32 windows of this process's rows of batch `step`."""
     raise NotImplementedError
 
+  def _rows(self, step: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(windows, their loss weights [rows, T + 1] or None: every target counts)."""
+    return self._windows(step), None
+
   def local_batch(self, step: int) -> dict[str, np.ndarray]:
-    w = self._windows(int(step))
+    w, m = self._rows(int(step))
     out = {"inputs": np.ascontiguousarray(w[:, :-1]), "targets": np.ascontiguousarray(w[:, 1:])}
     if self.packing:
       out["segment_ids"], out["positions"] = self._segments(out["inputs"])
+    if m is not None:  # SFT: the weight of each target token (1 = the loss counts it)
+      out["weights"] = np.ascontiguousarray(m[:, 1:], np.float32)
     return out
 
   def _segments(self, inputs):
@@ -212,8 +219,15 @@ class TokenLoader(Loader):
   def __init__(self, tokens: cache.TokenFile, *, seed: int, shuffle: bool, bos_id: int,
                split: str = "train", **kwargs):
     super().__init__(**kwargs)
+    self.skipped_long_prompts = 0  # SFT records dropped: prompt longer than seq_len
+    if tokens.mask is not None:
+      kept, mask, self.skipped_long_prompts = sft.drop_long_prompts(
+          tokens.tokens, tokens.mask, tokens.docs, self.seq_len)
+      if self.skipped_long_prompts:  # (a mixture reads this filtered file too)
+        tokens = dataclasses.replace(tokens, tokens=kept, mask=mask, n_tokens=len(kept),
+                                     docs=None)
     self.file, self.split, self.seed, self.shuffle = tokens, split, int(seed), bool(shuffle)
-    self.tokens = tokens.tokens
+    self.tokens, self.mask = tokens.tokens, tokens.mask
     self.bos_id = int(bos_id)
     self.n_tokens, self.n_bytes, self.n_docs = tokens.n_tokens, tokens.n_bytes, tokens.n_docs
     self.bytes_per_token = tokens.bytes_per_token  # for bits per byte (see cache.py)
@@ -231,9 +245,14 @@ class TokenLoader(Loader):
     return shuffled(j, self.n_windows, self.seed)
 
   def _windows(self, step: int) -> np.ndarray:
+    return self._rows(step)[0]
+
+  def _rows(self, step: int) -> tuple[np.ndarray, np.ndarray | None]:
     if step < 0:
       raise ValueError(f"step must be >= 0, got {step}")
-    return read_rows(self.tokens, self.window_ids(step) * self.seq_len, self.seq_len + 1)
+    starts = self.window_ids(step) * self.seq_len
+    mask = None if self.mask is None else read_rows(self.mask, starts, self.seq_len + 1)
+    return read_rows(self.tokens, starts, self.seq_len + 1), mask
 
 
 class MixtureLoader(Loader):
@@ -261,15 +280,23 @@ class MixtureLoader(Loader):
     return k, windows
 
   def _windows(self, step: int) -> np.ndarray:
+    return self._rows(step)[0]
+
+  def _rows(self, step: int) -> tuple[np.ndarray, np.ndarray | None]:
     if step < 0:
       raise ValueError(f"step must be >= 0, got {step}")
     T = self.seq_len
     out = np.empty((len(self.row_ids), T + 1), np.int32)
+    # Weights only when a source is SFT; a text source's rows then count every token.
+    weights = (np.ones((len(self.row_ids), T + 1), np.int32)
+               if any(f.mask is not None for f in self.files) else None)
     src, windows = self.window_ids(step)
     for k in np.unique(src):
       m = src == k
       out[m] = read_rows(self.files[k].tokens, windows[m] * T, T + 1)
-    return out
+      if self.files[k].mask is not None:
+        weights[m] = read_rows(self.files[k].mask, windows[m] * T, T + 1)
+    return out, weights
 
 
 class PerSource:
@@ -320,15 +347,16 @@ def make_tokenizer(config) -> Tokenizer:
 
 
 def make_loaders(config, batch_sharding=None, process_index: int | None = None,
-                 process_count: int | None = None,
-                 tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, Loader, Loader]:
+                 process_count: int | None = None, tokenizer: Tokenizer | None = None,
+                 log=None) -> tuple[Tokenizer, Loader, Loader]:
   """(tokenizer, train_loader, eval_loader) for config; builds every cache it needs first.
 
   batch_sharding: a NamedSharding of the [B, T] batch (batch axis over data/fsdp): batches are
   then global jax.Arrays. Without it batches are numpy arrays of this process's rows
   (process_index / process_count default to jax's). The sizes in config.data are trusted
   (llama_jax.config.validate checks them); what is checked here is what needs the data. tokenizer: the one to use (a run's saved
-  tokenizer) instead of making it from config.data.
+  tokenizer) instead of making it from config.data. log: where the SFT records dropped for a
+  prompt longer than seq_len are counted.
   """
   data = config.data
   tokenizer = tokenizer or make_tokenizer(config)
@@ -346,8 +374,10 @@ def make_loaders(config, batch_sharding=None, process_index: int | None = None,
   where = (common["process_index"], common["process_count"])
   if mix is None:
     name, files = _token_files(data, tokenizer, *where)
-    return (tokenizer, _split_loader(name, files, "train", tokenizer, data.seed, common),
-            _split_loader(name, files, "validation", tokenizer, data.seed, common))
+    train, evaluation = (_split_loader(name, files, split, tokenizer, data.seed, common)
+                         for split in prepare.SPLITS)
+    _report_skips(name, (train, evaluation), log)
+    return tokenizer, train, evaluation
   trains, evals = [], {}
   for source in mix.sources:  # every source opened and checked before anything is compiled
     try:
@@ -355,6 +385,7 @@ def make_loaders(config, batch_sharding=None, process_index: int | None = None,
       # A source may be shorter than a batch: its stream repeats, as every stream does.
       train = _split_loader(name, files, "train", tokenizer, data.seed, common, min_windows=1)
       evals[source] = _split_loader(name, files, "validation", tokenizer, data.seed, common)
+      _report_skips(name, (train, evals[source]), log)
     except DataError as e:
       raise DataError(f"data.mixture source {source!r}: {e}") from None
     trains.append(train.file)
@@ -379,6 +410,13 @@ def _token_files(data_cfg, tokenizer, process_index: int,
                                process_count)
     return corpus.name, prepare.token_files(manifest)
   return corpus.name, {s: cache.token_file(corpus, s, tokenizer, root) for s in prepare.SPLITS}
+
+
+def _report_skips(name: str, loaders, log) -> None:
+  for ld in loaders:
+    if ld.skipped_long_prompts and log is not None:
+      log(f"data: {name} {ld.split}: skipped {ld.skipped_long_prompts} of {ld.n_docs} records "
+          f"whose prompt is longer than seq_len={ld.seq_len}")
 
 
 def _split_loader(name: str, files: dict, split: str, tokenizer, seed: int, common,

@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from llama_jax import storage
-from llama_jax.data import cache, corpora
+from llama_jax.data import cache, corpora, sft
 from llama_jax.data.errors import DataError
 from llama_jax.data.tokenizer import Tokenizer, tokenizer_from_path
 
@@ -84,6 +84,9 @@ def prepare_shard(corpus, split: str, tokenizer: Tokenizer, out: str, shard: int
     n_tokens = n_bytes = 0
     with open(local + ".tmp", "wb") as f:
       for texts in corpus.texts(split, range(lo, hi), chunk=512):
+        if any(sft.is_sft(t) for t in texts):  # shards carry no loss mask (yet)
+          raise DataError(f"{corpus.name}: SFT records (messages, prompt/completion) need the "
+                          "flat token cache, which keeps their loss mask: set data.shards=0")
         ids = tokenizer.encode_documents(texts, dtype=dtype)
         f.write(ids.tobytes())
         n_tokens += len(ids)

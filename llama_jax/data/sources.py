@@ -1,6 +1,7 @@
 """The user's own files as documents, by extension: what a `data.files` / `files:GLOB` file is.
 
-  .jsonl          one document per non-empty line's "text" field (a JSON object per line)
+  .jsonl          one document per non-empty line: a JSON object with "text", or an SFT
+                  record with "messages" or "prompt"/"completion" (sft.py)
   .parquet        one document per row of the text column (data.text_feature, 'text'), read
                   in record batches with pyarrow
   .array_record   one document per record, the record's bytes as UTF-8 (array_record's reader)
@@ -18,6 +19,7 @@ import json
 import os
 from collections.abc import Iterator
 
+from llama_jax.data import sft
 from llama_jax.data.errors import DataError
 
 TEXT_FEATURE = "text"
@@ -110,7 +112,8 @@ def documents(path: str, key: str,
 
 
 def _jsonl(path: str, key: str) -> Iterator[tuple[str, str, str]]:
-  """Per non-empty line of a .jsonl file; the split key is the line's content hash."""
+  """Per non-empty line of a .jsonl file; the split key is the line's content hash. A bad
+  record (sft.document) is a DataError naming path:line."""
   with open(path, "rb") as f:
     for n, raw in enumerate(f, 1):
       if not raw.strip():
@@ -121,9 +124,7 @@ def _jsonl(path: str, key: str) -> Iterator[tuple[str, str, str]]:
       except json.JSONDecodeError as e:
         raise DataError(f"{path}:{n} is not valid JSON ({e.msg}); "
                         "fix the line or drop the file from data.files") from None
-      if not isinstance(obj, dict) or not isinstance(obj.get(TEXT_FEATURE), str):
-        raise DataError(f"{path}:{n} has no string {TEXT_FEATURE!r} field; each .jsonl line "
-                        'must be an object like {"text": "..."}')
+      text = sft.document(obj, f"{path}:{n}")  # text, or an SFT record (messages, prompt)
       h = hashlib.sha256(raw).hexdigest()[:16]
-      if obj[TEXT_FEATURE]:
-        yield h, f"{key}:{n}:{h}", obj[TEXT_FEATURE]
+      if text:
+        yield h, f"{key}:{n}:{h}", text

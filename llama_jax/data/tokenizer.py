@@ -12,7 +12,8 @@ The byte tokenizer keeps the same layout: byte b is id 3 + b, so its vocab_size 
           cached under DATA_DIR/llama_jax/tokenizers/<corpus>-spm<V>-<options hash>/, so it is
           trained once per (corpus, vocab size, options);
   'byte'  the byte tokenizer (259 ids);
-  a path  an existing SentencePiece tokenizer.model (or a directory holding one).
+  a path  an existing SentencePiece tokenizer.model, a Hugging Face tokenizer.json (Llama 3's:
+          its chat header tokens are then the SFT template's), or a directory holding one.
 """
 
 from __future__ import annotations
@@ -176,6 +177,63 @@ class SpmTokenizer(Tokenizer):
     return dst
 
 
+HF_FILE = "tokenizer.json"  # the `tokenizers` library's format (Llama 3 ships only this)
+
+
+class HFTokenizer(Tokenizer):
+  """A Hugging Face tokenizer.json as a data tokenizer (data.tokenizer=DIR or DIR/tokenizer.json):
+  the token cache, the chat template (Llama 3's header tokens when it has them: sft.py) and a
+  run's saved tokenizer. BOS / EOS are its <|begin_of_text|> / <|end_of_text|> (Llama 3) or
+  <s> / </s> tokens."""
+
+  BOS_NAMES = ("<|begin_of_text|>", "<s>")
+  EOS_NAMES = ("<|end_of_text|>", "</s>")
+
+  def __init__(self, path: str):
+    try:
+      import tokenizers
+    except ImportError as e:
+      raise DataError(f"{path} is a tokenizer.json, which needs the `tokenizers` library: "
+                      "pip install tokenizers") from e
+    if storage.isdir(path):
+      path = storage.join(path, HF_FILE)
+    raw = storage.read_bytes(path)
+    try:
+      self._tok = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
+    except Exception as e:  # noqa: BLE001 — the library raises a bare Exception
+      raise DataError(f"{path} is not a Hugging Face tokenizer.json ({str(e)[:100]}); set "
+                      "data.tokenizer to a tokenizer.json, a tokenizer.model, 'spm' or 'byte'"
+                      ) from None
+    self.path, self._raw = storage.resolve(path), raw
+    self.vocab_size = self._tok.get_vocab_size()
+    self.key = "hf-" + hashlib.sha256(raw).hexdigest()[:12]
+    ids = [next((i for i in map(self.special_id, names) if i is not None), None)
+           for names in (self.BOS_NAMES, self.EOS_NAMES)]
+    if None in ids:
+      raise DataError(f"{path} has no BOS/EOS token ({self.BOS_NAMES} / {self.EOS_NAMES}); "
+                      "documents need both")
+    self.bos_id, self.eos_id = ids
+
+  def special_id(self, token: str) -> int | None:
+    return self._tok.token_to_id(token)
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+  def decode(self, ids) -> str:
+    return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)],
+                            skip_special_tokens=True)
+
+  def save(self, directory: str) -> str:
+    dst = storage.join(directory, HF_FILE)
+    if storage.resolve(dst) != self.path:
+      storage.write_bytes(dst, self._raw)
+    return dst
+
+
 # ---------------------------------------------------------------------------------------------
 # Training on a corpus
 # ---------------------------------------------------------------------------------------------
@@ -235,12 +293,17 @@ def train_spm(corpus: corpora.Corpus, vocab_size: int, out_dir: str) -> str:
 
 
 def tokenizer_from_path(path: str) -> Tokenizer:
-  """A saved tokenizer: a tokenizer.model, a byte_tokenizer.json, or a directory holding one
-  (such as a workdir, where training saves its tokenizer)."""
+  """A saved tokenizer: a tokenizer.model, a byte_tokenizer.json, a Hugging Face
+  tokenizer.json, or a directory holding one (such as a workdir, where training saves its
+  tokenizer)."""
   path = storage.resolve(path)
   if storage.isdir(path) and not storage.isfile(storage.join(path, MODEL_FILE)):
     if storage.isfile(storage.join(path, BYTE_FILE)):
       path = storage.join(path, BYTE_FILE)
+    elif storage.isfile(storage.join(path, HF_FILE)):
+      path = storage.join(path, HF_FILE)
+  if os.path.basename(path) == HF_FILE:  # a Hugging Face one (Llama 3's format)
+    return HFTokenizer(path)
   if path.endswith(".json") and storage.isfile(path):
     spec = json.loads(storage.read_text(path))
     if spec.get("type") != "byte":

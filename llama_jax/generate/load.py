@@ -33,6 +33,6 @@ def load(workdir: str | None, hf_dir: str | None, step: int | None, dtype: str |
   print(f"restored step {step} from {workdir}", file=sys.stderr)
   # Training saves its tokenizer in the workdir; without it, rebuild it from config.data.
   saved = any(storage.isfile(storage.join(workdir, name))
-              for name in ("tokenizer.model", "byte_tokenizer.json"))
+              for name in ("tokenizer.model", "byte_tokenizer.json", "tokenizer.json"))
   tokenizer = data.tokenizer_from_path(workdir) if saved else data.make_tokenizer(config)
   return model, tokenizer

@@ -135,6 +135,17 @@ def adapters_of(params: dict) -> dict:
   return out
 
 
+def base_of(params: dict) -> dict:
+  """The tree without its adapter leaves (the params of the model LoRA sits on)."""
+  out = {}
+  for k, v in params.items():
+    if isinstance(v, dict):
+      out[k] = base_of(v)
+    elif not _is_adapter_key(k):
+      out[k] = v
+  return out
+
+
 def with_adapters(params: dict, adapters: dict) -> dict:
   """params with its adapter leaves replaced by `adapters` (a tree from adapters_of)."""
   out = dict(params)

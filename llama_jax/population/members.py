@@ -43,6 +43,9 @@ def check_members(configs: Sequence[ml_collections.ConfigDict], names: Sequence[
   if any(c.train.wandb_project for c in configs):
     raise PopulationError("a population cannot log to W&B (one process would hold K W&B runs); "
                           "set train.wandb_project='' or run the members separately")
+  if any(c.train.init_from for c in configs):
+    raise PopulationError("runs with train.init_from cannot train as a population yet (their "
+                          "members would start from loaded weights); run them separately")
   if any(int(c.lora.rank) > 0 for c in configs):
     raise PopulationError("LoRA runs cannot train as a population yet (its frozen base and "
                           "adapter-only optimizer state are not stacked); run them separately")

@@ -25,6 +25,7 @@ from llama_jax.loss import batch_loss
 from llama_jax.model import parametrization as param_lib
 from llama_jax.model.llama import Llama
 from llama_jax.optim import make_optimizer, traced_schedule
+from llama_jax.preemption import StopSignal
 from llama_jax.population.members import PopulationError, check_members, member_values
 
 RUNS_AXIS = "runs"
@@ -185,7 +186,7 @@ def train_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Seq
   summary per member like train.train's, with 'diverged' (None or the error's text)."""
   is_main = jax.process_index() == 0
   log_all, log = log, log if is_main else (lambda *a, **k: None)
-  stop = train_lib.StopSignal()
+  stop = StopSignal()
   pop = make_population(configs, workdirs, runs_devices, log=log)
   setup, t_cfg, k_all = pop.setup, pop.configs[0].train, range(pop.size)
   for config, workdir in zip(pop.configs, pop.workdirs):

@@ -27,6 +27,7 @@ from typing import Iterator
 
 from etils import epath
 
+from llama_jax import waiting
 from llama_jax.errors import UserError
 
 SCHEMES = ("gs",)  # what Orbax's tensorstore, gcsfs and tensorboardX all reach
@@ -265,7 +266,12 @@ def lock(root):
     path = os.path.join(root, ".build.lock")
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
+    try:  # free: no thread, no line
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      with waiting.announced(f"the lock {path}: another process on this host is building "
+                             f"what {root} holds"):
+        fcntl.flock(f, fcntl.LOCK_EX)
     try:
       yield
     finally:

@@ -17,6 +17,7 @@ import pytest
 from configs import base
 from llama_jax import data, storage
 from llama_jax.data import prepare
+from tests import training_process
 from tests.object_store import bucket, gcs  # noqa: F401  (fixtures)
 
 SEQ, BATCH = 19, 6
@@ -159,10 +160,10 @@ def test_two_processes_prepare_their_shares_in_a_bucket(files, flat, bucket, tmp
                             env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
                                      LLAMA_JAX_CACHE=str(tmp_path / f"cache{i}")))
            for i in (1, 0)]
-  outs = [p.communicate(timeout=300) for p in procs]
-  for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  lines = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+  # Both pipes read at once: process 0's stderr, unread while process 1 was awaited, once
+  # filled its pipe and blocked it before it wrote the manifest process 1 waited for.
+  outs = training_process.finish(*procs, timeout=150)
+  lines = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in outs]
   assert lines[0]["train"] == lines[1]["train"] and lines[0]["manifest"] == lines[1]["manifest"]
   out = _folder(c)
   for split in ("train", "validation"):

@@ -33,7 +33,12 @@ directions, well above the pretrained model's: from under 15 before to over 50 a
 exact match on French dates above 0.3; names stay far lower (unseen entities cannot be
 composed: French gets some cognates, Chinese near nothing).
 
-Result: experiments/results/translation/ and docs/translation.md.
+Result (one run, 2-core CPU shared with other jobs: pretraining 1836 s, fine-tune 940 s):
+held-out chrF before -> after, 48 pairs each: dates fr 3.9 -> 75.6, zh 4.5 -> 61.4; units
+fr 0.7 -> 43.4, zh 1.9 -> 22.5; names fr 0 -> 6.3, zh 0 -> 2.4. The prediction partly missed:
+dates above 50, units not, and exact match on French dates 0 (every held-out year, 2020-2029,
+comes out as a trained one). Tables, samples and the history: experiments/results/translation/
+and docs/translation.md.
 """
 
 import importlib.util

@@ -196,6 +196,9 @@ def test_chat_generation_and_the_lm_eval_task_render_prompts_as_fine_tuning_did(
   got = _complete(model, joint, [r["messages"][0]["content"] for r in held], settings,
                   out=Sink(), chat=True)
   assert got == want
+  from experiments import sft_demo  # the demo's scoring path
+  first = [(w.strip().splitlines() or [""])[0].strip() for w in want]
+  assert sft_demo.replies(model, held, joint, max_new) == first
 
   task_dir = tmp_path / "task"
   task_dir.mkdir()

@@ -121,11 +121,10 @@ def _names(loc, held_out):
         continue
       key = f"{prefix}:{code}"
       yield key, _hashed_out(key, held_out), table[code], theirs[code]
-  for width in ("wide",):
-    for i in range(1, 13):
-      yield f"month:{i}", False, en.months["format"][width][i], to.months["format"][width][i]
-    for i in range(7):
-      yield f"day:{i}", False, en.days["format"][width][i], to.days["format"][width][i]
+  for i in range(1, 13):
+    yield f"month:{i}", False, en.months["format"]["wide"][i], to.months["format"]["wide"][i]
+  for i in range(7):
+    yield f"day:{i}", False, en.days["format"]["wide"][i], to.days["format"]["wide"][i]
 
 
 def _dates(loc, n, since, seed):

@@ -267,8 +267,10 @@ def training_lines(corpus: corpora.Corpus) -> list[str]:
 
 def train_spm(corpus: corpora.Corpus, vocab_size: int, out_dir: str) -> str:
   """Trains the BPE on the corpus's train split into out_dir/tokenizer.model; its path."""
-  return train_spm_lines(training_lines(corpus), vocab_size, out_dir, corpus.name,
-                         {"corpus": corpus.key})
+  lines = training_lines(corpus)
+  if not lines:
+    raise DataError(f"{corpus.name}: the train split has no text to train a tokenizer on")
+  return train_spm_lines(lines, vocab_size, out_dir, corpus.name, {"corpus": corpus.key})
 
 
 def train_spm_lines(lines: list[str], vocab_size: int, out_dir: str, what: str,

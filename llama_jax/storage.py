@@ -177,6 +177,15 @@ def write_png(path, fig, dpi: int) -> None:
   write_bytes(path, buf.getvalue())
 
 
+def forget_listings(path) -> None:
+  """Drops what this process remembers of a bucket's listings (gcsfs caches them per process),
+  so the next exists / listdir sees what other processes wrote since; nothing for a local
+  path."""
+  if is_remote(path):
+    from etils.epath import backend
+    backend.fsspec_backend.fs(os.fspath(path)).invalidate_cache()
+
+
 def listdir(path) -> list[str]:
   p = epath.Path(resolve(path))
   return sorted(c.name for c in p.iterdir()) if p.is_dir() else []

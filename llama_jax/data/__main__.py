@@ -40,8 +40,9 @@ def main(argv):
   if _PROCESS_ID.value >= _NUM_PROCESSES.value:
     raise DataError(f"--process_id={_PROCESS_ID.value} must be below --num_processes="
                     f"{_NUM_PROCESSES.value}")
-  tokenizer = load_tokenizer(config.data, int(config.model.vocab_size))
-  corpus = corpora.open_corpus(config.data)
+  by = corpora.Builder(_PROCESS_ID.value, _NUM_PROCESSES.value)
+  tokenizer = load_tokenizer(config.data, int(config.model.vocab_size), by)
+  corpus = corpora.open_corpus(config.data, by)
   t0 = time.time()
   manifest = prepare.prepare(corpus, tokenizer, corpora.cache_root(config.data), shards,
                              _PROCESS_ID.value, _NUM_PROCESSES.value)

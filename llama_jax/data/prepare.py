@@ -105,9 +105,7 @@ def _wait(what: str, ready, folder_path: str, timeout: float | None, process_ind
   what other processes wrote is seen because a bucket's cached listings (gcsfs keeps them per
   process) are dropped before each poll."""
   def fresh():
-    if storage.is_remote(folder_path):  # the gcsfs instance epath (storage.*) lists with
-      from etils.epath import backend
-      backend.fsspec_backend.fs(folder_path).invalidate_cache()
+    storage.forget_listings(folder_path)
     return ready()
 
   try:

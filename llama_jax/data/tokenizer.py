@@ -335,8 +335,10 @@ def saved_tokenizer(directory: str) -> Tokenizer | None:
   return tokenizer_from_path(directory)
 
 
-def load_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
-  """The tokenizer config.data names, of exactly `vocab_size` ids (else DataError)."""
+def load_tokenizer(data_cfg, vocab_size: int,
+                   by: corpora.Builder = corpora.Builder()) -> Tokenizer:
+  """The tokenizer config.data names, of exactly `vocab_size` ids (else DataError); 'spm' is
+  trained once per data dir (in a bucket shared by several processes, by process 0: `by`)."""
   kind = str(data_cfg.tokenizer)
   if data_cfg.name == "synthetic" and kind == "spm":
     # Random tokens need no trained tokenizer; bytes make prompts and samples printable (a
@@ -345,14 +347,13 @@ def load_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
   if kind == "byte":
     tok = ByteTokenizer()
   elif kind == "spm":
-    corpus = corpora.open_corpus(data_cfg)
+    corpus = corpora.open_corpus(data_cfg, by)
     root = corpora.cache_root(data_cfg)
     out_dir = os.path.join(root, "tokenizers",
                            f"{corpus.key}-spm{vocab_size}-{_options_hash(vocab_size)}")
-    if not storage.isfile(storage.join(out_dir, MODEL_FILE)):
-      with corpora.build_lock(root):
-        if not storage.isfile(storage.join(out_dir, MODEL_FILE)):
-          train_spm(corpus, vocab_size, out_dir)
+    corpora.build_once(root, lambda: storage.isfile(storage.join(out_dir, MODEL_FILE)),
+                       lambda: train_spm(corpus, vocab_size, out_dir), builder=by,
+                       what=f"the tokenizer {out_dir}")
     tok = SpmTokenizer(out_dir)
   else:
     tok = tokenizer_from_path(kind)

@@ -146,6 +146,7 @@ def test_shards_in_a_bucket_are_read_by_range(files, flat, bucket, tmp_path):
   assert not copies, copies  # no local copy of a shard
 
 
+@pytest.mark.slow
 def test_two_processes_prepare_their_shares_in_a_bucket(files, flat, bucket, tmp_path):
   """Two real worker processes, each with its own local cache, one bucket data dir; worker 1
   starts first and waits for worker 0's shards and manifest (seen across processes)."""

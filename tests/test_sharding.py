@@ -44,6 +44,7 @@ def _losses(mesh, steps=3):
   return out
 
 
+@pytest.mark.slow
 def test_losses_equal_across_mesh_shapes():
   ref = _losses(MESHES[0])
   assert ref[-1] < ref[0]
@@ -167,6 +168,7 @@ def _loss_lines(workdir):
     return {d["step"]: d["loss"] for d in map(json.loads, f) if "loss" in d}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   """2 processes x 4 CPU devices (gloo collectives) train the same losses as 1 x 8."""
   one = tmp_path / "one"

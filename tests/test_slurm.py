@@ -59,6 +59,7 @@ def _wait(what, predicate, timeout, log=lambda: ""):
     time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_sweep_submitted_to_slurm_finds_peers_requeues_and_collects(tmp_path):
   reason = slurm_cluster.missing_reason()
   if reason:

@@ -247,3 +247,11 @@ def test_entry_point_docstring_gives_the_command_and_its_guide_links_it(module):
   assert any(target in c for c in commands), f"{module}'s docstring gives no `python {target}`"
   assert guide in doc, f"{module}'s docstring does not name its guide {guide}"
   assert module in _links((REPO / guide).read_text(), guide), f"{guide} does not link {module}"
+
+
+def test_every_runnable_module_of_the_package_has_a_guide():
+  """A new CLI (a __main__.py, or a module run with `python -m`) needs its entry above."""
+  runnable = {str(p.relative_to(REPO)) for p in dc.docstring_sources()
+              if p.parts[len(REPO.parts)] == "llama_jax"}
+  assert len(runnable) >= 10, runnable
+  assert not runnable - set(ENTRY_POINTS), sorted(runnable - set(ENTRY_POINTS))

@@ -342,11 +342,22 @@ class Snippet:
 
 
 def markdown_snippets(text: str, name: str) -> list[Snippet]:
-  """The shell lines of fenced bash blocks (continuations joined) and the inline code spans."""
+  """The shell lines of fenced bash blocks (continuations joined) and the inline code spans
+  (of each paragraph, so a span may wrap onto the next line)."""
   out, fence, pending, pending_line = [], None, "", 0
+  paragraph: list[tuple[int, str]] = []
+
+  def spans():
+    if paragraph:
+      joined = " ".join(line.strip() for _, line in paragraph)
+      out.extend(Snippet(f"{name}:{paragraph[0][0]}", span.strip(), "span")
+                 for span in re.findall(r"`([^`]+)`", joined))
+      paragraph.clear()
+
   for n, line in enumerate(text.splitlines(), 1):
     stripped = line.strip()
     if stripped.startswith("```"):
+      spans()
       if fence is None:
         fence = stripped[3:].strip().lower() or "text"
       else:
@@ -362,8 +373,15 @@ def markdown_snippets(text: str, name: str) -> list[Snippet]:
         out.append(Snippet(f"{name}:{pending_line}", (pending + stripped).strip(), "command"))
         pending = ""
       continue
-    for span in re.findall(r"`([^`\n]+)`", line):
-      out.append(Snippet(f"{name}:{n}", span, "span"))
+    if stripped.startswith("#"):  # a heading is a paragraph of its own
+      spans()
+      paragraph.append((n, line))
+      spans()
+    elif stripped:
+      paragraph.append((n, line))
+    else:
+      spans()
+  spans()
   return out
 
 

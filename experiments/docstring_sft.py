@@ -19,7 +19,7 @@ pretrained tokenizer). Writes --workdir/data/{train,validation}.jsonl, the run i
 --workdir/<arm>, and --out/results.json (one entry per arm; a rerun of an arm replaces its
 entry) and --out/samples.md.
 
-Result: in experiments/results/docstring_sft/ and the README's Fine-tuning section.
+Result: in experiments/results/docstring_sft/ and docs/fine_tuning.md.
 """
 
 import json

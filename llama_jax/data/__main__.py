@@ -1,12 +1,13 @@
 """Sharded preparation ahead of a run, on any machines that see the data dir:
 
-  python -m llama_jax.data --config=configs/x.py [--config.data.x=y ...] --config.data.shards=N \
-      --process_id=I --num_processes=P
+  python -m llama_jax.data --config=configs/llama2_7b.py [--config.data.KEY=VALUE ...] \
+      --config.data.shards=N --process_id=I --num_processes=P
 
 tokenizes this worker's share of the N shards per split (shards I, I + P, ...: a SLURM array,
 P CPU machines, or the run's own hosts) and prints one JSON line; worker 0 waits for the
 others and writes the manifest, which a run with the same data.* then reads without
 tokenizing anything (llama_jax/data/prepare.py).
+Guide: docs/data.md (Preparing a large corpus).
 """
 
 from __future__ import annotations

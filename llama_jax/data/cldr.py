@@ -30,6 +30,7 @@ dropped and counted (`overlap_dropped`), so no held-out target string is seen in
 Also here: the tokenizer for the set (`train_tokenizer`: the corpus's lines and the set's
 monolingual ones, one SentencePiece BPE), how each script fares in it (`script_report`), and
 the set's metric (`score`: chrF, BLEU and exact match with sacrebleu, per language and kind).
+Guide: docs/translation.md.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ produced, a batch of prompts, or --interactive.
 --chat: each prompt is one user turn of a conversation in the run's SFT template
 (llama_jax.data.sft, rendered as fine-tuning rendered it) and the output is the assistant's
 reply, ending at the template's end of turn; each prompt is a new conversation.
+Guide: docs/training.md (Generate).
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ included) to --output_path when given.
     python -m llama_jax.lm_eval --workdir=runs/x --tasks=my_task --include_path=tasks/
         [--limit=N] [--num_fewshot=K] [--batch_size=8] [--step=S] [--output_path=out.json]
         [--apply_chat_template]
+
+Guide: docs/fine_tuning.md (Evaluation with lm-evaluation-harness).
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Forces 8 CPU devices before jax is imported, so every mesh shape can be tested on CPU."""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
@@ -15,6 +17,18 @@ os.environ.setdefault("LLAMA_JAX_CPU_PEAK_FLOPS", "5e10")
 os.environ.setdefault("LLAMA_JAX_WAIT_S", "60")
 os.environ.setdefault("LLAMA_JAX_WAIT_LOG_S", "5")
 
+# The tests compile the same small programs over and over (one tiny model's step in many tests
+# and in the runs they start as subprocesses): one persistent compilation cache per session,
+# shared by the xdist workers and every process they start, compiles each program once. A
+# session's own directory (named by the pytest process, which the xdist workers inherit), removed
+# at its end, so no session reads another's. jax takes a half-written entry for a miss (a
+# warning), and a multi-process run writes from process 0 only.
+_SESSION = os.environ.setdefault("LLAMA_JAX_TEST_SESSION", str(os.getpid()))
+COMPILATION_CACHE = os.path.join(tempfile.gettempdir(), f"llama_jax_tests_jax_cache_{_SESSION}")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", COMPILATION_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 # Every GCS client reads where GCS is when first imported: point them at the test emulator
 # (tests/object_store.py) now, before anything imports gcsfs or tensorstore.
 from . import object_store  # noqa: E402
@@ -27,3 +41,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # Counter-based RNG compiles far faster than threefry on CPU (model init in tests builds many
 # small shapes); tests compare runs against each other, never against threefry's values.
 jax.config.update("jax_default_prng_impl", "unsafe_rbg")
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist)
+    shutil.rmtree(COMPILATION_CACHE, ignore_errors=True)

@@ -268,8 +268,9 @@ def test_results_csv(tmp_path, fake):
   assert header == ["name", "data.seq_len", "model.max_seq_len", "train.steps", "model.position",
                     "train.seed", "budget", "params", "nonembedding_params", "tokens", "flops",
                     "kaplan_flops", "steps", "final_step", "final_loss", "final_eval_loss",
-                    "wall_s", "status"]
+                    "wall_s", "status", "attempts", "rollbacks", "error"]
   assert [r["status"] for r in back] == ["done", "done", "done", "pending"]
+  assert [r["attempts"] for r in back] == [1, 1, 1, 0]
   for run, row in zip(runs, back):
     cfg = ModelConfig.from_dict(run.config.model)
     tokens = 6 * run.config.data.batch_size * 32

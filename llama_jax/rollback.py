@@ -25,6 +25,7 @@ rolls back alone (llama_jax.population.loop uses the functions below per member)
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any, Callable
 
@@ -103,7 +104,7 @@ def set_aside(checkpointer, workdir: str, after: int, log=print) -> list[int]:
 def diverged(t_cfg, trouble: Trouble, kept: int) -> DivergedError:
   spent = (f"after {t_cfg.max_rollbacks} rollback(s) (train.max_rollbacks)" if t_cfg.max_rollbacks
            else "(train.max_rollbacks=0: no rollback)")
-  newest = f"step {kept}" if kept else "none: the run's start"
+  newest = f"step {kept}" if kept else "none, a rerun starts from the beginning"
   return DivergedError(
       f"diverged: {trouble.cause}, found at step {trouble.found}, {spent}; stopped. The "
       f"checkpoints before the trouble are kept (newest: {newest}); lower optim.lr, set "
@@ -115,6 +116,13 @@ def rolled_guard(guard: dict, done: int, restored_step: int) -> dict[str, int]:
   values): the offset moved past what it read, one more rollback, its skip total."""
   return {"offset": done + int(guard["offset"]) - restored_step,
           "rollbacks": int(guard["rollbacks"]) + 1, "skipped": int(guard["skipped"])}
+
+
+def log_fields(guard: dict, metrics: dict) -> dict:
+  """A log line's skipped_steps and rollbacks (the guard's host values), and a skipped step's
+  non-finite loss or grad norm as null, so no NaN reaches metrics.jsonl."""
+  return {"skipped_steps": int(guard["skipped"]), "rollbacks": int(guard["rollbacks"]),
+          **{k: None for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])}}
 
 
 def record(writer, done: int, restored: int, trouble: Trouble, values: dict, extra: dict,
@@ -146,11 +154,10 @@ class Rollbacks:
   def guard(self, state) -> dict[str, np.ndarray]:
     return jax.device_get(state["guard"])
 
-  def log_fields(self, state) -> dict[str, int]:
-    if not self.enabled:
-      return {}
-    g = self.guard(state)
-    return {"skipped_steps": int(g["skipped"]), "rollbacks": int(g["rollbacks"])}
+  def log_fields(self, state, metrics: dict) -> dict:
+    """What a log line adds (skipped_steps, rollbacks) and changes: a skipped step's
+    non-finite loss or grad norm is logged as null, so no NaN reaches metrics.jsonl."""
+    return log_fields(self.guard(state), metrics) if self.enabled else {}
 
   def trouble(self, done: int, state) -> Trouble | None:
     """The trouble process 0 found after `done` steps (every process gets its answer)."""

@@ -389,9 +389,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
             stats = jax.device_get(stats)
             tps = throughput.read()
             last_stats = step_metrics(stats, tps, done, tokens_per_step, flops)
-            last_stats.update(rollbacks.log_fields(state))
+            last_stats.update(rollbacks.log_fields(state, last_stats))
             writer.write(done, {**last_stats, **ledger.fields()})
-            progress.set_postfix(loss=f"{last_stats['loss']:.3f}", tok_s=f"{tps:,.0f}",
+            progress.set_postfix(loss=f"{float(stats['loss']):.3f}", tok_s=f"{tps:,.0f}",
                                  loss_tokens=last_stats["loss_tokens"])
           if at_eval:
             last_eval = run_eval(done, state["params"])

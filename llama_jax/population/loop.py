@@ -341,8 +341,8 @@ def train_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Seq
                                                      tps, done - offsets[k], tokens_per_step, flops)
               last_stats[k]["population_size"] = pop.size
               if guard_on:
-                last_stats[k].update(skipped_steps=int(guards["skipped"][k]),
-                                     rollbacks=int(guards["rollbacks"][k]))
+                last_stats[k].update(rollback_lib.log_fields(
+                    jax.tree.map(lambda x: np.asarray(x)[k], guards), last_stats[k]))
               writers[k].write(done - offsets[k], last_stats[k])
             progress.set_postfix(tok_s=f"{tps * pop.size:,.0f}")
           if at_eval:

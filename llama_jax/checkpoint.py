@@ -119,6 +119,15 @@ class Checkpointer:
     finally:
       handler.close()
 
+  def state_metadata(self, step: int) -> Any:
+    """The saved state's tree of array metadata (shapes, dtypes) at `step`, read without
+    restoring it."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+      return handler.metadata(epath.Path(self.directory) / str(step) / "state")
+    finally:
+      handler.close()
+
   def restore_config(self, step: int | None = None) -> ml_collections.ConfigDict:
     step = self.manager.latest_step() if step is None else step
     if step is None:

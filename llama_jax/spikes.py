@@ -26,6 +26,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.errors import UserError
+
+WINDOW_KEYS = ("losses", "grad_norms", "accepted", "skips")  # the rest outlives a new window
 
 
 def enabled(t_cfg) -> bool:
@@ -40,10 +45,15 @@ def window(t_cfg) -> int:
 def init(t_cfg) -> dict:
   """The guard's starting value: an empty window, no skips, offset 0."""
   w = window(t_cfg)
-  zero = jnp.zeros((), jnp.int32)
+  zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (one buffer each: they are donated)
   return {"losses": jnp.zeros((w,), jnp.float32), "grad_norms": jnp.zeros((w,), jnp.float32),
-          "accepted": zero, "skips": jnp.zeros((w,), jnp.int32), "skipped": zero,
-          "first_bad": zero, "offset": zero, "rollbacks": zero}
+          "accepted": zero(), "skips": jnp.zeros((w,), jnp.int32), "skipped": zero(),
+          "first_bad": zero(), "offset": zero(), "rollbacks": zero()}
+
+
+def with_guard(t_cfg, state: dict) -> dict:
+  """A new train state with the guard's starting value when the config asks for it."""
+  return {**state, "guard": init(t_cfg)} if enabled(t_cfg) else state
 
 
 def abstract(t_cfg) -> dict:
@@ -103,3 +113,43 @@ def guard(t_cfg, state, new_state, stats):
          for k, v in new_state.items()}
   out["guard"] = new_g
   return out, {**stats, "skipped": skip.astype(jnp.int32)}
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def readable(abstract: dict, saved, replicated) -> dict:
+  """The abstract state to read a checkpoint with, whose tree of array metadata is `saved`:
+  its own guard (a run that had skip-step or rollbacks on, maybe with another window), or
+  none (a run that had them off)."""
+  abstract = {k: v for k, v in abstract.items() if k != "guard"}
+  if saved is not None and "guard" in saved:
+    abstract["guard"] = {k: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated)
+                         for k, m in saved["guard"].items()}
+  return abstract
+
+
+def adapted(t_cfg, state: dict, shardings: dict) -> dict:
+  """A restored state with the guard this config asks for: a fresh one for a checkpoint
+  without (skip-step or rollbacks just turned on), a fresh window keeping the offset and the
+  counts for another spike_window, none when both are off, which a checkpoint whose data
+  offset was moved by a rollback refuses (resuming would read the bad data again)."""
+  have, want = state.get("guard"), enabled(t_cfg)
+  if have is None and not want:
+    return state
+  if not want:
+    offset = int(jax.device_get(have["offset"]))
+    if offset:
+      raise UserError(f"this run's checkpoint has its data moved on by {offset} steps by a "
+                      "rollback; resume it with train.spike_sigma or train.max_rollbacks on "
+                      "as before")
+    return {k: v for k, v in state.items() if k != "guard"}
+  fresh = init(t_cfg)
+  if have is not None and all(have[k].shape == fresh[k].shape for k in fresh):
+    return state
+  kept = {} if have is None else {k: v for k, v in have.items() if k not in WINDOW_KEYS}
+  # From host copies: arrays placed from one device buffer could share it, and the train step
+  # donates each of them.
+  guard = {k: jax.device_put(np.array(jax.device_get(kept.get(k, v))), shardings["guard"][k])
+           for k, v in fresh.items()}
+  return {**state, "guard": guard}

@@ -136,10 +136,9 @@ def init_state(setup: Setup, seed: int):
   def init():
     model = lora_lib.build(setup.model_cfg, setup.lora, nnx.Rngs(seed))
     params = param_lib.scale_init(nnx.to_pure_dict(nnx.state(model)), setup.model_cfg.init_scale)
-    state = {"params": params, "opt_state": setup.optimizer.init(_trainable(setup.lora, params)),
-             "step": jnp.zeros((), jnp.int32)}
-    return {**state, "guard": spikes.init(setup.config.train)} if "guard" in setup.abstract_state \
-        else state
+    return spikes.with_guard(setup.config.train, {
+        "params": params, "opt_state": setup.optimizer.init(_trainable(setup.lora, params)),
+        "step": jnp.zeros((), jnp.int32)})
   with jax.set_mesh(setup.mesh):  # compiled once per seed: a rollback to the start reuses it
     make = setup.jitted.setdefault(("init", seed),
                                    jax.jit(init, out_shardings=setup.state_shardings))
@@ -434,13 +433,17 @@ def start_state(setup: Setup, checkpointer, source, *, at: int | None = None, lo
                 log_all=print) -> tuple[int, Any]:
   """(step, state): the newest readable checkpoint (`at`: that step's, 0 for the start),
   else the run's start: train.init_from's weights or train.seed's init."""
-  abstract = checkpointed(setup, setup.abstract_state)
+  abstract, steps = checkpointed(setup, setup.abstract_state), checkpointer.steps()
+  if steps:  # read with the guard it has (skip-step or rollbacks turned on or off since)
+    abstract = spikes.readable(abstract, checkpointer.state_metadata(at or steps[-1]),
+                               setup.state_shardings["step"])
   if at is None:
     restored = checkpointer.restore_latest(abstract, log=log_all)
   else:
     restored = (at, checkpointer.restore(at, abstract)) if at else None
   if restored is not None:
-    step, state = restored
+    step, state = restored[0], spikes.adapted(setup.config.train, restored[1],
+                                              setup.state_shardings)
     if setup.lora is not None:  # the adapters were saved; the base is rebuilt
       base = (init_from.initial_state(source, setup, log=lambda *a: None, init_state=init_state)
               if source else init_state(setup, setup.config.train.seed))["params"]

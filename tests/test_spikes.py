@@ -11,6 +11,8 @@ import pytest
 
 from llama_jax import config as config_lib
 from llama_jax import rollback, spikes
+from llama_jax.errors import UserError
+from llama_jax.metrics import read_metrics
 from llama_jax.data.loader import SyntheticLoader
 
 
@@ -139,3 +141,49 @@ def test_the_defaults_with_skip_step_and_rollbacks_on_are_valid():
   c = config_lib.defaults()
   c.train.update(spike_sigma=6.0, max_rollbacks=2)
   config_lib.validate(c)
+
+
+def test_a_checkpoint_gets_the_guard_the_config_asks_for():
+  t_on, t_off = _t_cfg(), _t_cfg(spike_sigma=0.0, max_rollbacks=0)
+  rep = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  shardings = {"guard": jax.tree.map(lambda _: rep, spikes.init(t_on))}
+  plain = {"step": jnp.int32(5)}
+  on = spikes.adapted(t_on, plain, shardings)  # turned on: a fresh guard
+  assert int(on["guard"]["accepted"]) == 0 and on["guard"]["losses"].shape == (8,)
+  assert spikes.adapted(t_on, on, shardings) is on  # unchanged: the very same state
+  moved = {**on, "guard": {**on["guard"], "offset": jnp.int32(4), "accepted": jnp.int32(7)}}
+  wider = spikes.adapted(_t_cfg(spike_window=16), moved, shardings | {"guard": jax.tree.map(
+      lambda _: rep, spikes.init(_t_cfg(spike_window=16)))})
+  assert wider["guard"]["losses"].shape == (16,) and int(wider["guard"]["accepted"]) == 0
+  assert int(wider["guard"]["offset"]) == 4  # a new window keeps where the data is
+  assert "guard" not in spikes.adapted(t_off, on, shardings)  # turned off, offset 0: dropped
+  with pytest.raises(UserError, match="data moved on by 4 steps by a rollback"):
+    spikes.adapted(t_off, moved, shardings)
+
+
+def test_a_checkpoint_saved_without_the_guard_is_read_and_given_one(tmp_path):
+  """Skip-step turned on for a run whose checkpoints have no guard: the state is read as it
+  was saved (not taken for unreadable and moved aside) and gets a fresh guard."""
+  from llama_jax import checkpoint
+  rep = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  t = _t_cfg()
+  saved = {"params": {"w": jnp.arange(6.0)}, "step": jnp.int32(3)}
+  ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(3, saved, config_lib.defaults())
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                          spikes.with_guard(t, saved))
+  assert "guard" in abstract
+  readable = spikes.readable(abstract, ckpt.state_metadata(3), rep)
+  assert "guard" not in readable
+  state = spikes.adapted(t, ckpt.restore(3, readable), {"guard": jax.tree.map(
+      lambda _: rep, spikes.init(t))})
+  ckpt.close()
+  np.testing.assert_array_equal(state["params"]["w"], np.arange(6.0))
+  assert int(state["step"]) == 3 and int(state["guard"]["offset"]) == 0
+  # Saved with the guard: read with the guard's own shapes (a window of 8 here).
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "b"), async_save=False)
+  ckpt.save(3, state, config_lib.defaults())
+  again = spikes.readable({k: v for k, v in abstract.items() if k != "guard"},
+                          ckpt.state_metadata(3), rep)
+  assert again["guard"]["losses"].shape == (8,)
+  ckpt.close()

@@ -96,11 +96,9 @@ def init_member(pop: Population, k: int):
   def init(seed, init_scale):
     model = Llama(setup.model_cfg, rngs=nnx.Rngs(jax.random.key(seed)))
     params = param_lib.scale_init(nnx.to_pure_dict(nnx.state(model)), init_scale)
-    state = {"params": params, "opt_state": setup.optimizer.init(params),
-             "step": jnp.zeros((), jnp.int32)}
-    if "guard" in setup.abstract_state:
-      state["guard"] = spikes.init(setup.config.train)
-    return state
+    return spikes.with_guard(setup.config.train, {
+        "params": params, "opt_state": setup.optimizer.init(params),
+        "step": jnp.zeros((), jnp.int32)})
 
   with jax.set_mesh(setup.mesh):
     init_one = setup.jitted.setdefault("population_init", jax.jit(

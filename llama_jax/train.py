@@ -140,9 +140,8 @@ def init_state(setup: Setup, seed: int):
         "params": params, "opt_state": setup.optimizer.init(_trainable(setup.lora, params)),
         "step": jnp.zeros((), jnp.int32)})
   with jax.set_mesh(setup.mesh):  # compiled once per seed: a rollback to the start reuses it
-    make = setup.jitted.setdefault(("init", seed),
-                                   jax.jit(init, out_shardings=setup.state_shardings))
-    return make()
+    return setup.jitted.setdefault(("init", seed), jax.jit(
+        init, out_shardings=setup.state_shardings))()
 
 
 # ============================================================================ steps
@@ -296,8 +295,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
   is_main = jax.process_index() == 0
   log_all, log = log, log if is_main else (lambda *a, **k: None)  # log_all: on every process
   stop = StopSignal()  # with several processes it listens from here on
-  ledger = goodput.Ledger(goodput.next_attempt(metrics_lib.read_metrics(workdir)
-                                               if is_main else []))  # wall time, by use
+  ledger = goodput.Ledger.of_workdir(workdir, is_main)  # where the wall time goes
 
   # ---- mesh, shardings (the checks that need the devices, before data or params) --------
   setup = make_setup(config, log=log)
@@ -314,7 +312,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
     # ---- data -------------------------------------------------------------------------
     from llama_jax import data
     with ledger.section("data"):
-      tokenizer = run_tokenizer(config, [workdir])
+      tokenizer = run_tokenizer(config, [workdir], source)
       tokenizer, train_loader, eval_loader = data.make_loaders(
           config, setup.batch_sharding, tokenizer=tokenizer, log=log)
 
@@ -334,9 +332,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
       log(f"LoRA rank {setup.lora.rank} on {','.join(setup.lora.targets)}: "
           f"{metrics_lib.human(lora_lib.count(state['params']))} adapter params train, the "
           "base is frozen")
-    rollbacks = rollback_lib.Rollbacks(setup, checkpointer, workdir, writer, log=log,
-                                       restore=lambda at: start_state(setup, checkpointer,
-                                                                      source, at=at)[1])
+    rollbacks = rollback_lib.Rollbacks(setup, checkpointer, workdir, writer, log=log, restore=(
+        lambda at: start_state(setup, checkpointer, source, at=at)[1]))
 
     # ---- loop ---------------------------------------------------------------------------
     def run_eval(done: int, params) -> float:
@@ -454,13 +451,18 @@ def start_state(setup: Setup, checkpointer, source, *, at: int | None = None, lo
   return 0, init_state(setup, setup.config.train.seed)
 
 
-def run_tokenizer(config: ml_collections.ConfigDict, workdirs: list[str]):
+def run_tokenizer(config: ml_collections.ConfigDict, workdirs: list[str],
+                  source: init_from.Source | None = None):
   """The run's tokenizer, saved in each of `workdirs` (a population's members share one).
-  Process 0 makes it (training it on the corpus the first time); the others read the saved
-  file, so every process has the same one."""
+  Process 0 makes it (training it on the corpus the first time), or takes a fine-tune's
+  source's (init_from.check found it); the others read the saved file, so every process has
+  the same one."""
   from llama_jax import data
   is_main = jax.process_index() == 0
-  tokenizer = data.make_tokenizer(config) if is_main else None
+  tokenizer = None
+  if is_main:
+    tokenizer = (source.tokenizer if source is not None and source.tokenizer is not None
+                 else data.make_tokenizer(config))
   if is_main:
     for workdir in workdirs:
       tokenizer.save(workdir)

@@ -69,6 +69,13 @@ class Ledger:
     self.spent = dict.fromkeys(SECTIONS, 0.0)
     self.loop_s, self._loop_t0, self._loop_busy0 = 0.0, None, 0.0
 
+  @classmethod
+  def of_workdir(cls, workdir: str, is_main: bool = True) -> "Ledger":
+    """The ledger of a new attempt of the run in `workdir` (its metrics.jsonl numbers the
+    attempts; only process 0, which writes it, reads it)."""
+    from llama_jax.metrics import read_metrics
+    return cls(next_attempt(read_metrics(workdir) if is_main else []))
+
   def _busy(self) -> float:
     return sum(self.spent.values()) + compile_seconds() - self.compile0
 

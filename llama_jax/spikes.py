@@ -119,11 +119,13 @@ def guard(t_cfg, state, new_state, stats):
 
 
 def readable(abstract: dict, saved, replicated) -> dict:
-  """The abstract state to read a checkpoint with, whose tree of array metadata is `saved`:
-  its own guard (a run that had skip-step or rollbacks on, maybe with another window), or
-  none (a run that had them off)."""
+  """The abstract state to read a checkpoint with, whose tree of array metadata is `saved`
+  (None: unreadable, `abstract` as it is): its own guard (a run that had skip-step or
+  rollbacks on, maybe with another window), or none (a run that had them off)."""
+  if saved is None:  # unreadable: left to the restore, which moves the step aside
+    return abstract
   abstract = {k: v for k, v in abstract.items() if k != "guard"}
-  if saved is not None and "guard" in saved:
+  if "guard" in saved:
     abstract["guard"] = {k: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated)
                          for k, m in saved["guard"].items()}
   return abstract

@@ -1,6 +1,7 @@
 """A real spike: a byte-level mixture whose middle phase is garbage (random characters), trained
 with skip-step and rollbacks on (llama_jax/spikes.py, llama_jax/rollback.py), as run_train.py
-runs it. One set of runs, started together, serves every check:
+runs it. One set of runs, started together, serves every check (one test, so that
+pytest-xdist never trains them twice):
 
   garbage   the garbage phase at data positions 16-21 of 48 steps: skips, then a rollback
   clean     the same run without the garbage phase (its weight 0): the control
@@ -119,9 +120,9 @@ def _kill_after_rollback(proc, workdir, timeout=240):
   raise AssertionError("no rollback and checkpoint after it within the timeout")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("spike")
+def _train_all(tmp):
+  """Starts the four runs (the garbage run and the one to kill first, the others once its
+  programs are in the compilation cache), kills one after its rollback and resumes it."""
   rng = random.Random(0)
   os.makedirs(tmp / "junk")
   for i in range(4):  # 4 documents: one goes to the validation split
@@ -141,11 +142,10 @@ def runs(tmp_path_factory):
   resumed = start("killed")
   out = {name: _finish(p, str(tmp / name)) for name, p in procs.items() if name != "killed"}
   out["killed"] = _finish(resumed, str(tmp / "killed"))
-  return tmp, out, killed_at
+  return out, killed_at
 
 
-def test_garbage_is_skipped_rolled_back_and_the_loss_recovers(runs):
-  tmp, out, _ = runs
+def _check_garbage_run(tmp, out):
   for name in ("garbage", "clean"):
     assert out[name][0] == 0, out[name][2][-3000:]
   garbage, clean = _lines(tmp / "garbage"), _lines(tmp / "clean")
@@ -171,8 +171,7 @@ def test_garbage_is_skipped_rolled_back_and_the_loss_recovers(runs):
   assert summary["attempts"][0]["lost_s"] > 0 and summary["total"]["goodput"] > 0
 
 
-def test_sigkill_after_the_rollback_resumes_bitwise(runs):
-  tmp, out, killed_at = runs
+def _check_killed_run(tmp, out, killed_at):
   code, stdout, stderr = out["killed"]
   assert code == 0, stderr[-3000:]
   assert "resumed from step" in stdout + stderr
@@ -190,8 +189,7 @@ def test_sigkill_after_the_rollback_resumes_bitwise(runs):
   assert attempts == {1, 2}
 
 
-def test_a_run_that_diverges_whatever_it_does_stops_after_its_rollbacks(runs):
-  tmp, out, _ = runs
+def _check_absurd_run(tmp, out):
   code, stdout, stderr = out["absurd"]
   assert code == 2
   error = [line for line in stderr.splitlines() if line.startswith("error:")]
@@ -205,3 +203,12 @@ def test_a_run_that_diverges_whatever_it_does_stops_after_its_rollbacks(runs):
   # was saved during it is set aside, not deleted.
   assert not [d for d in os.listdir(tmp / "absurd" / "checkpoints") if d.isdigit()]
   assert os.listdir(tmp / "absurd" / "checkpoints_rolled_back")
+
+
+def test_a_garbage_phase_is_skipped_rolled_back_and_a_kill_after_it_resumes_bitwise(tmp_path):
+  """The garbage run recovers to within 3% of the clean one, the killed and resumed one is
+  bitwise the garbage run, and the absurd one stops after its rollbacks with one line."""
+  out, killed_at = _train_all(tmp_path)
+  _check_garbage_run(tmp_path, out)
+  _check_killed_run(tmp_path, out, killed_at)
+  _check_absurd_run(tmp_path, out)

@@ -40,7 +40,7 @@ def test_report_splits_productive_and_lost_work():
   a1, a2 = s["attempts"]
   assert (a1["productive_s"], a1["lost_s"]) == (10.0, 15.0)  # 10 of 20 s kept, then 5 s lost
   assert (a2["productive_s"], a2["lost_s"]) == (20.0, 0.0)
-  assert (a1["end"], a2["end"], a1["rollbacks"]) == ("killed", "finished", 1)
+  assert (a1["end"], a2["end"], a1["rollbacks"]) == ("killed/running", "finished", 1)
   assert a1["other_s"] == pytest.approx(40.0 - 25.0 - 4.0)
   for a in (a1, a2):  # the parts add up to the wall time
     assert sum(a[f"{p}_s"] for p in report.PARTS) == pytest.approx(a["wall_s"])

@@ -53,8 +53,8 @@ def _segments(lines: list[dict]) -> list[dict]:
 
 def attempts(lines: list[dict]) -> list[dict[str, Any]]:
   """One dict per attempt: attempt, wall_s, the PARTS in seconds (`<part>_s`), steps (done
-  from..to), rollbacks, end ('finished', 'stopped', 'diverged', 'error', or 'killed': no final
-  line)."""
+  from..to), rollbacks, end ('finished', 'stopped', 'diverged', 'error', or 'killed/running':
+  no final line yet)."""
   segments = _segments(lines)
   later_start = math.inf
   for seg in reversed(segments):  # a step survives if no later segment starts below it
@@ -72,7 +72,7 @@ def attempts(lines: list[dict]) -> list[dict[str, Any]]:
     row = {"attempt": a, "wall_s": last[PREFIX + "wall_s"], "productive_s": steps_s - lost,
            "lost_s": lost, "start_step": segs[0]["start"], "end_step": segs[-1]["end"],
            "rollbacks": sum("rollback_to" in m for m in mine),
-           "end": last.get(PREFIX + "end", "killed")}
+           "end": last.get(PREFIX + "end", "killed/running")}
     for part in ("compile", "restore", "checkpoint", "data", "eval"):
       row[f"{part}_s"] = last.get(f"{PREFIX}{part}_s", 0.0)
     row["other_s"] = max(0.0, row["wall_s"] - steps_s - sum(

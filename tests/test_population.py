@@ -161,13 +161,17 @@ def test_sweep_population(tmp_path):
   assert "population good+1: 2 runs as one program" in proc.stdout
   log = (workdir / "populations" / "good+1" / "log.txt").read_text()
   assert "error: 1 of 2 members diverged" in log and "diverges: loss is nan" in log
-  for name, status in (("good", "done"), ("diverges", "failed")):
+  for name, status in (("good", "done"), ("diverges", "diverged")):
     record = json.loads((workdir / name / "sweep.json").read_text())
     assert record["attempts"][-1]["population"] == "good+1"
     assert (workdir / name / "DONE").exists() == (status == "done")
-  rows = (workdir / "results.csv").read_text().splitlines()
-  assert rows[1].startswith("good,") and rows[1].endswith(",done")
-  assert rows[2].startswith("diverges,") and rows[2].endswith(",failed")
+  # status, attempts, rollbacks, error: the diverged member's is the population's last line.
+  from llama_jax.sweep.results import read_results
+  table = {r["name"]: r for r in read_results(str(workdir / "results.csv"))}
+  assert [table["good"][k] for k in ("status", "attempts", "rollbacks")] == ["done", 1, 0]
+  assert [table["diverges"][k] for k in ("status", "attempts", "rollbacks")] == [
+      "diverged", 1, 0]
+  assert table["diverges"]["error"].startswith("error: 1 of 2 members diverged")
   # The diverged member logged no NaN loss: its losses stop where they were still finite.
   assert all(np.isfinite(v) for _, v in _losses(workdir / "diverges"))
 

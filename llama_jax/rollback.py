@@ -32,7 +32,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from llama_jax import storage
+from llama_jax import storage, waiting
 from llama_jax.errors import UserError
 
 ROLLED_BACK = "checkpoints_rolled_back"
@@ -67,19 +67,20 @@ def find_trouble(t_cfg, guard: dict[str, np.ndarray], done: int) -> Trouble | No
                  f"{t_cfg.max_skips})")
 
 
-def agreed(values: np.ndarray) -> np.ndarray:
-  """Process 0's values on every process (one process: unchanged)."""
+def agreed(values: np.ndarray, what: str) -> np.ndarray:
+  """Process 0's values on every process (one process: unchanged); the wait says `what`."""
   if jax.process_count() == 1:
     return values
   from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.broadcast_one_to_all(values))
+  with waiting.announced(f"process 0's {what}"):
+    return np.asarray(multihost_utils.broadcast_one_to_all(values))
 
 
 def checkpoint_before(checkpointer, first: int) -> int:
   """The newest checkpoint step <= first - 1 on process 0's listing; 0 (the run's start)
   when there is none."""
   step = max((s for s in checkpointer.steps() if s <= first - 1), default=0)
-  return int(agreed(np.int64(step)))
+  return int(agreed(np.int64(step), f"checkpoint to roll back to (before step {first})"))
 
 
 def set_aside(checkpointer, workdir: str, after: int, log=print) -> list[int]:
@@ -94,9 +95,7 @@ def set_aside(checkpointer, workdir: str, after: int, log=print) -> list[int]:
         target = storage.join(workdir, ROLLED_BACK, f"{s}.{int(time.time())}")
       storage.move_tree(storage.join(checkpointer.directory, str(s)), target)
     log(f"checkpoint(s) {steps} set aside in {storage.join(workdir, ROLLED_BACK)}")
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(f"llama_jax: checkpoints after {after} set aside")
+  waiting.barrier(f"checkpoints after step {after} set aside by process 0")
   checkpointer.manager.reload()
   return steps
 
@@ -164,7 +163,7 @@ class Rollbacks:
     if not self.enabled:
       return None
     found = find_trouble(self.t_cfg, self.guard(state), done)
-    if not int(agreed(np.int32(found is not None))):
+    if not int(agreed(np.int32(found is not None), f"trouble check after step {done}")):
       return None
     return found or Trouble(done, done, "trouble found by process 0")
 

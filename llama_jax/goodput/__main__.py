@@ -1,6 +1,10 @@
-"""python -m llama_jax.goodput DIR [--png PATH] [--json]: the goodput of a run (DIR holds its
-metrics.jsonl: one row per attempt and the total) or of a sweep (DIR holds runs: one row per
-run), as a table on stdout and a stacked-bar PNG (default DIR/goodput.png)."""
+"""Where the wall time of a run, or of a sweep's runs, went (docs/robustness.md):
+
+    python -m llama_jax.goodput WORKDIR [--png PATH] [--json]
+
+WORKDIR holds a run's metrics.jsonl (one row per attempt and the total) or a sweep's runs (one
+row per run and all runs): a table on stdout, or JSON lines with --json, and a stacked-bar PNG
+(default WORKDIR/goodput.png)."""
 
 from __future__ import annotations
 

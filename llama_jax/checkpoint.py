@@ -122,6 +122,18 @@ class Checkpointer:
     finally:
       handler.close()
 
+  def state_metadata(self, step: int) -> Any:
+    """The saved state's tree of array metadata (shapes, dtypes) at `step`, read without
+    restoring it; None when it cannot be read (restore_latest then finds the step unreadable
+    and moves it aside)."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+      return handler.metadata(epath.Path(self.directory) / str(step) / "state")
+    except Exception:  # noqa: BLE001 — any read failure: the restore says what it is
+      return None
+    finally:
+      handler.close()
+
   def restore_config(self, step: int | None = None) -> ml_collections.ConfigDict:
     step = self.manager.latest_step() if step is None else step
     if step is None:

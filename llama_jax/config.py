@@ -126,6 +126,18 @@ def defaults(size: str | None = None) -> ml_collections.ConfigDict:
       sample_tokens=64,
       init_from="",          # '' | hf:DIR | WORKDIR[@STEP]: a fine-tune's weights (init_from.py)
       wandb_project="",      # W&B project for the same scalars as metrics.jsonl ('' = off)
+      # Robustness (llama_jax/spikes.py, llama_jax/rollback.py, docs/robustness.md). A step
+      # whose loss or grad norm exceeds mean + spike_sigma x std of the last spike_window
+      # accepted steps does not update (0 = off; 6 is Levanter's and OLMo-core's).
+      spike_sigma=0.0,
+      spike_window=128,
+      # A non-finite loss, or more than max_skips skipped steps in the last spike_window
+      # steps, restores the newest checkpoint before the trouble and moves the data past it,
+      # at most max_rollbacks times (0 = off: the run stops with one line instead); each
+      # rollback multiplies the learning rate by rollback_lr_scale.
+      max_skips=8,
+      max_rollbacks=0,
+      rollback_lr_scale=1.0,
   ))
 
   # Low-rank adapters (llama_jax/model/lora.py): rank 0 = off (every param trains). rank > 0
@@ -227,6 +239,7 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
     raise ConfigError(f"optim.name={o.name!r}: only {OPTIMIZERS} are implemented")
 
   _validate_lora(config.lora, model)
+  _validate_robustness(t)
 
   for a in MESH_AXES:
     if config.mesh[a] == 0 or config.mesh[a] < -1:
@@ -242,6 +255,29 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
         raise ConfigError(f"sharding rule {name!r} -> {target!r} names mesh axis {a!r}, "
                           f"which is not one of {MESH_AXES}")
   return model
+
+
+def _validate_robustness(t) -> None:
+  """train.spike_* and the rollback keys (llama_jax/spikes.py, llama_jax/rollback.py)."""
+  if t.spike_sigma < 0 or t.max_rollbacks < 0 or t.max_skips < 0:
+    bad = next(f"{k}={t[k]}" for k in ("spike_sigma", "max_rollbacks", "max_skips") if t[k] < 0)
+    raise ConfigError(f"train.{bad} must be >= 0 (0 turns it off)")
+  if not 0 < t.rollback_lr_scale <= 1:
+    raise ConfigError(f"train.rollback_lr_scale={t.rollback_lr_scale} must be in (0, 1]: the "
+                      "factor each rollback multiplies the learning rate by (1 = unchanged)")
+  if t.spike_sigma > 0 and t.spike_window < 2:
+    raise ConfigError(f"train.spike_window={t.spike_window} must be >= 2 (the mean and std of "
+                      "the recent steps a spike is judged against)")
+  if t.spike_sigma > 0 and t.max_rollbacks > 0:
+    # A rollback restores the newest checkpoint before the window's first skipped step; the
+    # up to ceil((window - 1) / every) saves since then, and one at a stop, must not have
+    # pushed it out of the keep_checkpoints newest.
+    need = -(-(t.spike_window - 1) // t.checkpoint_every) + 2
+    if t.keep_checkpoints < need:
+      raise ConfigError(
+          f"train.keep_checkpoints={t.keep_checkpoints} may delete the checkpoint a rollback "
+          f"needs: with train.spike_window={t.spike_window} and train.checkpoint_every="
+          f"{t.checkpoint_every} keep at least {need}, or shorten the window")
 
 
 def _validate_lora(lora, model: ModelConfig) -> None:
@@ -345,3 +381,19 @@ def read(workdir: str) -> ml_collections.ConfigDict:
   if not storage.exists(path):
     raise ConfigError(f"{path} not found: is {workdir} a llama_jax workdir?")
   return from_dict(json.loads(storage.read_text(path)))
+
+
+def check_workdir(config, workdir: str) -> None:
+  """A workdir holds one run: resuming with a different model or data is refused, since the
+  checkpoints and metrics would silently mix two experiments."""
+  path = storage.join(workdir, "config.json")
+  if not storage.exists(path):
+    return
+  old = json.loads(storage.read_text(path))
+  new = json.loads(to_json(config))
+  for section in ("model", "data") + (("lora",) if "lora" in old else ()):
+    for key in sorted(set(old.get(section, {})) | set(new[section])):
+      if old.get(section, {}).get(key) != new[section].get(key):
+        raise ConfigError(
+            f"{workdir} was trained with {section}.{key}={old.get(section, {}).get(key)!r}, "
+            f"now {new[section].get(key)!r}; use a new --workdir for a different run")

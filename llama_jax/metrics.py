@@ -103,6 +103,35 @@ def peak_units(devices) -> int:
   return len(devices)
 
 
+class Throughput:
+  """Tokens/s over the steps since the last reading. The first step is left out (it includes
+  compilation) and so is whatever `restart()` follows (an eval)."""
+
+  def __init__(self, tokens_per_step: int, clock=time.perf_counter):
+    self.tokens_per_step = tokens_per_step
+    self.clock = clock  # seconds; a test passes its own
+    self.start: float | None = None
+    self.steps = 0
+
+  def step(self, loss: jax.Array) -> None:
+    """Counts one dispatched step; the first is waited for and the clock starts at its end."""
+    if self.start is None:
+      jax.block_until_ready(loss)
+      self.restart()
+    else:
+      self.steps += 1
+
+  def restart(self) -> None:
+    self.start, self.steps = self.clock(), 0
+
+  def read(self) -> float:
+    """Tokens/s since the last reading or restart (0.0 when no step was timed); restarts."""
+    now = self.clock()
+    tps = self.steps * self.tokens_per_step / max(now - self.start, 1e-9) if self.steps else 0.0
+    self.start, self.steps = now, 0
+    return tps
+
+
 # ---------------------------------------------------------------------------- writers
 
 

@@ -10,7 +10,6 @@ llama_jax.config.validate before calling in here.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import signal
 import sys
@@ -28,8 +27,10 @@ from llama_jax import checkpoint as ckpt_lib
 from llama_jax import config as config_lib
 from llama_jax import init_from
 from llama_jax import metrics as metrics_lib
-from llama_jax import sharding
+from llama_jax import rollback as rollback_lib
+from llama_jax import sharding, spikes
 from llama_jax import storage, waiting
+from llama_jax.goodput import ledger as goodput
 from llama_jax.errors import UserError
 from llama_jax.loss import batch_loss, loss_tokens
 from llama_jax.model import lora as lora_lib
@@ -58,13 +59,14 @@ class Setup:
   rules: tuple
   graphdef: Any
   optimizer: optax.GradientTransformation
-  abstract_state: Any      # {'params', 'opt_state', 'step'} of ShapeDtypeStructs
+  abstract_state: Any      # {'params', 'opt_state', 'step'[, 'guard']} of ShapeDtypeStructs
   state_shardings: Any
   batch_sharding: jax.sharding.NamedSharding
   lr_multipliers: Any = None  # per-parameter lr multipliers (μP, depth scaling) or None
   # LoRA (config.lora.rank > 0): params hold base and adapters, the optimizer state and the
   # checkpoints only the adapters; None = every param trains.
   lora: lora_lib.LoraSpec | None = None
+  jitted: dict = dataclasses.field(default_factory=dict, repr=False)  # init_state's, by seed
 
 
 def _trainable(spec: lora_lib.LoraSpec | None, params):
@@ -105,6 +107,9 @@ def make_setup(config: ml_collections.ConfigDict, devices=None, log=print, *,
   state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
   abstract = {"params": abs_params, "opt_state": abs_opt,
               "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  if spikes.enabled(config.train):  # skip-step's window, the rollbacks' offset (spikes.py)
+    abstract["guard"] = spikes.abstract(config.train)
+    state_shardings["guard"] = jax.tree.map(lambda _: replicated, abstract["guard"])
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_shardings)
   return Setup(config, model_cfg, mesh, rules, graphdef, optimizer, abstract, state_shardings,
@@ -131,10 +136,12 @@ def init_state(setup: Setup, seed: int):
   def init():
     model = lora_lib.build(setup.model_cfg, setup.lora, nnx.Rngs(seed))
     params = param_lib.scale_init(nnx.to_pure_dict(nnx.state(model)), setup.model_cfg.init_scale)
-    return {"params": params, "opt_state": setup.optimizer.init(_trainable(setup.lora, params)),
-            "step": jnp.zeros((), jnp.int32)}
-  with jax.set_mesh(setup.mesh):
-    return jax.jit(init, out_shardings=setup.state_shardings)()
+    return spikes.with_guard(setup.config.train, {
+        "params": params, "opt_state": setup.optimizer.init(_trainable(setup.lora, params)),
+        "step": jnp.zeros((), jnp.int32)})
+  with jax.set_mesh(setup.mesh):  # compiled once per seed: a rollback to the start reuses it
+    return setup.jitted.setdefault(("init", seed), jax.jit(
+        init, out_shardings=setup.state_shardings))()
 
 
 # ============================================================================ steps
@@ -198,12 +205,13 @@ def train_step_fn(config: ml_collections.ConfigDict, graphdef, optimizer: optax.
       grads = jax.tree.map(lambda g: g / accum, grads)
       loss = loss / accum
     updates, opt_state = optimizer.update(grads, state["opt_state"], trained)
+    updates = spikes.scale_updates(config.train, state, updates)  # rollback_lr_scale
     new_params = _with_trained(spec, params, optax.apply_updates(trained, updates))
     new_state = {"params": new_params, "opt_state": opt_state,
                  "step": state["step"] + 1}
     stats = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
              "loss_tokens": loss_tokens(batch)}
-    return new_state, stats
+    return spikes.guard(config.train, state, new_state, stats)  # skip-step, when on
 
   return train_step
 
@@ -272,35 +280,6 @@ def itstime(step: int, every: int, total: int) -> bool:
   return step % every == 0 or step == total
 
 
-class Throughput:
-  """Tokens/s over the steps since the last reading. The first step is left out (it includes
-  compilation) and so is whatever `restart()` follows (an eval)."""
-
-  def __init__(self, tokens_per_step: int, clock=time.perf_counter):
-    self.tokens_per_step = tokens_per_step
-    self.clock = clock  # seconds; a test passes its own
-    self.start: float | None = None
-    self.steps = 0
-
-  def step(self, loss: jax.Array) -> None:
-    """Counts one dispatched step; the first is waited for and the clock starts at its end."""
-    if self.start is None:
-      jax.block_until_ready(loss)
-      self.restart()
-    else:
-      self.steps += 1
-
-  def restart(self) -> None:
-    self.start, self.steps = self.clock(), 0
-
-  def read(self) -> float:
-    """Tokens/s since the last reading or restart (0.0 when no step was timed); restarts."""
-    now = self.clock()
-    tps = self.steps * self.tokens_per_step / max(now - self.start, 1e-9) if self.steps else 0.0
-    self.start, self.steps = now, 0
-    return tps
-
-
 def _check_finite(pending: list[tuple[int, Any]]) -> None:
   """Raises on the first step whose loss is NaN/Inf among those not yet checked."""
   for step, loss in pending:
@@ -316,13 +295,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
   is_main = jax.process_index() == 0
   log_all, log = log, log if is_main else (lambda *a, **k: None)  # log_all: on every process
   stop = StopSignal()  # with several processes it listens from here on
+  ledger = goodput.Ledger.of_workdir(workdir, is_main)  # where the wall time goes
 
   # ---- mesh, shardings (the checks that need the devices, before data or params) --------
   setup = make_setup(config, log=log)
   storage.check_writable(workdir, "--workdir")  # a missing bucket fails here, not in Orbax
   if config.data.data_dir:
     storage.check_bucket(config.data.data_dir, "data.data_dir")
-  check_workdir_config(config, workdir)
+  config_lib.check_workdir(config, workdir)
   source = init_from.check(config)  # its model against the config's, before data or compiles
   if is_main:
     config_lib.write(config, workdir)
@@ -331,26 +311,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
   with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(setup.rules):
     # ---- data -------------------------------------------------------------------------
     from llama_jax import data
-    tokenizer = run_tokenizer(config, [workdir], source)
-    tokenizer, train_loader, eval_loader = data.make_loaders(config, setup.batch_sharding,
-                                                             tokenizer=tokenizer, log=log)
+    with ledger.section("data"):
+      tokenizer = run_tokenizer(config, [workdir], source)
+      tokenizer, train_loader, eval_loader = data.make_loaders(
+          config, setup.batch_sharding, tokenizer=tokenizer, log=log)
 
     # ---- state: restore or create sharded -----------------------------------------------
     checkpointer = ckpt_lib.Checkpointer(workdir, t_cfg.keep_checkpoints)
-    restored = checkpointer.restore_latest(checkpointed(setup, setup.abstract_state),
-                                           log=log_all)
-    if restored is not None:
-      start_step, state = restored
-      if setup.lora is not None:  # the adapters were saved; the base is rebuilt
-        base = (init_from.initial_state(source, setup, log=lambda *a: None, init_state=init_state)
-                if source else init_state(setup, t_cfg.seed))["params"]
-        state = {**state, "params": _with_trained(setup.lora, base, state["params"])}
+    with ledger.section("restore"):
+      start_step, state = start_state(setup, checkpointer, source, log=log, log_all=log_all)
+    if checkpointer.steps():
       log(f"resumed from step {start_step} in {checkpointer.directory}")
-    elif source is not None:  # a fine-tune's start; once it has checkpoints it resumes above
-      start_step, state = 0, init_from.initial_state(source, setup, log=log,
-                                                     init_state=init_state)
-    else:
-      start_step, state = 0, init_state(setup, t_cfg.seed)
 
     train_step = make_train_step(setup)
     eval_step = make_eval_step(setup)
@@ -361,10 +332,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
       log(f"LoRA rank {setup.lora.rank} on {','.join(setup.lora.targets)}: "
           f"{metrics_lib.human(lora_lib.count(state['params']))} adapter params train, the "
           "base is frozen")
+    rollbacks = rollback_lib.Rollbacks(setup, checkpointer, workdir, writer, log=log, restore=(
+        lambda at: start_state(setup, checkpointer, source, at=at)[1]))
 
     # ---- loop ---------------------------------------------------------------------------
     def run_eval(done: int, params) -> float:
-      loss, per_source = eval_losses(eval_step, params, eval_loader, t_cfg.eval_steps)
+      with ledger.section("eval"):
+        loss, per_source = eval_losses(eval_step, params, eval_loader, t_cfg.eval_steps)
       loss = float(loss)
       writer.write(done, {"eval_loss": loss,
                           **{f"eval_loss/{name}": v for name, v in per_source.items()}})
@@ -373,15 +347,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
       return loss
 
     progress = progress_bar(start_step, t_cfg.steps, is_main)
-    throughput = Throughput(tokens_per_step)
+    throughput = metrics_lib.Throughput(tokens_per_step)
     pending: list[tuple[int, Any]] = []  # (step, loss) not yet checked for NaN / Inf
-    last_stats, last_eval, stopped_by = None, None, None
+    last_stats, last_eval, stopped_by, ended = None, None, None, "error"
     step = start_step
     if start_step == 0:  # the starting loss, so every curve shows how far training took it
       last_eval = run_eval(0, state["params"])
+    feed = rollback_lib.Feed(train_loader, start_step, rollbacks.offset(state),
+                             on_wait=lambda s: ledger.add("data", s))
+    writer.write(start_step, ledger.fields(start_step=start_step))
+    ledger.start_loop()
     try:
       with stop:
-        for step, batch in train_loader.iterate(start_step):
+        for step, batch in feed:
           if step >= t_cfg.steps:
             break
           state, stats = train_step(state, batch)
@@ -393,29 +371,45 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
           at_log, at_eval, at_ckpt = (itstime(done, every, t_cfg.steps) for every in (
               t_cfg.log_every, t_cfg.eval_every, t_cfg.checkpoint_every))
           stopping = stop.should_stop(done, waited=at_log or at_eval or at_ckpt)
-          if at_log or at_eval or at_ckpt or stopping:  # nothing saved or logged is NaN
-            _check_finite(pending)
-            pending.clear()
+          if (at_log or at_eval or at_ckpt or stopping) and not rollbacks.enabled:
+            _check_finite(pending)  # nothing saved or logged is NaN (else: the guard's job)
+          pending.clear()
+          trouble = rollbacks.trouble(done, state) if at_log or at_eval or at_ckpt else None
+          if trouble:  # restored from before it, the data moved past it (rollback.py)
+            with ledger.section("restore"):
+              state = rollbacks.roll_back(trouble, state, ledger.fields())
+            feed.seek(int(jax.device_get(state["step"])), rollbacks.offset(state))
+            progress.update(int(jax.device_get(state["step"])) - done)
+            continue
           if at_log:
             stats = jax.device_get(stats)
             tps = throughput.read()
             last_stats = step_metrics(stats, tps, done, tokens_per_step, flops)
-            writer.write(done, last_stats)
-            progress.set_postfix(loss=f"{last_stats['loss']:.3f}", tok_s=f"{tps:,.0f}",
+            last_stats.update(rollbacks.log_fields(state, last_stats))
+            writer.write(done, {**last_stats, **ledger.fields()})
+            progress.set_postfix(loss=f"{float(stats['loss']):.3f}", tok_s=f"{tps:,.0f}",
                                  loss_tokens=last_stats["loss_tokens"])
           if at_eval:
             last_eval = run_eval(done, state["params"])
             throughput.restart()  # keep eval time out of tokens/s
-          if at_ckpt or stopping:
-            checkpointer.save(done, checkpointed(setup, state), config)
+          if at_ckpt or (stopping and rollbacks.may_save_at_stop(done, state)):
+            with ledger.section("checkpoint"):
+              checkpointer.save(done, checkpointed(setup, state), config)
             writer.flush()  # a bucket's metrics.jsonl is rewritten: every line so far
           if stopping:
             stopped_by = signal.Signals(stop.received).name
             break
         step = int(jax.device_get(state["step"]))
+      ended = "stopped" if stopped_by else "finished"
+    except (NonFiniteLossError, rollback_lib.DivergedError):
+      ended = "diverged"
+      raise
     finally:  # an error (e.g. a NaN) still lets the async saves finish
+      ledger.end_loop()
       progress.close()
-      checkpointer.close()
+      with ledger.section("checkpoint"):
+        checkpointer.close()
+      writer.write(step, ledger.fields(end=ended))
       writer.close()
 
     sample = None
@@ -430,6 +424,31 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
     log(f"stopped by {stopped_by} at step {step}; checkpoint saved, rerun to resume")
   return {"step": step, "train": last_stats, "eval_loss": last_eval, "sample": sample,
           "stopped_by": stopped_by}
+
+
+def start_state(setup: Setup, checkpointer, source, *, at: int | None = None, log=print,
+                log_all=print) -> tuple[int, Any]:
+  """(step, state): the newest readable checkpoint (`at`: that step's, 0 for the start),
+  else the run's start: train.init_from's weights or train.seed's init."""
+  abstract, steps = checkpointed(setup, setup.abstract_state), checkpointer.steps()
+  if steps:  # read with the guard it has (skip-step or rollbacks turned on or off since)
+    abstract = spikes.readable(abstract, checkpointer.state_metadata(at or steps[-1]),
+                               setup.state_shardings["step"])
+  if at is None:
+    restored = checkpointer.restore_latest(abstract, log=log_all)
+  else:
+    restored = (at, checkpointer.restore(at, abstract)) if at else None
+  if restored is not None:
+    step, state = restored[0], spikes.adapted(setup.config.train, restored[1],
+                                              setup.state_shardings)
+    if setup.lora is not None:  # the adapters were saved; the base is rebuilt
+      base = (init_from.initial_state(source, setup, log=lambda *a: None, init_state=init_state)
+              if source else init_state(setup, setup.config.train.seed))["params"]
+      state = {**state, "params": _with_trained(setup.lora, base, state["params"])}
+    return step, state
+  if source is not None:  # a fine-tune's start; once it has checkpoints it resumes above
+    return 0, init_from.initial_state(source, setup, log=log, init_state=init_state)
+  return 0, init_state(setup, setup.config.train.seed)
 
 
 def run_tokenizer(config: ml_collections.ConfigDict, workdirs: list[str],
@@ -476,19 +495,3 @@ def progress_bar(start: int, total: int, enabled: bool):
   from tqdm import tqdm
   return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True,
               file=sys.stderr)
-
-
-def check_workdir_config(config, workdir: str) -> None:
-  """A workdir holds one run: resuming with a different model or data is refused, since the
-  checkpoints and metrics would silently mix two experiments."""
-  path = storage.join(workdir, "config.json")
-  if not storage.exists(path):
-    return
-  old = json.loads(storage.read_text(path))
-  new = json.loads(config_lib.to_json(config))
-  for section in ("model", "data") + (("lora",) if "lora" in old else ()):
-    for key in sorted(set(old.get(section, {})) | set(new[section])):
-      if old.get(section, {}).get(key) != new[section].get(key):
-        raise config_lib.ConfigError(
-            f"{workdir} was trained with {section}.{key}={old.get(section, {}).get(key)!r}, "
-            f"now {new[section].get(key)!r}; use a new --workdir for a different run")

@@ -37,6 +37,7 @@ ENTRY_POINTS = {
     "llama_jax/lm_eval/__main__.py": "docs/fine_tuning.md",
     "llama_jax/data/docstrings.py": "docs/fine_tuning.md",
     "llama_jax/data/cldr.py": "docs/translation.md",
+    "llama_jax/goodput/__main__.py": "docs/robustness.md",
 }
 
 # Keys that are not in the schema but that a page names on purpose: (page, key) -> why.

@@ -164,12 +164,51 @@ def test_sweep_population(tmp_path):
   assert "population good+1: 2 runs as one program" in proc.stdout
   log = (workdir / "populations" / "good+1" / "log.txt").read_text()
   assert "error: 1 of 2 members diverged" in log and "diverges: loss is nan" in log
-  for name, status in (("good", "done"), ("diverges", "failed")):
+  for name, status in (("good", "done"), ("diverges", "diverged")):
     record = json.loads((workdir / name / "sweep.json").read_text())
     assert record["attempts"][-1]["population"] == "good+1"
     assert (workdir / name / "DONE").exists() == (status == "done")
-  rows = (workdir / "results.csv").read_text().splitlines()
-  assert rows[1].startswith("good,") and rows[1].endswith(",done")
-  assert rows[2].startswith("diverges,") and rows[2].endswith(",failed")
+  # status, attempts, rollbacks, error: the diverged member's is the population's last line.
+  from llama_jax.sweep.results import read_results
+  table = {r["name"]: r for r in read_results(str(workdir / "results.csv"))}
+  assert [table["good"][k] for k in ("status", "attempts", "rollbacks")] == ["done", 1, 0]
+  assert [table["diverges"][k] for k in ("status", "attempts", "rollbacks")] == [
+      "diverged", 1, 0]
+  assert table["diverges"]["error"].startswith("error: 1 of 2 members diverged")
   # The diverged member logged no NaN loss: its losses stop where they were still finite.
   assert all(np.isfinite(v) for _, v in _losses(workdir / "diverges"))
+
+
+@pytest.mark.slow
+def test_a_member_rolls_back_alone(population, tmp_path):
+  """Member b's lr of 1e30 turns its loss non-finite at step 2: b alone rolls back (to its
+  start: no checkpoint before), its lr scaled by 1e-32 to a's 1e-2, its data moved on by 2
+  steps, and trains its 6 steps; a trains as in the population without rollbacks."""
+  _, configs, workdirs, _ = population
+  guard = {"train.max_rollbacks": 1, "train.rollback_lr_scale": 1e-32}
+  a = tiny_config(**MEMBERS["a"], **POP_MESH, **FAST, **guard)
+  b = tiny_config(**{"optim.lr": 1e30, "optim.warmup_steps": 0, "train.seed": 1}, **POP_MESH,
+                  **FAST, **guard)
+  dirs = [str(tmp_path / "a"), str(tmp_path / "b")]
+  logs = []
+  summaries = loop.train_population([a, b], dirs, runs_devices=2, log=logs.append)
+  assert not any(s["diverged"] for s in summaries), summaries
+  rollbacks = [[m for m in read_metrics(d) if "rollback_to" in m] for d in dirs]
+  assert rollbacks[0] == [] and len(rollbacks[1]) == 1
+  assert rollbacks[1][0]["rollback_to"] == 0 and rollbacks[1][0]["data_offset"] == 2
+  assert "not finite at step" in rollbacks[1][0]["rollback_reason"]
+  assert any("rollback 1" in line for line in logs)
+  # a: every step once, as the population without the guard trained it (its fixture's a).
+  got, want = _losses(dirs[0]), _losses(workdirs[0])
+  assert [s for s, _ in got] == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=RTOL)
+  # b: its 6 steps after the rollback, all finite, and its state says where its data is.
+  after = _losses(dirs[1])[-6:]
+  assert [s for s, _ in after] == [1, 2, 3, 4, 5, 6] and np.isfinite([v for _, v in after]).all()
+  for workdir, offset in zip(dirs, (0, 2)):
+    checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
+    assert checkpointer.steps()[-1] == 6
+    setup = train.make_setup(_alone(config_lib.read(workdir)))
+    state = checkpointer.restore(6, setup.abstract_state)
+    checkpointer.close()
+    assert int(state["guard"]["offset"]) == offset and int(state["step"]) == 6

@@ -47,6 +47,10 @@ FAKE_TRAIN = textwrap.dedent("""
     json.dump({k: v for k, v in args.items()}, open(os.path.join(workdir, "config.json"), "w"))
     time.sleep(float(os.environ.get("FAKE_SLEEP", 0)))
     crash = int(os.environ.get("FAKE_CRASH_AT", 10**9))
+    once = os.path.join(workdir, "crashed_once")  # FAKE_CRASH_ONCE: only the first attempt
+    if os.environ.get("FAKE_CRASH_ONCE") and not os.path.exists(once):
+        open(once, "w").close(); crash = int(os.environ["FAKE_CRASH_ONCE"])
+    diverge = int(os.environ.get("FAKE_DIVERGE_AT", 10**9))
     with open(path, "a") as f:
         for step in range(done + 1, steps + 1):
             f.write(json.dumps({"step": step, "loss": 5.0 / step, "lr": 1e-3, "grad_norm": 1.0,
@@ -55,6 +59,11 @@ FAKE_TRAIN = textwrap.dedent("""
                 f.write(json.dumps({"step": step, "eval_loss": 6.0 / step}) + "\\n")
             if step == crash:
                 print("crashing at", step); sys.exit(3)
+            if step == diverge:  # as llama_jax.train ends a run whose rollbacks are spent
+                f.write(json.dumps({"step": step, "rollback_to": 0}) + "\\n")
+                f.write(json.dumps({"step": step, "goodput/end": "diverged"}) + "\\n")
+                print(f"error: diverged: loss spikes at step {step}", file=sys.stderr)
+                sys.exit(2)
     with open(os.path.join(workdir, "calls.txt"), "a") as f:
         f.write(json.dumps({"end": time.time()}) + "\\n")
     print("trained", steps)
@@ -246,6 +255,47 @@ def test_skips_finished_and_resumes_interrupted_runs(tmp_path, fake, monkeypatch
   assert json.loads(open(out / "rope_s0" / "calls.txt").readlines()[-2])["from"] == 6
 
 
+def test_retries_relaunch_a_crash_not_a_divergence_and_collect_says_what_is_missing(
+    tmp_path, fake, monkeypatch, capsys):
+  out = tmp_path / "out"
+  path = write_experiment(tmp_path)
+  runs = experiment_lib.expand(path, str(out))
+  monkeypatch.setenv("FAKE_CRASH_ONCE", "3")
+  messages = []
+  assert local_lib.run_local(runs[:2], train_cmd=fake, print_fn=messages.append,
+                             retries=1) == {r.name: "done" for r in runs[:2]}
+  for r in runs[:2]:
+    record = json.load(open(out / r.name / "sweep.json"))
+    assert [a["returncode"] for a in record["attempts"]] == [3, 0]
+    assert record["attempts"][0]["error"] == "crashing at 3"
+    starts = [json.loads(l) for l in open(out / r.name / "calls.txt") if '"start"' in l]
+    assert [c["from"] for c in starts] == [0, 3]  # resumed, not restarted
+  assert sum("retry 1 of 1, resuming from its checkpoints" in m for m in messages) == 2
+  # The control: without retries the crash is the run's end.
+  monkeypatch.setenv("FAKE_CRASH_AT", "2")
+  assert local_lib.run_local([runs[2]], train_cmd=fake, print_fn=quiet) == {
+      runs[2].name: "failed"}
+  monkeypatch.delenv("FAKE_CRASH_AT")
+  # A divergence (exit 2, its metrics ending 'diverged') is not retried.
+  monkeypatch.setenv("FAKE_DIVERGE_AT", "4")
+  assert local_lib.run_local([runs[2]], train_cmd=fake, print_fn=quiet, retries=3) == {
+      runs[2].name: "diverged"}
+  assert len(json.load(open(out / runs[2].name / "sweep.json"))["attempts"]) == 2
+  capsys.readouterr()
+  assert sweep_cli.main([path, "--workdir", str(out), "--collect"]) == 0
+  err = capsys.readouterr().err
+  assert "2 of 4 run(s) without a result" in err
+  assert (f"{runs[2].name}: diverged: 2 attempt(s), 1 rollback(s): error: diverged: loss "
+          "spikes at step 4") in err
+  assert f"{runs[3].name}: pending: never started" in err
+  rows = results_lib.read_results(str(out / "results.csv"))
+  assert [(r["status"], r["attempts"], r["rollbacks"]) for r in rows] == [
+      ("done", 2, 0), ("done", 2, 0), ("diverged", 2, 1), ("pending", 0, 0)]
+  assert rows[2]["error"] == "error: diverged: loss spikes at step 4"
+  with pytest.raises(SystemExit):
+    sweep_cli.main([path, "--workdir", str(out), "--retries=-1"])
+
+
 def test_parallel_bounds_concurrent_runs(tmp_path, fake, monkeypatch):
   monkeypatch.setenv("FAKE_SLEEP", "0.4")
   runs = experiment_lib.expand(write_experiment(tmp_path), str(tmp_path / "out"))
@@ -268,8 +318,9 @@ def test_results_csv(tmp_path, fake):
   assert header == ["name", "data.seq_len", "model.max_seq_len", "train.steps", "model.position",
                     "train.seed", "budget", "params", "nonembedding_params", "tokens", "flops",
                     "kaplan_flops", "steps", "final_step", "final_loss", "final_eval_loss",
-                    "wall_s", "status"]
+                    "wall_s", "status", "attempts", "rollbacks", "error"]
   assert [r["status"] for r in back] == ["done", "done", "done", "pending"]
+  assert [r["attempts"] for r in back] == [1, 1, 1, 0]
   for run, row in zip(runs, back):
     cfg = ModelConfig.from_dict(run.config.model)
     tokens = 6 * run.config.data.batch_size * 32

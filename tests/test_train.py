@@ -222,7 +222,7 @@ def test_itstime_at_multiples_and_the_last_step():
 
 def test_throughput_leaves_out_the_first_step_and_restarts():
   now = [100.0]  # a clock the test moves: wall time on a loaded machine is not exact
-  t = train.Throughput(tokens_per_step=1000, clock=lambda: now[0])
+  t = metrics.Throughput(tokens_per_step=1000, clock=lambda: now[0])
   t.step(jnp.zeros(()))  # the first step (compilation): starts the clock, is not counted
   assert t.steps == 0 and t.read() == 0.0  # nothing timed yet
   for _ in range(3):

@@ -18,7 +18,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from llama_jax import checkpoint as ckpt_lib
 from llama_jax import config as config_lib
 from llama_jax import metrics as metrics_lib
-from llama_jax import sharding
+from llama_jax import rollback as rollback_lib
+from llama_jax import sharding, spikes
 from llama_jax import storage
 from llama_jax import train as train_lib
 from llama_jax.loss import batch_loss
@@ -85,23 +86,29 @@ def make_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequ
 # ---------------------------------------------------------------------------- state
 
 
-def init_states(pop: Population):
-  """Every member's initial state, [K, ...], in its sharding. A member's params are bitwise
-  those of train.init_state for its seed and init_scale: each member is drawn by one compiled
-  init taking its key (a traced key draws what a constant one does), not under vmap, whose
-  batched draws differ from unbatched ones for some PRNGs (unsafe_rbg)."""
+def init_member(pop: Population, k: int):
+  """Member k's initial state in a run's own layout. Its params are bitwise those of
+  train.init_state for its seed and init_scale: each member is drawn by one compiled init
+  taking its key (a traced key draws what a constant one does), not under vmap, whose batched
+  draws differ from unbatched ones for some PRNGs (unsafe_rbg)."""
   setup = pop.setup
 
   def init(seed, init_scale):
     model = Llama(setup.model_cfg, rngs=nnx.Rngs(jax.random.key(seed)))
     params = param_lib.scale_init(nnx.to_pure_dict(nnx.state(model)), init_scale)
-    return {"params": params, "opt_state": setup.optimizer.init(params),
-            "step": jnp.zeros((), jnp.int32)}
+    return spikes.with_guard(setup.config.train, {
+        "params": params, "opt_state": setup.optimizer.init(params),
+        "step": jnp.zeros((), jnp.int32)})
 
   with jax.set_mesh(setup.mesh):
-    init_one = jax.jit(init, out_shardings=setup.state_shardings)
-    return _stack(pop, [init_one(jnp.int32(seed), jnp.float32(scale)) for seed, scale
-                        in zip(pop.values["seed"], pop.values["init_scale"])])
+    init_one = setup.jitted.setdefault("population_init", jax.jit(
+        init, out_shardings=setup.state_shardings))
+    return init_one(jnp.int32(pop.values["seed"][k]), jnp.float32(pop.values["init_scale"][k]))
+
+
+def init_states(pop: Population):
+  """Every member's initial state, [K, ...], in its sharding (init_member's)."""
+  return _stack(pop, [init_member(pop, k) for k in range(pop.size)])
 
 
 def _stack(pop: Population, states: list):
@@ -111,24 +118,27 @@ def _stack(pop: Population, states: list):
 
 
 def restore_states(pop: Population, checkpointers, log=print):
-  """(step, stacked state) from the members' checkpoints, all at one step; None when no
-  member has one. Members at different steps cannot resume together."""
+  """(data position, stacked state) from the members' newest checkpoints, all at one data
+  position (step + the member's rollback offset, llama_jax/rollback.py); None when no member
+  has one. Members at different positions cannot resume together."""
   latest = [max(c.steps(), default=-1) for c in checkpointers]
   if max(latest) < 0:
     return None
-  if len(set(latest)) > 1:
-    at = ", ".join(f"{w}: {s if s >= 0 else 'none'}" for w, s in zip(pop.workdirs, latest))
-    raise PopulationError(f"population members have their latest checkpoints at different "
-                          f"steps ({at}); resume them separately (python -m llama_jax "
-                          "--workdir=MEMBER) or rerun the sweep, which groups them by step")
-  states = []
-  for workdir, checkpointer in zip(pop.workdirs, checkpointers):
-    restored = checkpointer.restore_latest(pop.setup.abstract_state, log=log)
-    if restored is None or restored[0] != latest[0]:
-      raise PopulationError(f"{workdir}: checkpoint {latest[0]} could not be read; resume "
+  states, positions = [], []
+  for workdir, checkpointer, step in zip(pop.workdirs, checkpointers, latest):
+    restored = checkpointer.restore_latest(pop.setup.abstract_state, log=log) if step >= 0 \
+        else None
+    if step >= 0 and (restored is None or restored[0] != step):
+      raise PopulationError(f"{workdir}: checkpoint {step} could not be read; resume "
                             "this member alone (python -m llama_jax --workdir=...)")
-    states.append(restored[1])
-  return latest[0], _stack(pop, states)
+    states.append(restored and restored[1])
+    positions.append(step + rollback_lib.Rollbacks.offset(restored[1]) if restored else -1)
+  if len(set(positions)) > 1:
+    at = ", ".join(f"{w}: {p if p >= 0 else 'none'}" for w, p in zip(pop.workdirs, positions))
+    raise PopulationError(f"population members have their latest checkpoints at different "
+                          f"data positions ({at}); resume them separately (python -m "
+                          "llama_jax --workdir=MEMBER) or rerun the sweep, which groups them")
+  return positions[0], _stack(pop, states)
 
 
 def member_getter(pop: Population):
@@ -138,12 +148,22 @@ def member_getter(pop: Population):
   return lambda state, k: take(state, jnp.int32(k))
 
 
+def member_setter(pop: Population):
+  """(stacked state, k, member state) -> the stacked state with member k's replaced (a
+  member's rollback)."""
+  put = jax.jit(lambda s, k, m: jax.tree.map(lambda x, y: x.at[k].set(y), s, m),
+                out_shardings=pop.state_shardings, donate_argnums=0)
+  return lambda state, k, member: put(state, jnp.int32(k), member)
+
+
 # ---------------------------------------------------------------------------- steps
 
 
 def make_population_step(pop: Population):
   """(state [K,...], batch, hparams [K]) -> (state, stats [K]): train.train_step_fn per member
-  under vmap, each member's optimizer built from its traced lr, warmup and weight decay."""
+  under vmap, each member's optimizer built from its traced lr, warmup and weight decay. With
+  the guard on (llama_jax/spikes.py), hparams["active"] [K] leaves a member that is done (a
+  rolled-back one finishes later than the others) exactly as it was."""
   setup, config = pop.setup, pop.setup.config
   steps = config.train.steps
 
@@ -151,7 +171,11 @@ def make_population_step(pop: Population):
     schedule = traced_schedule(config.optim, steps, hp["lr"], hp["warmup_steps"])
     optimizer = make_optimizer(config.optim, steps, setup.lr_multipliers, schedule=schedule,
                                weight_decay=hp["weight_decay"])
-    return train_lib.train_step_fn(config, setup.graphdef, optimizer, schedule)(state, batch)
+    new, stats = train_lib.train_step_fn(config, setup.graphdef, optimizer, schedule)(state,
+                                                                                      batch)
+    if "active" in hp:
+      new = jax.tree.map(lambda a, b: jnp.where(hp["active"], b, a), state, new)
+    return new, stats
 
   step = jax.vmap(member_step, in_axes=(0, None, 0), spmd_axis_name=RUNS_AXIS)
   return jax.jit(step, in_shardings=(pop.state_shardings, setup.batch_sharding,
@@ -191,7 +215,7 @@ def train_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Seq
   setup, t_cfg, k_all = pop.setup, pop.configs[0].train, range(pop.size)
   for config, workdir in zip(pop.configs, pop.workdirs):
     storage.check_writable(workdir, "--workdir")
-    train_lib.check_workdir_config(config, workdir)
+    config_lib.check_workdir(config, workdir)
     if is_main:
       config_lib.write(config, workdir)
 
@@ -209,7 +233,7 @@ def train_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Seq
       start_step, state = 0, init_states(pop)
     hparams = pop.hparams()
     train_step, eval_step = make_population_step(pop), make_population_eval_step(pop)
-    take = member_getter(pop)
+    take, put = member_getter(pop), member_setter(pop)
     writers = [metrics_lib.MetricsWriter(w, enabled=is_main, config=c)
                for w, c in zip(pop.workdirs, pop.configs)]
     tokens_per_step = pop.configs[0].data.batch_size * pop.configs[0].data.seq_len
@@ -217,17 +241,23 @@ def train_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Seq
     log(f"population of {pop.size} members, {setup.mesh.shape[RUNS_AXIS]} group(s) of devices "
         f"on the runs axis: lr {pop.values['lr']}")
 
+    # With rollbacks (llama_jax/rollback.py) a member rolls back alone: its step is then the
+    # data position (the population's, shared) minus its own offset, and it trains on, masked
+    # off ('active') once done, until every member has done train.steps.
+    guard_on = "guard" in setup.abstract_state
+    offsets = (np.asarray(jax.device_get(state["guard"]["offset"]), np.int64) if guard_on
+               else np.zeros(pop.size, np.int64))
     diverged: dict[int, str] = {}
     live = lambda: [k for k in k_all if k not in diverged]  # noqa: E731
     last_stats: list[dict | None] = [None] * pop.size
     last_eval: list[float | None] = [None] * pop.size
 
-    def run_eval(done: int, params) -> None:
+    def run_eval(done: int, params, members) -> None:
       loss, per_source = train_lib.eval_losses(eval_step, params, eval_loader, t_cfg.eval_steps)
-      for k in live():
+      for k in members:
         last_eval[k] = float(loss[k])
-        writers[k].write(done, {"eval_loss": last_eval[k],
-                                **{f"eval_loss/{n}": float(v[k]) for n, v in per_source.items()}})
+        writers[k].write(done - offsets[k], {"eval_loss": last_eval[k], **{
+            f"eval_loss/{n}": float(v[k]) for n, v in per_source.items()}})
       log(f"step {done}: eval_loss " + " ".join(
           f"{last_eval[k]:.4f}" if k not in diverged else "-" for k in k_all))
 
@@ -240,45 +270,85 @@ def train_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Seq
                          "the others train on")
           log("error: " + diverged[k])
 
+    def roll_back(state, k: int, trouble: rollback_lib.Trouble):
+      """Member k restored from before its trouble, its data moved past it (or, its
+      rollbacks spent, marked diverged)."""
+      g = jax.tree.map(lambda x: np.asarray(x)[k], guards)
+      c = rollback_lib.checkpoint_before(checkpointers[k], trouble.first)
+      rollback_lib.set_aside(checkpointers[k], pop.workdirs[k], c, log)
+      if int(g["rollbacks"]) >= t_cfg.max_rollbacks:
+        diverged[k] = f"{pop.workdirs[k]}: {rollback_lib.diverged(t_cfg, trouble, c)}"
+        log("error: " + diverged[k])
+        return state
+      member = (checkpointers[k].restore(c, setup.abstract_state) if c else init_member(pop, k))
+      values = rollback_lib.rolled_guard(g, trouble.found, c)
+      member["guard"] = {**member["guard"], **{
+          name: jax.device_put(np.int32(v), setup.state_shardings["guard"][name])
+          for name, v in values.items()}}
+      offsets[k] = values["offset"]
+      rollback_lib.record(writers[k], trouble.found, c, trouble, values, {},
+                          lambda m: log(f"{pop.workdirs[k]}: {m}"))
+      return put(state, k, member)
+
     progress = train_lib.progress_bar(start_step, t_cfg.steps, is_main)
     # Every member's tokens/s is the program's rate over K: the K members share each step.
-    throughput = train_lib.Throughput(tokens_per_step)
+    throughput = metrics_lib.Throughput(tokens_per_step)
     pending: list[tuple[int, Any]] = []
     stopped_by, step = None, start_step
     if start_step == 0:
-      run_eval(0, state["params"])
+      run_eval(0, state["params"], live())
     try:
       with stop:
         for step, batch in train_loader.iterate(start_step):
-          if step >= t_cfg.steps or not live():
+          active = [k for k in live() if step - offsets[k] < t_cfg.steps]
+          if not active:
             break
+          if guard_on:
+            hparams["active"] = jax.device_put(np.isin(k_all, active), pop.hparam_sharding)
           state, stats = train_step(state, batch, hparams)
           done = step + 1
           pending.append((done, stats["loss"]))
           throughput.step(stats["loss"])
           progress.update(1)
-          at_log, at_eval, at_ckpt = (train_lib.itstime(done, every, t_cfg.steps) for every in (
+          at_log, at_eval, at_ckpt = ([k for k in active if done % every == 0
+                                       or done - offsets[k] == t_cfg.steps] for every in (
               t_cfg.log_every, t_cfg.eval_every, t_cfg.checkpoint_every))
-          stopping = stop.should_stop(done, waited=at_log or at_eval or at_ckpt)
-          if at_log or at_eval or at_ckpt or stopping:
-            pending = jax.device_get(pending)
-            check_finite(pending)
-            pending = []
+          synced = bool(at_log or at_eval or at_ckpt)
+          stopping = stop.should_stop(done, waited=synced)
+          if (synced or stopping) and not guard_on:
+            check_finite(jax.device_get(pending))
+          pending = []
+          if guard_on and (synced or stopping):
+            guards = jax.device_get(state["guard"])
+            troubles = {k: rollback_lib.find_trouble(
+                t_cfg, jax.tree.map(lambda x: np.asarray(x)[k], guards), done - offsets[k])
+                for k in active}
+            for k, trouble in troubles.items():
+              if trouble and synced:
+                state = roll_back(state, k, trouble)
+            # a member with trouble pending at a stop saves nothing (train.py says why)
+            saving = [k for k in live() if not troubles.get(k)]
+          else:
+            saving = live()
+          at_log, at_eval, at_ckpt = ([k for k in m if k in live() and not (
+              guard_on and troubles.get(k))] for m in (at_log, at_eval, at_ckpt))
           if at_log:
             stats, tps = jax.device_get(stats), throughput.read()
-            for k in live():
+            for k in at_log:
               last_stats[k] = train_lib.step_metrics(jax.tree.map(lambda x: x[k], stats),
-                                                     tps, done, tokens_per_step, flops)
+                                                     tps, done - offsets[k], tokens_per_step, flops)
               last_stats[k]["population_size"] = pop.size
-              writers[k].write(done, last_stats[k])
+              if guard_on:
+                last_stats[k].update(rollback_lib.log_fields(
+                    jax.tree.map(lambda x: np.asarray(x)[k], guards), last_stats[k]))
+              writers[k].write(done - offsets[k], last_stats[k])
             progress.set_postfix(tok_s=f"{tps * pop.size:,.0f}")
           if at_eval:
-            run_eval(done, state["params"])
+            run_eval(done, state["params"], at_eval)
             throughput.restart()
-          if at_ckpt or stopping:
-            for k in live():
-              checkpointers[k].save(done, take(state, k), pop.configs[k])
-              writers[k].flush()
+          for k in at_ckpt if not stopping else [k for k in saving if k in active]:
+            checkpointers[k].save(int(done - offsets[k]), take(state, k), pop.configs[k])
+            writers[k].flush()
           if stopping:
             stopped_by = signal.Signals(stop.received).name
             break

@@ -21,7 +21,7 @@ from llama_jax.sweep.experiment import absolute_config, expand, is_remote, load_
 from llama_jax.sweep.local import (default_train_cmd, population_groups, population_name,
                                    run_local)
 from llama_jax.sweep.overrides import canonical_key, load_config, parse_value
-from llama_jax.sweep.results import collect_results
+from llama_jax.sweep.results import collect_results, missing
 from llama_jax.sweep.run import Run
 
 
@@ -85,6 +85,14 @@ def _collect_cmd(args: argparse.Namespace, experiment: str, workdir: str) -> str
   return f"cd {shlex.quote(args.remote_dir or os.getcwd())} && {shlex.join(argv)}"
 
 
+def _report_missing(rows) -> None:
+  """Which cells of the grid have no result, and why (stderr)."""
+  lines = missing(rows)
+  if lines:
+    print(f"[sweep] {len(lines)} of {len(rows)} run(s) without a result:\n  "
+          + "\n  ".join(lines), file=sys.stderr)
+
+
 @cli
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(
@@ -129,8 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "results.csv after every run has ended")
   p.add_argument("--tpu_type", default="v5p-8", help="tpu: the slice each run gets")
   p.add_argument("--tpu_runtime", default="v2-alpha-tpuv5", help="tpu: the TPU VM runtime")
-  p.add_argument("--retries", type=int, default=5,
-                 help="tpu: attempts per run (a preempted slice is asked for again)")
+  p.add_argument("--retries", type=int, default=None,
+                 help="local: times a run that crashed (an exit code other than 0 and 2, not "
+                 "a divergence) is re-launched from its checkpoints (default 0); tpu: attempts "
+                 "per run, a preempted slice asked for again (default 5)")
   p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                  help="slurm: extra #SBATCH line, e.g. --sbatch=--gpus-per-node=8")
   p.add_argument("--population", action="store_true",
@@ -190,7 +200,8 @@ def _main(args: argparse.Namespace) -> int:
       text = tpu_script(runs, experiment=rel_experiment,
                         remote_dir=args.remote_dir or "llama_jax", python=args.python,
                         tpu_type=args.tpu_type, runtime=args.tpu_runtime,
-                        retries=args.retries, parallel=args.parallel)
+                        retries=5 if args.retries is None else args.retries,
+                        parallel=args.parallel)
     else:
       text = slurm_script(runs, experiment=rel_experiment, repo_dir=args.remote_dir or os.getcwd(),
                           python=args.python, nodes=args.nodes,
@@ -234,9 +245,12 @@ def _main(args: argparse.Namespace) -> int:
         print(f"population {population_name(group)}: {[r.name for r in group]}")
     return 0
   results = os.path.join(workdir, "results.csv")
+  if args.retries is not None and args.retries < 0:
+    raise SweepError(f"--retries={args.retries} must be >= 0")
   if args.collect:
-    collect_results(runs, results)
+    rows = collect_results(runs, results)
     print(results)
+    _report_missing(rows)
     return 0
   statuses = {}
 
@@ -246,11 +260,12 @@ def _main(args: argparse.Namespace) -> int:
   previous = signal.signal(signal.SIGTERM, on_term)
   try:
     statuses = run_local(runs, parallel=args.parallel, train_cmd=train_cmd,
-                         population=population)
+                         population=population, retries=args.retries or 0)
   finally:
     signal.signal(signal.SIGTERM, previous)
-    collect_results(runs, results)
+    rows = collect_results(runs, results)
     print(f"[sweep] wrote {results}")
+    _report_missing(rows)
   bad = sorted(n for n, s in statuses.items() if s != "done")
   if bad:
     print(f"[sweep] not finished: {bad}", file=sys.stderr)

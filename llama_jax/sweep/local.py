@@ -103,15 +103,24 @@ def _begin_attempt(run: Run, command: str, **extra) -> tuple[dict, dict]:
   record.update(name=run.name, overrides=run.overrides, tags=run.tags, command=command,
                 cwd=os.getcwd())
   record.setdefault("attempts", [])
+  metrics = run.metrics()
   attempt = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "resumed_from_step":
-             last_step(run.metrics()), "returncode": None, "wall_s": None, **extra}
+             last_step(metrics), "returncode": None, "wall_s": None,
+             "metrics_lines": len(metrics), **extra}
   record["attempts"].append(attempt)
   _write_json(os.path.join(run.workdir, "sweep.json"), record)
   return record, attempt
 
 
+def last_error(log_path: str) -> str:
+  """The last `error: ...` line of a log, else its last line (a traceback's exception)."""
+  lines = [line.strip() for line in _tail_lines(log_path, 200) if line.strip()]
+  errors = [line for line in lines if line.startswith("error: ")]
+  return (errors or lines or [""])[-1][:300]
+
+
 def _end_attempt(run: Run, record: dict, attempt: dict, rc: int, wall_s: float,
-                 children: _Children | None, print_fn) -> str:
+                 children: _Children | None, print_fn, log_path: str) -> str:
   """Records how the attempt ended, writes DONE for a run that reached train.steps; the
   run's status."""
   attempt.update(returncode=rc, wall_s=round(wall_s, 3))
@@ -119,6 +128,14 @@ def _end_attempt(run: Run, record: dict, attempt: dict, rc: int, wall_s: float,
     attempt["interrupted"] = True  # stopped by the sweep: resumable, not a failure
   record["wall_s"] = round(sum(a["wall_s"] or 0 for a in record["attempts"]), 3)
   metrics = run.metrics()
+  if rc != 0:
+    # The trainer's last line of the attempt ends its metrics (goodput/end, llama_jax.train):
+    # a divergence is recorded there; a population's exit 2 is its members' divergence.
+    ends = [m.get("goodput/end") for m in metrics[attempt.get("metrics_lines", 0):]
+            if "goodput/end" in m]
+    attempt["diverged"] = (ends[-1:] == ["diverged"] if ends
+                           else rc == 2 and "population" in attempt)
+    attempt["error"] = last_error(log_path)
   reached = last_step(metrics) >= run.steps
   if rc == 0 and reached:
     _write_json(os.path.join(run.workdir, "DONE"),
@@ -138,18 +155,31 @@ def _warn_changed_overrides(run: Run, print_fn) -> None:
 
 
 def run_one(run: Run, train_cmd: Sequence[str], children: _Children | None = None,
-            print_fn: Callable[[str], None] = print) -> str:
+            print_fn: Callable[[str], None] = print, retries: int = 0) -> str:
   """Runs (or resumes) one run to completion; returns its status afterwards. Its output goes
-  to its log.txt (a local copy for a bucket, uploaded when the run ends)."""
+  to its log.txt (a local copy for a bucket, uploaded when the run ends). A crash (status
+  'failed': an exit code other than 0 and 2, or exit 0 short of train.steps) is re-launched
+  from the run's checkpoints up to `retries` times; a divergence or a user error (exit 2) is
+  not, nor a run the sweep itself stopped."""
   if not storage.is_remote(run.workdir):
     os.makedirs(run.workdir, exist_ok=True)
   cmd = list(train_cmd) + run.train_args()
+  log_path = os.path.join(run.workdir, "log.txt")
   _warn_changed_overrides(run, print_fn)
-  record, attempt = _begin_attempt(run, shlex.join(cmd))
-  start = time.time()
-  rc = _run_process(cmd, os.path.join(run.workdir, "log.txt"), attempt["started"], children,
-                    run.wandb_env())
-  return _end_attempt(run, record, attempt, rc, time.time() - start, children, print_fn)
+  for attempt_no in range(retries + 1):
+    record, attempt = _begin_attempt(run, shlex.join(cmd))
+    start = time.time()
+    rc = _run_process(cmd, log_path, attempt["started"], children, run.wandb_env())
+    status = _end_attempt(run, record, attempt, rc, time.time() - start, children, print_fn,
+                          log_path)
+    retry = (status in ("failed", "incomplete") and rc != 2 and not attempt.get("interrupted")
+             and attempt_no < retries)
+    if not retry:
+      return status
+    print_fn(f"[sweep] {run.name}: attempt {attempt_no + 1} ended with exit code {rc} "
+             f"({attempt.get('error') or 'no error line'}); retry {attempt_no + 1} of "
+             f"{retries}, resuming from its checkpoints")
+  return status
 
 
 def population_name(runs: Sequence[Run]) -> str:
@@ -189,7 +219,7 @@ def run_population(runs: Sequence[Run], populations_dir: str, *, runs_devices: i
     # A member that reached train.steps ended well even when another diverged (exit 2).
     member_rc = 0 if last_step(run.metrics()) >= run.steps else (rc or 1)
     statuses[run.name] = _end_attempt(run, record, attempt, member_rc, time.time() - start,
-                                      children, print_fn)
+                                      children, print_fn, log_path)
   return statuses
 
 
@@ -197,11 +227,15 @@ def _read_text(path: str) -> str:
   return storage.read_text(path) if storage.exists(path) else ""
 
 
-def _tail(path: str, n: int) -> list[str]:
+def _tail_lines(path: str, n: int) -> list[str]:
   if not storage.exists(path):
     return []
   lines = storage.read_bytes(path).decode("utf-8", errors="replace").splitlines(keepends=True)
-  return ["    " + line for line in lines[-n:]]
+  return lines[-n:]
+
+
+def _tail(path: str, n: int) -> list[str]:
+  return ["    " + line for line in _tail_lines(path, n)]
 
 
 def population_groups(runs: Sequence[Run], max_size: int = 0) -> list[list[Run]]:
@@ -213,8 +247,8 @@ def population_groups(runs: Sequence[Run], max_size: int = 0) -> list[list[Run]]
 
 
 def run_local(runs: Sequence[Run], *, parallel: int = 1, train_cmd: Sequence[str] | None = None,
-              print_fn: Callable[[str], None] = print, population: dict | None = None
-              ) -> dict[str, str]:
+              print_fn: Callable[[str], None] = print, population: dict | None = None,
+              retries: int = 0) -> dict[str, str]:
   """Runs every unfinished run, at most `parallel` at once; returns {name: status}.
 
   Finished runs are skipped; interrupted ones are started again and resume from their
@@ -222,7 +256,7 @@ def run_local(runs: Sequence[Run], *, parallel: int = 1, train_cmd: Sequence[str
   trainer's argv prefix (default: default_train_cmd()); each run's train_args() follow it.
   `population` ({"dir", "max_size", "runs_devices"}) trains the same-shape runs as
   populations (population_groups, run_population; a group of one runs alone), `parallel` of
-  them at once.
+  them at once. `retries`: how often a run alone that crashed is re-launched (run_one).
   """
   train_cmd = list(train_cmd) if train_cmd is not None else default_train_cmd()
   statuses: dict[str, str] = {}
@@ -248,7 +282,7 @@ def run_local(runs: Sequence[Run], *, parallel: int = 1, train_cmd: Sequence[str
       step = last_step(run.metrics())
       print_fn(f"[sweep] {run.name}: " + (f"resuming from step {step}" if step >= 0
                                           else "starting") + f" -> {run.workdir}/log.txt")
-      return {run.name: run_one(run, train_cmd, children, print_fn)}
+      return {run.name: run_one(run, train_cmd, children, print_fn, retries)}
     name = population_name(group)
     print_fn(f"[sweep] population {name}: {len(group)} runs as one program -> "
              f"{storage.join(population['dir'], name)}/log.txt")
@@ -272,7 +306,7 @@ def run_local(runs: Sequence[Run], *, parallel: int = 1, train_cmd: Sequence[str
         print_fn(f"[sweep] {run.name}: {statuses[run.name]} ({finished}/{total}, "
                  f"{time.time() - t0:.0f}s) loss={final_value(metrics, 'loss'):.4g} "
                  f"eval_loss={final_value(metrics, 'eval_loss'):.4g}")
-        if statuses[run.name] == "failed":
+        if statuses[run.name] in ("failed", "diverged"):
           print_fn(f"[sweep] {run.name}: end of {run.workdir}/log.txt:\n"
                    + "".join(_tail(os.path.join(run.workdir, "log.txt"), 5)))
   except KeyboardInterrupt:

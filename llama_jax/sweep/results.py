@@ -18,6 +18,8 @@ from llama_jax.sweep.run import Run, final_value, last_step
 def result_row(run: Run) -> dict[str, Any]:
   metrics = run.metrics()
   sizes = run.sizes()
+  attempts = run.record().get("attempts", [])
+  status = run.status()
   row: dict[str, Any] = {"name": run.name}
   row.update(run.overrides)
   row.update(run.tags)
@@ -28,18 +30,24 @@ def result_row(run: Run) -> dict[str, Any]:
       final_loss=final_value(metrics, "loss"),
       final_eval_loss=final_value(metrics, "eval_loss"),
       wall_s=run.record().get("wall_s", ""),
-      status=run.status(),
+      status=status,
+      attempts=len(attempts),
+      rollbacks=sum("rollback_to" in m for m in metrics),
+      error=(attempts[-1].get("error") or "") if attempts and status != "done" else "",
   )
   return row
 
 
 _SIZE_COLUMNS = ["params", "nonembedding_params", "tokens", "flops", "kaplan_flops", "steps",
-                 "final_step", "final_loss", "final_eval_loss", "wall_s", "status"]
+                 "final_step", "final_loss", "final_eval_loss", "wall_s", "status", "attempts",
+                 "rollbacks", "error"]
 
 
 def collect_results(runs: Sequence[Run], path: str) -> list[dict[str, Any]]:
   """Writes results.csv (one row per run) and returns the rows. Columns: name, every config key
-  some run overrides (each run's resolved value), tags, sizes, final losses, wall_s, status."""
+  some run overrides (each run's resolved value), tags, sizes, final losses, wall_s, status,
+  attempts (trainer launches), rollbacks (llama_jax/rollback.py) and, for a run not done, the
+  last error line of its last attempt."""
   rows = [result_row(r) for r in runs]
   override_keys = list(dict.fromkeys(k for r in runs for k in r.overrides))
   tag_keys = [k for k in dict.fromkeys(k for r in runs for k in r.tags) if k not in override_keys]
@@ -55,6 +63,26 @@ def collect_results(runs: Sequence[Run], path: str) -> list[dict[str, Any]]:
     w.writerow({k: _csv_value(v) for k, v in row.items()})
   storage.write_text(path, f.getvalue())  # local or in a bucket, whole
   return rows
+
+
+def missing(rows: Sequence[dict[str, Any]]) -> list[str]:
+  """One line per cell of the grid without a result (status not done), saying why."""
+  out = []
+  for r in rows:
+    status = r["status"]
+    if status == "done":
+      continue
+    if status == "pending":
+      why = "never started"
+    elif status == "incomplete":
+      why = (f"stopped at step {r['final_step'] if r['final_step'] != '' else 0} of "
+             f"{r['steps']}; rerun the sweep to resume it")
+    else:
+      tries = f"{r['attempts']} attempt(s)" + (f", {r['rollbacks']} rollback(s)"
+                                               if r["rollbacks"] else "")
+      why = f"{tries}: {r['error'] or 'no error line in its log.txt'}"
+    out.append(f"{r['name']}: {status}: {why}")
+  return out
 
 
 def _csv_value(v: Any) -> Any:

@@ -17,7 +17,9 @@ from llama_jax.model.config import ModelConfig
 from llama_jax.model.sizes import count_params, flops_per_token, kaplan_flops_per_token
 from llama_jax.sweep.overrides import format_value
 
-STATUSES = ("done", "incomplete", "failed", "pending")
+# diverged: stopped with a non-finite loss or its rollbacks spent (train.max_rollbacks),
+# which a retry would only repeat; failed: any other error (a crash: --retries re-launches it).
+STATUSES = ("done", "incomplete", "failed", "diverged", "pending")
 
 
 @dataclasses.dataclass
@@ -116,7 +118,7 @@ class Run:
     attempts = self.record().get("attempts", [])
     if (attempts and attempts[-1].get("returncode") not in (0, None)
         and not attempts[-1].get("interrupted")):
-      return "failed"
+      return "diverged" if attempts[-1].get("diverged") else "failed"
     if metrics or attempts:
       return "incomplete"
     return "pending"

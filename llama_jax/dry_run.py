@@ -162,14 +162,14 @@ def topology_plan(config, topology, num_slices: int = 1, devices=None) -> dict:
   return record
 
 
-def _gib(n: int) -> str:
+def gib(n: int) -> str:
   return f"{n / 2**30:.2f} GiB"
 
 
 def does_not_fit(record: dict) -> DoesNotFitError:
   """The one-line error for a plan that does not fit, naming the knobs that lower the peak."""
   mesh = record["mesh"]
-  need = (f"needs {_gib(record['peak_bytes_per_device'])}" if record["peak_bytes_per_device"] > 0
+  need = (f"needs {gib(record['peak_bytes_per_device'])}" if record["peak_bytes_per_device"] > 0
           else "does not fit in the HBM of one chip")
   knobs = [f"raise optim.grad_accum (now {record['grad_accum']}) for smaller microbatches"]
   if record["remat"] != "full":
@@ -178,6 +178,6 @@ def does_not_fit(record: dict) -> DoesNotFitError:
                f"{mesh['tensor']} of {record['devices']} devices) or a larger topology")
   return DoesNotFitError(
       f"the train step {need} per device on {record['topology']}, a {record['device_kind']} "
-      f"chip has {_gib(record['usable_hbm_bytes_per_device'])} usable "
-      f"({_gib(record['hbm_bytes_per_device'])} HBM): {', '.join(knobs)}, or run --fit to "
+      f"chip has {gib(record['usable_hbm_bytes_per_device'])} usable "
+      f"({gib(record['hbm_bytes_per_device'])} HBM): {', '.join(knobs)}, or run --fit to "
       "search grad_accum and remat")

@@ -119,6 +119,8 @@ def topology_plan(config, topology, num_slices: int = 1, devices=None) -> dict:
 
   Returns the dry-run fields plus `peak_bytes_per_device` (the compiler's peak: parameters,
   optimizer state, batch and temporaries; when it does not fit, the bytes its error names),
+  `host_temp_bytes_per_device` (host memory the step's temporaries take: what an offload_*
+  remat policy moved off the chip),
   `hbm_bytes_per_device` (the chip's), `usable_hbm_bytes_per_device` (what the compiler plans
   against: its error's number, or llama_jax.tpu_topology's) and `fits`. Out of HBM is a result
   here, not an error."""
@@ -136,13 +138,14 @@ def topology_plan(config, topology, num_slices: int = 1, devices=None) -> dict:
     compiled = lowered.compile()
     mem = compiled.memory_analysis()
     peak, temp = int(mem.peak_memory_in_bytes), int(mem.temp_size_in_bytes)
+    host = int(getattr(mem, "host_temp_size_in_bytes", 0))  # what an offload policy moved
     fits, error = peak <= usable, None
   except JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     parsed = parse_oom(str(e))
     peak, usable = parsed if parsed else (-1, usable)
-    temp, fits, error = -1, False, str(e).strip().splitlines()[0]
+    temp, host, fits, error = -1, -1, False, str(e).strip().splitlines()[0]
   compile_s = lower_s + time.perf_counter() - t0
   record = {**_fields(config, setup),
             "temp_bytes_per_device": temp,
@@ -150,10 +153,12 @@ def topology_plan(config, topology, num_slices: int = 1, devices=None) -> dict:
             "topology": topology.name,
             "num_slices": num_slices,
             "device_kind": devices[0].device_kind,
+            "attention": config.model.attention,
             "remat": config.model.remat,
             "grad_accum": config.optim.grad_accum,
             "batch_size": config.data.batch_size,
             "peak_bytes_per_device": peak,
+            "host_temp_bytes_per_device": host,
             "hbm_bytes_per_device": gen.hbm_bytes,
             "usable_hbm_bytes_per_device": usable,
             "fits": fits}

@@ -153,3 +153,17 @@ def test_splash_config_checks_and_fallbacks():
   out = attention.attend(q, k, v, is_causal=True, implementation="splash")
   ref = attention.attend(q, k, v, is_causal=True, implementation="blockwise")
   np.testing.assert_array_equal(out, ref)
+
+
+def test_splash_repeats_kv_heads_the_tensor_axis_cannot_split():
+  """2 kv heads on tensor=4: the kv heads are replicated (resolve_rules' fallback) while the 8
+  query heads are split, so each device's query heads need their own kv heads: k and v are
+  repeated per query head before shard_map. Forward against the blockwise attention."""
+  mesh = jax.make_mesh((1, 2, 4), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  rules = (("act_batch", ("data", "fsdp")), ("act_heads", "tensor"), ("act_kv_heads", None))
+  q, k, v = _qkv(2, 128, 8, 2, 8)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    out = jax.jit(lambda q, k, v: attention.splash_attention(q, k, v))(q, k, v)
+  ref = attention.attend(q, k, v, is_causal=True, implementation="blockwise")
+  np.testing.assert_allclose(out, ref, atol=2e-6)

@@ -79,8 +79,11 @@ class _Search:
       record = dry_run.topology_plan(cfg, self.topology, self.num_slices, self.devices)
       record["recompute_flops_per_step"] = recompute_flops(cfg, remat, attention) * batch_size
       self.plans[key] = record
+      # An out-of-memory message whose sizes dry_run.parse_oom cannot read: the message itself.
+      unparsed = ({"compiler_error": record.get("compiler_error", "")}
+                  if record["peak_bytes_per_device"] < 0 else {})
       self.emit(json.dumps({"candidate": len(self.plans),
-                            **{k: record[k] for k in _CANDIDATE_KEYS}}))
+                            **{k: record[k] for k in _CANDIDATE_KEYS}, **unparsed}))
     return self.plans[key]
 
   def fits(self, *key) -> bool:

@@ -13,8 +13,8 @@ batch (ties: the pair that recomputes less).
 
 Every candidate is one TPU compile (llama_jax.dry_run.topology_plan) in this one process and
 prints one JSON line; the choice is the last line, with the flags that select it and, for every
-pair not chosen, the constraint that ruled it out (`rejected`: hbm, recompute, microbatches,
-batch, order or config). The searches assume the peak grows with the rows a microbatch holds,
+pair not chosen, the constraint that ruled it out (`rejected`: hbm, host, recompute,
+microbatches, batch, order or config). The searches assume the peak grows with the rows a microbatch holds,
 so they bisect instead of compiling every candidate: a pair that does not fit with its smallest
 microbatch is ruled out with one compile, and one that fits costs about log2(candidates) more.
 """
@@ -115,11 +115,18 @@ class _Search:
         "or use a larger topology")
 
 
-def _hbm(record: dict) -> str:
+def _memory(pair, record: dict) -> dict:
+  """The rejection of a pair whose plan did not fit: in HBM, or in the host memory an offload
+  policy needs."""
+  at = f"at grad_accum {record['grad_accum']}, batch {record['batch_size']}"
+  if record.get("out_of") == "host":
+    return _rejection(pair, "host", (
+        f"needs {dry_run.gib(record['host_temp_bytes_per_device'])} of host memory of "
+        f"{dry_run.gib(record['usable_host_bytes_per_device'])} allowed {at}"))
   need = (dry_run.gib(record["peak_bytes_per_device"]) if record["peak_bytes_per_device"] > 0
           else "more than the chip has")
-  return (f"needs {need} of {dry_run.gib(record['usable_hbm_bytes_per_device'])} usable at "
-          f"grad_accum {record['grad_accum']}, batch {record['batch_size']}")
+  return _rejection(pair, "hbm", (
+      f"needs {need} of {dry_run.gib(record['usable_hbm_bytes_per_device'])} usable {at}"))
 
 
 def _rejection(pair, constraint: str, detail: str) -> dict:
@@ -206,7 +213,7 @@ def _fit_rejections(search: _Search, pairs, cost, best) -> list[dict]:
           f"fits with grad_accum {min(fitting)} at the least, the choice takes {best[2]}")))
     elif plans:
       most = max(plans, key=lambda r: r["grad_accum"])  # its smallest microbatch tried
-      out.append(_rejection(pair, "hbm", _hbm(most)))
+      out.append(_memory(pair, most))
     else:
       out.append(_rejection(pair, "order", (
           f"ties the choice on recomputed FLOPs and could not take fewer microbatches than "
@@ -246,7 +253,7 @@ def fit_batch(config, topology, num_slices: int = 1, remats=REMAT_ORDER,
     if pair == best[0]:
       continue
     if pair not in rows:
-      rejected.append(_rejection(pair, "hbm", _hbm(search.plan(*pair, accum, unit))))
+      rejected.append(_memory(pair, search.plan(*pair, accum, unit)))
     else:
       rejected.append(_rejection(pair, "batch" if rows[pair] < best[1] else "order", (
           f"fits {rows[pair]} rows a device at the most, the choice {best[1]}")))

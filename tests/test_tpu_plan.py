@@ -157,13 +157,27 @@ def test_does_not_fit_ends_with_one_line():
     assert knob in line
 
 
-def test_parse_oom_both_forms():
+def test_parse_oom_all_forms():
   new = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
          "temporaries (40.60G) exceeds available HBM (15.75G).")
   assert dry_run.parse_oom(new) == (int(40.60 * GiB), int(15.75 * GiB))
   old = "Ran out of memory in memory space hbm. Used 20.50G of 15.48G hbm. Exceeded hbm by 5G"
   assert dry_run.parse_oom(old) == (int(20.5 * GiB), int(15.48 * GiB))
   assert dry_run.parse_oom("RESOURCE_EXHAUSTED: something else") is None
+  # An offload policy's: the host memory the compiler allows a chip (llama3_70b, pure FSDP on
+  # v5p-512, offload_dot_except_mlpwi with 4 rows a chip).
+  host = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
+          "space host. Used 130.62G of 128.00G host. Exceeded host capacity by 2.62G.")
+  assert dry_run.parse_oom(host) is None
+  assert dry_run.parse_oom(host, "host") == (int(130.62 * GiB), 128 * GiB)
+  record = {"out_of": "host", "host_temp_bytes_per_device": int(130.62 * GiB),
+            "usable_host_bytes_per_device": 128 * GiB, "topology": "v5p-512", "grad_accum": 1,
+            "remat": "offload_dot_except_mlpwi", "mesh": {"fsdp": 256, "tensor": 1}}
+  assert str(dry_run.does_not_fit(record)) == (
+      "the train step needs 130.62 GiB of host memory per device on v5p-512, where the compiler "
+      "allows 128.00 GiB: raise optim.grad_accum (now 1) for smaller microbatches, or keep the "
+      "activations on the chip (model.remat='save_dot_except_mlpwi', now "
+      "'offload_dot_except_mlpwi'), or run --fit")
 
 
 # ---------------------------------------------------------------------------- --fit

@@ -283,11 +283,11 @@ def test_splash_and_offload_compile_for_a_tpu_slice():
   # Mosaic refuses bf16 matmuls at conftest's process-wide 'highest' precision (fp32
   # contraction: "Bad lhs type"); a run's default precision is jax's own.
   with jax.default_matmul_precision("default"):
-    splash = dry_run.topology_plan(config("splash", "dots"), topology, devices=devices)
-    lowered = dry_run._lower(config("splash", "dots"), devices)[1].as_text()
-  assert splash["fits"] and splash["attention"] == "splash"
-  assert splash["host_temp_bytes_per_device"] == 0  # the control: nothing offloaded
-  assert "tpu_custom_call" in lowered and "splash" in lowered
+    lowered = dry_run._lower(config("splash", "dots"), devices)[1]
+    splash = lowered.compile().memory_analysis()
+  assert 0 < splash.peak_memory_in_bytes < topology.generation.usable_hbm_bytes
+  assert splash.host_temp_size_in_bytes == 0  # the control: nothing offloaded
+  assert "tpu_custom_call" in lowered.as_text() and "splash" in lowered.as_text()
   offload = dry_run.topology_plan(config("blockwise", "offload_dot_except_mlpwi"), topology,
                                   devices=devices)
   assert offload["fits"] and offload["remat"] == "offload_dot_except_mlpwi"

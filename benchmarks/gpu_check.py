@@ -1,7 +1,7 @@
 """The GPU checks of docs/PERFORMANCE.md in one run of a few minutes: one JSON line per check.
 
   python benchmarks/gpu_check.py [--config=configs/gpu_1b.py] [--steps=10] [--remat=dots_no_batch]
-      [--trace_dir=DIR]
+      [--attention=blockwise] [--trace_dir=DIR] > benchmarks/results/gpu_DATE_KIND.jsonl
 
 Made to be run once on a lent GPU (its time is scarce), so every check prints its line as soon
 as it is done and a failing check is reported without stopping the others:
@@ -10,8 +10,10 @@ as it is done and a failing check is reported without stopping the others:
               against XLA's and the blockwise attention at the config's head shapes and dtype:
               whether the compiled HLO really calls cuDNN, the largest output and gradient
               differences, and forward + backward milliseconds of each.
-  train_step  train_step.py's record for the config (tokens/s, MFU against the spec-sheet peak,
-              compile time, memory), and the same for each --remat policy.
+  train_step  train_step.py's record for the config (tokens/s, MFU against the spec-sheet peak
+              in both conventions of the causal attention's FLOPs, compile time, memory), and
+              the same for each --remat policy and each --attention (gpu_1b.py runs cuDNN's
+              attention; by default the blockwise one is timed beside it).
   profile     profile_step.py's split of the step by kind of op (matmul, attention, ...); its
               trace stays in --trace_dir (default: a new temporary directory, in the record).
 
@@ -107,14 +109,16 @@ def main(argv):
   _run_check("attention", lambda: attention_check(
       config.data.batch_size, config.data.seq_len, m.n_heads, m.n_kv_heads, m.head_dim, m.dtype))
 
-  def step_record(remat):
+  def step_record(remat, attention=m.attention):
     variant = config.copy_and_resolve_references()
-    variant.model.remat = remat
-    return {"check": "train_step", "remat": remat,
+    variant.model.remat, variant.model.attention = remat, attention
+    return {"check": "train_step", "remat": remat, "attention": attention,
             **train_step.benchmark(variant, _STEPS.value, _WARMUP.value)}
 
   for remat in [m.remat] + [r for r in _REMAT.value if r != m.remat]:
     _run_check("train_step", lambda remat=remat: step_record(remat))
+  for attention in [a for a in _ATTENTION.value if a != m.attention]:
+    _run_check("train_step", lambda attention=attention: step_record(m.remat, attention))
   trace_dir = _TRACE_DIR.value or tempfile.mkdtemp(prefix="llama_jax_gpu_profile_")
   _run_check("profile", lambda: {"check": "profile", **profile_step.profile(
       config.copy_and_resolve_references(), steps=3, warmup=2, top=15, trace_dir=trace_dir)})
@@ -126,6 +130,8 @@ if __name__ == "__main__":
   _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
   _REMAT = flags.DEFINE_list("remat", ["dots_no_batch"],
                              "Remat policies to time besides the config's own.")
+  _ATTENTION = flags.DEFINE_list("attention", ["blockwise"],
+                                 "Attentions to time besides the config's own, at its remat.")
   _TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Where the profile check's trace goes "
                                    "(default: a new temporary directory, printed as trace_dir).")
   app.run(main)

@@ -37,10 +37,13 @@ _TOPOLOGY = flags.DEFINE_string(
     "topology", "", "With --dry_run: a Cloud TPU slice (v4-32, v5p-128, v5e-256, v6e-256) to "
     "compile for with the TPU compiler instead of fake CPU devices.")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "With --topology: slices joined by DCN.")
-_FIT = flags.DEFINE_bool("fit", False, "With --topology: search remat and grad_accum to fit.")
+_FIT = flags.DEFINE_bool("fit", False,
+                         "With --topology: search attention, remat and grad_accum to fit.")
 _FIT_BATCH = flags.DEFINE_bool(
     "fit_batch", False, "With --topology: search the largest global batch that fits.")
 _FIT_REMAT = flags.DEFINE_list("fit_remat", [], "Remat policies --fit searches (default all).")
+_FIT_ATTENTION = flags.DEFINE_list(
+    "fit_attention", [], "Attentions --fit searches (default splash,blockwise).")
 _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index.")
@@ -63,7 +66,7 @@ def main(argv):
     from llama_jax import fit_search
     search = "fit" if _FIT.value else "fit_batch" if _FIT_BATCH.value else ""
     return fit_search.topology_main(config, _TOPOLOGY.value, _NUM_SLICES.value, search=search,
-                                    remats=_FIT_REMAT.value)
+                                    remats=_FIT_REMAT.value, attentions=_FIT_ATTENTION.value)
   if _DRY_RUN.value:
     from llama_jax import dry_run
     n = dry_run.mesh_devices(config, _DRY_DEVICES.value)

@@ -21,7 +21,8 @@ from typing import Any
 import ml_collections
 
 from llama_jax import errors, storage
-from llama_jax.model.config import SIZES, ModelConfig, parse_lora_targets
+from llama_jax.model.config import (SIZES, SPLASH_LANES, ModelConfig, parse_lora_targets,
+                                    splash_block)
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 OPTIMIZERS = ("adamw",)
@@ -212,6 +213,12 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   if d.seq_len > model.max_seq_len:
     raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={model.max_seq_len}; "
                       "lower data.seq_len or raise model.max_seq_len")
+  block = min(model.attention_block, d.seq_len)
+  if model.attention == "splash" and not splash_block(d.seq_len, block):
+    raise ConfigError(f"model.attention='splash' runs blocks of {block} tokens, which must divide "
+                      f"data.seq_len={d.seq_len} and be a multiple of {SPLASH_LANES}; set "
+                      "data.seq_len to a multiple of model.attention_block, or model.attention="
+                      "'blockwise'")
   for key, value in (("data.seq_len", d.seq_len), ("data.batch_size", d.batch_size),
                      ("train.steps", t.steps), ("train.log_every", t.log_every),
                      ("train.eval_every", t.eval_every), ("train.eval_steps", t.eval_steps),

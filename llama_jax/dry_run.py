@@ -102,11 +102,15 @@ _OOM_PATTERNS = (
                r"\(([\d.]+)([KMGT]?)i?B?\)"),
     re.compile(r"Used ([\d.]+)([KMGT]?)i?B? of ([\d.]+)([KMGT]?)i?B? hbm"),
 )
+# What an offloading remat policy can run out of: the host memory the compiler allows a chip
+# ("Ran out of memory in memory space host. Used 130.62G of 128.00G host.", libtpu 0.0.42.1).
+_HOST_OOM_PATTERNS = (re.compile(r"Used ([\d.]+)([KMGT]?)i?B? of ([\d.]+)([KMGT]?)i?B? host"),)
 
 
-def parse_oom(message: str) -> tuple[int, int] | None:
-  """(bytes needed, bytes available) from the compiler's RESOURCE_EXHAUSTED message."""
-  for pattern in _OOM_PATTERNS:
+def parse_oom(message: str, space: str = "hbm") -> tuple[int, int] | None:
+  """(bytes needed, bytes available) from the compiler's RESOURCE_EXHAUSTED message about the
+  memory `space`: 'hbm' or 'host'."""
+  for pattern in {"hbm": _OOM_PATTERNS, "host": _HOST_OOM_PATTERNS}[space]:
     m = pattern.search(message)
     if m:
       need, nu, have, hu = m.groups()
@@ -119,6 +123,9 @@ def topology_plan(config, topology, num_slices: int = 1, devices=None) -> dict:
 
   Returns the dry-run fields plus `peak_bytes_per_device` (the compiler's peak: parameters,
   optimizer state, batch and temporaries; when it does not fit, the bytes its error names),
+  `host_temp_bytes_per_device` (host memory the step's temporaries take: what an offload_*
+  remat policy moved off the chip; when that does not fit, the bytes the error names, with
+  `out_of`='host' and `usable_host_bytes_per_device`),
   `hbm_bytes_per_device` (the chip's), `usable_hbm_bytes_per_device` (what the compiler plans
   against: its error's number, or llama_jax.tpu_topology's) and `fits`. Out of HBM is a result
   here, not an error."""
@@ -136,12 +143,15 @@ def topology_plan(config, topology, num_slices: int = 1, devices=None) -> dict:
     compiled = lowered.compile()
     mem = compiled.memory_analysis()
     peak, temp = int(mem.peak_memory_in_bytes), int(mem.temp_size_in_bytes)
+    host = int(getattr(mem, "host_temp_size_in_bytes", 0))  # what an offload policy moved
     fits, error = peak <= usable, None
   except JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
-    parsed = parse_oom(str(e))
+    host_oom = parse_oom(str(e), "host")
+    parsed = None if host_oom else parse_oom(str(e))
     peak, usable = parsed if parsed else (-1, usable)
+    host = host_oom[0] if host_oom else -1
     temp, fits, error = -1, False, str(e).strip().splitlines()[0]
   compile_s = lower_s + time.perf_counter() - t0
   record = {**_fields(config, setup),
@@ -150,26 +160,38 @@ def topology_plan(config, topology, num_slices: int = 1, devices=None) -> dict:
             "topology": topology.name,
             "num_slices": num_slices,
             "device_kind": devices[0].device_kind,
+            "attention": config.model.attention,
             "remat": config.model.remat,
             "grad_accum": config.optim.grad_accum,
             "batch_size": config.data.batch_size,
             "peak_bytes_per_device": peak,
+            "host_temp_bytes_per_device": host,
             "hbm_bytes_per_device": gen.hbm_bytes,
             "usable_hbm_bytes_per_device": usable,
             "fits": fits}
   if error:
     record["compiler_error"] = error
+  if fits is False and error and host_oom:  # out of host memory, not HBM: the HBM peak unknown
+    record.update(out_of="host", usable_host_bytes_per_device=host_oom[1])
   return record
 
 
-def _gib(n: int) -> str:
+def gib(n: int) -> str:
   return f"{n / 2**30:.2f} GiB"
 
 
 def does_not_fit(record: dict) -> DoesNotFitError:
   """The one-line error for a plan that does not fit, naming the knobs that lower the peak."""
   mesh = record["mesh"]
-  need = (f"needs {_gib(record['peak_bytes_per_device'])}" if record["peak_bytes_per_device"] > 0
+  if record.get("out_of") == "host":
+    on_chip = record["remat"].replace("offload_", "save_", 1)
+    return DoesNotFitError(
+        f"the train step needs {gib(record['host_temp_bytes_per_device'])} of host memory per "
+        f"device on {record['topology']}, where the compiler allows "
+        f"{gib(record['usable_host_bytes_per_device'])}: raise optim.grad_accum (now "
+        f"{record['grad_accum']}) for smaller microbatches, or keep the activations on the chip "
+        f"(model.remat='{on_chip}', now {record['remat']!r}), or run --fit")
+  need = (f"needs {gib(record['peak_bytes_per_device'])}" if record["peak_bytes_per_device"] > 0
           else "does not fit in the HBM of one chip")
   knobs = [f"raise optim.grad_accum (now {record['grad_accum']}) for smaller microbatches"]
   if record["remat"] != "full":
@@ -178,6 +200,6 @@ def does_not_fit(record: dict) -> DoesNotFitError:
                f"{mesh['tensor']} of {record['devices']} devices) or a larger topology")
   return DoesNotFitError(
       f"the train step {need} per device on {record['topology']}, a {record['device_kind']} "
-      f"chip has {_gib(record['usable_hbm_bytes_per_device'])} usable "
-      f"({_gib(record['hbm_bytes_per_device'])} HBM): {', '.join(knobs)}, or run --fit to "
+      f"chip has {gib(record['usable_hbm_bytes_per_device'])} usable "
+      f"({gib(record['hbm_bytes_per_device'])} HBM): {', '.join(knobs)}, or run --fit to "
       "search grad_accum and remat")

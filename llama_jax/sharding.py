@@ -31,10 +31,14 @@ def logical_to_spec(names: Sequence[str | None], rules=None) -> PartitionSpec:
   return PartitionSpec(*(table.get(n) if n is not None else None for n in names))
 
 
+def has_rules() -> bool:
+  """Whether a mesh and logical-axis rules are active (jax.set_mesh, nnx.logical_axis_rules)."""
+  return not jax.sharding.get_abstract_mesh().empty and bool(core_spmd.get_logical_axis_rules())
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Sharding constraint on an activation by logical names; a no-op outside a mesh."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not core_spmd.get_logical_axis_rules():
+  if not has_rules():
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
 

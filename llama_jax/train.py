@@ -37,6 +37,7 @@ from llama_jax.model import lora as lora_lib
 from llama_jax.model import sizes
 from llama_jax.model.llama import Llama  # noqa: F401  (tests build train.Llama)
 from llama_jax.model import parametrization as param_lib
+from llama_jax.model import remat as remat_lib
 from llama_jax.model.config import ModelConfig
 from llama_jax.optim import make_optimizer, make_schedule
 from llama_jax.preemption import StopSignal
@@ -88,6 +89,7 @@ def make_setup(config: ml_collections.ConfigDict, devices=None, log=print, *,
   # invariants, which config.validate reached by building it too.
   model_cfg = ModelConfig.from_dict(config.model)
   mesh = sharding.make_mesh(config.mesh, devices) if mesh is None else mesh
+  remat_lib.check_platform(model_cfg.remat, mesh.devices.flat[0].platform)  # offload: TPU, GPU
   rules = sharding.resolve_rules(config, model_cfg, mesh, warn=log)
 
   # Abstract model -> logical names -> shardings; nothing is allocated yet.

@@ -13,12 +13,13 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from configs import base
 from llama_jax import dry_run, errors, fit_search, metrics, tpu_topology
 from llama_jax.model import sizes
-from llama_jax.model.config import ModelConfig, SIZES
+from llama_jax.model.config import REMATS, SIZES, ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 2**30
@@ -79,12 +80,20 @@ def test_flops_and_mfu_both_conventions_by_hand():
   half = 3 * (32 * (134_217_728 + 270_532_608 + 33_554_432) + 262_144_000)
   assert sizes.flops_per_token(cfg, 4096) == full == 46_084_915_200
   assert sizes.flops_per_token(cfg, 4096, causal_half=True) == half == 42_863_689_728
-  # What each remat policy runs twice: 'full' every layer's forward (not the LM head), the
-  # others no matmul, except 'dots_no_batch' on the `xla` attention its T x T products.
+  # What each remat policy runs twice: 'full' every layer's forward but the MLP's down
+  # projection (2*4096*11008 = 90,177,536; nothing reads its output backwards) and not the LM
+  # head; save_qkv_proj that but q, k, v (3 x 33,554,432); save_dot_except_mlpwi only the gate
+  # and up projections (180,355,072); the dot policies no matmul, except 'dots_no_batch' on the
+  # `xla` attention its T x T products. Offloading reruns what the same names kept on device do.
   recompute = {r: sizes.recompute_flops_per_token(dataclasses.replace(cfg, remat=r), 4096)
-               for r in ("none", "dots", "dots_no_batch", "full")}
-  assert recompute == {"none": 0, "dots": 0, "dots_no_batch": 0,
-                       "full": 32 * (134_217_728 + 270_532_608 + 67_108_864)}
+               for r in REMATS}
+  layer = 32 * (134_217_728 + 180_355_072 + 67_108_864)
+  assert recompute == {"none": 0, "dots": 0, "dots_no_batch": 0, "full": layer,
+                       "save_layer_input": layer, "offload_layer_input": layer,
+                       "save_qkv_proj": layer - 32 * 3 * 33_554_432,
+                       "offload_qkv_proj": layer - 32 * 3 * 33_554_432,
+                       "save_dot_except_mlpwi": 32 * 180_355_072,
+                       "offload_dot_except_mlpwi": 32 * 180_355_072}
   xla = dataclasses.replace(cfg, remat="dots_no_batch", attention="xla")
   assert sizes.recompute_flops_per_token(xla, 4096) == 32 * 67_108_864
   # 6000 tokens/s on 2 v5p chips (459 TFLOP/s each): one run, 30.1% MFU one way, 28.0% the
@@ -149,13 +158,27 @@ def test_does_not_fit_ends_with_one_line():
     assert knob in line
 
 
-def test_parse_oom_both_forms():
+def test_parse_oom_all_forms():
   new = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
          "temporaries (40.60G) exceeds available HBM (15.75G).")
   assert dry_run.parse_oom(new) == (int(40.60 * GiB), int(15.75 * GiB))
   old = "Ran out of memory in memory space hbm. Used 20.50G of 15.48G hbm. Exceeded hbm by 5G"
   assert dry_run.parse_oom(old) == (int(20.5 * GiB), int(15.48 * GiB))
   assert dry_run.parse_oom("RESOURCE_EXHAUSTED: something else") is None
+  # An offload policy's: the host memory the compiler allows a chip (llama3_70b, pure FSDP on
+  # v5p-512, offload_dot_except_mlpwi with 4 rows a chip).
+  host = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
+          "space host. Used 130.62G of 128.00G host. Exceeded host capacity by 2.62G.")
+  assert dry_run.parse_oom(host) is None
+  assert dry_run.parse_oom(host, "host") == (int(130.62 * GiB), 128 * GiB)
+  record = {"out_of": "host", "host_temp_bytes_per_device": int(130.62 * GiB),
+            "usable_host_bytes_per_device": 128 * GiB, "topology": "v5p-512", "grad_accum": 1,
+            "remat": "offload_dot_except_mlpwi", "mesh": {"fsdp": 256, "tensor": 1}}
+  assert str(dry_run.does_not_fit(record)) == (
+      "the train step needs 130.62 GiB of host memory per device on v5p-512, where the compiler "
+      "allows 128.00 GiB: raise optim.grad_accum (now 1) for smaller microbatches, or keep the "
+      "activations on the chip (model.remat='save_dot_except_mlpwi', now "
+      "'offload_dot_except_mlpwi'), or run --fit")
 
 
 # ---------------------------------------------------------------------------- --fit
@@ -180,7 +203,7 @@ def _fit_config(batch_size, n_layers):
 def test_fit_picks_least_recompute_then_fewest_microbatches():
   lines = []
   choice = fit_search.fit(_fit_config(64, 24576), tpu_topology.parse("v5e-4"),
-                          remats=("none", "full"), emit=lines.append)
+                          remats=("none", "full"), attentions=("blockwise",), emit=lines.append)
   cands = [json.loads(x) for x in lines]
   assert [c["candidate"] for c in cands] == list(range(1, len(cands) + 1))
   # 'none' does not fit even with one row per chip (grad_accum=16): ruled out by one compile.
@@ -188,8 +211,14 @@ def test_fit_picks_least_recompute_then_fewest_microbatches():
   assert all(c["remat"] == "full" for c in cands[1:])
   a = choice["choice"]["grad_accum"]
   assert choice["choice"]["remat"] == "full" and choice["fits"] is True
-  assert choice["flags"] == (f"--config.model.remat=full --config.optim.grad_accum={a} "
-                             "--config.data.batch_size=64")
+  assert choice["flags"] == (f"--config.model.attention=blockwise --config.model.remat=full "
+                             f"--config.optim.grad_accum={a} --config.data.batch_size=64")
+  # The one pair not chosen, and the constraint that bound it: HBM at its smallest microbatch.
+  [rejected] = choice["rejected"]
+  assert (rejected["attention"], rejected["remat"], rejected["constraint"]) == (
+      "blockwise", "none", "hbm")
+  assert rejected["detail"].startswith(f"needs {cands[0]['peak_bytes_per_device'] / GiB:.2f} GiB")
+  assert rejected["detail"].endswith("usable at grad_accum 16, batch 64")
   assert choice["peak_bytes_per_device"] <= choice["usable_hbm_bytes_per_device"]
   # The control: the next fewer microbatches was compiled and did not fit.
   options = fit_search.accum_options(64, 4)
@@ -203,7 +232,7 @@ def test_fit_batch_finds_the_largest_batch_that_fits():
   lines = []
   # 8192 layers, nothing recomputed: ~12 GiB with one row per chip, ~20 GiB with two.
   choice = fit_search.fit_batch(_fit_config(4, 8192), tpu_topology.parse("v5e-4"),
-                                remats=("none",), emit=lines.append)
+                                remats=("none",), attentions=("blockwise",), emit=lines.append)
   cands = [json.loads(x) for x in lines]
   b = choice["choice"]["batch_size"]
   assert choice["fits"] and b % 4 == 0 and choice["choice"]["grad_accum"] == 1
@@ -214,18 +243,62 @@ def test_fit_batch_finds_the_largest_batch_that_fits():
 @needs_libtpu
 @pytest.mark.slow
 def test_fit_from_the_command_line():
-  # 8 rows on 8 chips: one grad_accum to try, and 'none' fits, so one compile and the choice.
+  # 8 rows on 8 chips: one grad_accum to try. Of the default attentions splash is ruled out by
+  # the config (64 tokens: no block of 128 lanes), blockwise with 'none' fits: one compile, and
+  # the choice says why each other pair lost.
   p = _run_train(*TINY, "--topology=v5e-8", "--fit", "--fit_remat=none,full",
                  "--config.data.batch_size=8")
   assert p.returncode == 0, p.stderr[-3000:]
   lines = [json.loads(x) for x in p.stdout.strip().splitlines()]
   assert [x.get("candidate") for x in lines] == [1, None]
-  assert (lines[0]["remat"], lines[0]["grad_accum"], lines[0]["fits"]) == ("none", 1, True)
-  assert lines[1]["choice"] == {"remat": "none", "grad_accum": 1, "batch_size": 8}
-  p = _run_train(*TINY, "--topology=v5e-8", "--fit", "--fit_remat=none,fast")
-  assert p.returncode == 2 and "Traceback" not in p.stderr
-  assert p.stderr.strip().splitlines()[-1].startswith(
-      "error: --fit_remat=none,fast: ['fast'] not among the remat policies")
+  assert (lines[0]["attention"], lines[0]["remat"], lines[0]["grad_accum"], lines[0]["fits"]) == (
+      "blockwise", "none", 1, True)
+  choice = lines[1]
+  assert choice["choice"] == {"attention": "blockwise", "remat": "none", "grad_accum": 1,
+                              "batch_size": 8}
+  why = {(r["attention"], r["remat"]): r["constraint"] for r in choice["rejected"]}
+  assert why == {("splash", "none"): "config", ("splash", "full"): "config",
+                 ("blockwise", "full"): "recompute"}
+  assert "do not divide data.seq_len=64" in choice["rejected"][0]["detail"]
+  for bad, flag in (("--fit_remat=none,fast", "--fit_remat=none,fast: ['fast'] not among the "
+                     "remat policies"),
+                    ("--fit_attention=splash,cudnn", "--fit_attention=splash,cudnn: ['cudnn'] "
+                     "not among the attentions a TPU runs")):
+    p = _run_train(*TINY, "--topology=v5e-8", "--fit", bad)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: " + flag)
+
+
+# ---------------------------------------------------------------------------- kernels and offload
+
+
+@needs_libtpu
+def test_splash_and_offload_compile_for_a_tpu_slice():
+  """The TPU compiler takes the splash kernel (a Mosaic custom call, not the interpreter) and an
+  offloading remat policy, whose saved activations sit in host memory."""
+  def config(attention, remat):
+    c = _fit_config(16, 2)
+    c.model.update(dict(attention=attention, remat=remat, max_seq_len=128))
+    c.data.seq_len = 128
+    return c
+
+  topology = tpu_topology.parse("v5e-4")
+  devices = tpu_topology.devices(topology)
+  # Mosaic refuses bf16 matmuls at conftest's process-wide 'highest' precision (fp32
+  # contraction: "Bad lhs type"); a run's default precision is jax's own.
+  with jax.default_matmul_precision("default"):
+    lowered = dry_run._lower(config("splash", "dots"), devices)[1]
+    splash = lowered.compile().memory_analysis()
+  assert 0 < splash.peak_memory_in_bytes < topology.generation.usable_hbm_bytes
+  assert splash.host_temp_size_in_bytes == 0  # the control: nothing offloaded
+  assert "tpu_custom_call" in lowered.as_text() and "splash" in lowered.as_text()
+  offload = dry_run.topology_plan(config("blockwise", "offload_dot_except_mlpwi"), topology,
+                                  devices=devices)
+  assert offload["fits"] and offload["remat"] == "offload_dot_except_mlpwi"
+  # q, k, v, the attention's output and log-sum-exp and the output projection of 2 layers,
+  # 4 rows of 128 tokens a chip, bf16 (lse fp32): at least that much went to the host.
+  per_layer = 4 * 128 * (64 + 32 + 32 + 64 + 64) * 2 + 4 * 2 * 256 * 4
+  assert offload["host_temp_bytes_per_device"] >= 2 * per_layer
 
 
 def test_accum_options_keep_microbatches_split_evenly():

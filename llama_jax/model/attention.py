@@ -10,6 +10,12 @@ between the passes, so a scanned layer stack has nothing quadratic to stack.
 
 On CPU this is also the fast path: XLA fuses a whole-sequence masked softmax into loops that run
 several times slower than the same maths block by block (docs/PERFORMANCE.md).
+
+`splash_attention` runs jax's splash attention Pallas kernel (TPU; interpreted on other
+platforms, where it is slow and serves as the check that the TPU path computes the same
+maths): causal or chunked-causal masks that the kernel skips block by block, packed documents
+through segment ids, GQA through the kernel's MQA form, sharded over batch and heads with
+shard_map (docs/tpu_kernels.md).
 """
 
 from __future__ import annotations
@@ -18,7 +24,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+from llama_jax import sharding
+from llama_jax.model.config import splash_block
 
 # A finite "minus infinity" for masked scores: exp(_MASKED - max) underflows to 0, and unlike
 # -inf it cannot turn into NaN through -inf - (-inf).
@@ -26,14 +38,29 @@ _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, is_causal: bool, implementation: str,
-           block: int = 128):
+           block: int = 128, chunk: int = 0):
   """softmax(q k^T / sqrt(H)) v, [B, T, N, H] x [B, S, K, H] -> [B, T, N, H] (N a multiple of K).
 
-  Training passes is_causal=True (optionally with segment_ids [B, T] for packed documents);
-  decoding passes the cache's boolean `mask` [B, 1, T, S]. `blockwise` handles the causal
-  training case and hands masks it cannot skip over (decoding) to `xla`. The implementations
-  are llama_jax.model.config.ATTENTIONS; this is the one place that chooses between them.
+  Training passes is_causal=True (optionally with segment_ids [B, T] for packed documents, and
+  `chunk` > 0 for attention causal within chunks of that many positions); decoding passes the
+  cache's boolean `mask` [B, 1, T, S]. `splash` handles the training case where its blocks
+  divide T and hands the rest (decoding, odd lengths) to `blockwise`, which handles the causal
+  training case and hands masks it cannot skip over to `xla`. The implementations are
+  llama_jax.model.config.ATTENTIONS; this is the one place that chooses between them.
   """
+  training = is_causal and mask is None and q.shape[1] == k.shape[1]
+  if implementation == "splash":
+    if training and splash_block(q.shape[1], block):
+      return splash_attention(q, k, v, segment_ids, block=block, chunk=chunk)
+    implementation = "blockwise"
+  if chunk:  # only splash skips the other chunks' blocks; elsewhere the chunks are a mask
+    if not training:
+      raise NotImplementedError("chunked attention is for the training form (is_causal, no mask)")
+    t = q.shape[1]
+    mask = jnp.asarray(chunked_causal_mask(t, chunk))[None, None]
+    if segment_ids is not None:
+      mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    is_causal, segment_ids, implementation = False, None, "xla"
   if implementation == "blockwise":
     if is_causal and mask is None and q.shape[1] == k.shape[1]:
       return blockwise_attention(q, k, v, segment_ids, block)
@@ -169,3 +196,81 @@ def _blockwise_bwd(block, residuals, d_out):
 
 
 blockwise_attention.defvjp(_blockwise_forward, _blockwise_bwd)
+
+
+# ---------------------------------------------------------------------------- splash
+
+
+def chunked_causal_mask(t: int, chunk: int):
+  """[T, T] bool: query i sees key j when j <= i and both lie in the same chunk of `chunk`
+  positions (Llama 4's local attention layers)."""
+  pos = np.arange(t)
+  return (pos[:, None] >= pos[None, :]) & (pos[:, None] // chunk == pos[None, :] // chunk)
+
+
+def _splash_platform() -> str:
+  """The platform the traced code is compiled for: the mesh's devices (a TPU topology's when
+  the dry run compiles for one on a CPU machine), else the default backend."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
+def _splash_kernel(t: int, group: int, block: int, chunk: int, interpret: bool):
+  """The MQA-form kernel for one (batch row, kv head): its `group` query heads over one key and
+  value head, all blocks (forward, dq and dkv kernels) of `block` positions."""
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                            block_q_dq=block, block_kv_dq=block)
+  head = (splash_mask.ChunkedCausalMask((t, t), chunk) if chunk
+          else splash_mask.CausalMask((t, t)))
+  # The kernel names its output and log-sum-exp, the residuals its backward pass reads, so
+  # that the remat policies keep them (llama_jax.model.remat) as they keep blockwise's.
+  return splash.make_splash_mqa(splash_mask.MultiHeadMask([head] * group), block_sizes=sizes,
+                                head_shards=1, q_seq_shards=1,
+                                residual_checkpoint_name="attention_out", interpret=interpret)
+
+
+def _splash_local(q, k, v, segment_ids, *, block, chunk, interpret):
+  """splash_attention on one device's rows and heads: q [b, T, n, H], k, v [b, T, k, H]."""
+  b, t, n, h = q.shape
+  n_kv = k.shape[2]
+  kernel = _splash_kernel(t, n // n_kv, splash_block(t, block), chunk, interpret)
+  qg = (q * h ** -0.5).reshape(b, t, n_kv, n // n_kv, h).transpose(0, 2, 3, 1, 4)  # [b,k,G,T,H]
+  kt, vt = _kv_heads_major(k), _kv_heads_major(v)                                  # [b,k,T,H]
+  if segment_ids is None:
+    per_row = jax.vmap(kernel)                      # over kv heads
+  else:
+    def per_row(qr, kr, vr, seg):
+      ids = splash.SegmentIds(q=seg, kv=seg)
+      return jax.vmap(lambda a, b_, c: kernel(a, b_, c, segment_ids=ids))(qr, kr, vr)
+  args = (qg, kt, vt) + (() if segment_ids is None else (segment_ids,))
+  out = jax.vmap(per_row)(*args)                                                   # [b,k,G,T,H]
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
+
+
+def splash_attention(q, k, v, segment_ids=None, *, block: int = 128, chunk: int = 0,
+                     interpret: bool | None = None):
+  """Causal (chunk > 0: causal within chunks) attention of q [B, T, N, H] over k, v [B, T, K, H]
+  with jax's splash attention kernel (interpreted off TPU unless `interpret` says otherwise).
+
+  Under a mesh the kernel runs per device in shard_map, over the batch rows and heads the
+  logical rules give the device (act_batch, act_heads / act_kv_heads; the sequence is whole on
+  each device). Where kv heads are replicated but query heads are split (the kv heads the
+  tensor axis does not divide), k and v are repeated to one head per query head first."""
+  interpret = _splash_platform() != "tpu" if interpret is None else interpret
+  local = functools.partial(_splash_local, block=block, chunk=chunk, interpret=interpret)
+  if not sharding.has_rules():
+    return local(q, k, v, segment_ids)
+  q_spec = sharding.logical_to_spec(("act_batch", None, "act_heads", None))
+  kv_spec = sharding.logical_to_spec(("act_batch", None, "act_kv_heads", None))
+  if kv_spec[2] != q_spec[2]:
+    g = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    kv_spec = q_spec
+  specs = (q_spec, kv_spec, kv_spec)
+  args = (q, k, v)
+  if segment_ids is not None:
+    specs, args = specs + (jax.sharding.PartitionSpec(q_spec[0], None),), args + (segment_ids,)
+  # check_vma=False: the kernel's pallas_call declares no varying mesh axes of its outputs.
+  return jax.shard_map(lambda *a: local(*a, *([None] * (4 - len(a)))), in_specs=specs,
+                       out_specs=q_spec, check_vma=False)(*args)

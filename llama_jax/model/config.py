@@ -10,10 +10,36 @@ from typing import Any
 NORMS = ("rms", "layer")
 MLPS = ("swiglu", "gelu", "relu")
 POSITIONS = ("rope", "learned", "sinusoidal", "none")
-REMATS = ("none", "full", "dots", "dots_no_batch")
+# Remat policies, the one list of their names (llama_jax.model.remat builds each): 'none' keeps
+# every activation, 'full' recomputes each layer from its input, 'dots' / 'dots_no_batch' keep
+# matmul outputs by primitive. The named ones keep only the activations llama.py names with
+# checkpoint_name, and their offload_* twins move the same names to host memory (TPU, GPU).
+NAMED_REMATS = {
+    # the attention projections' outputs only (MaxText's save_qkv_proj)
+    "save_qkv_proj": ("query_proj", "key_proj", "value_proj"),
+    # everything the backward pass reads but the MLP's input projections (gate, up)
+    "save_dot_except_mlpwi": ("query_proj", "key_proj", "value_proj", "attention_out",
+                              "attention_lse", "out_proj"),
+    # only each layer's input, the residual stream ('full' keeps it too, as the scan's carry)
+    "save_layer_input": ("layer_input",),
+}
+OFFLOAD_REMATS = {name.replace("save_", "offload_", 1): names
+                  for name, names in NAMED_REMATS.items()}
+REMATS = ("none", "full", "dots", "dots_no_batch", *NAMED_REMATS, *OFFLOAD_REMATS)
 # llama_jax.model.attention.attend dispatches on these: XLA's softmax attention, cuDNN's flash
-# attention (GPU), or the blockwise (flash-style) attention written in XLA ops.
-ATTENTIONS = ("xla", "cudnn", "blockwise")
+# attention (GPU), the blockwise (flash-style) attention written in XLA ops, or jax's splash
+# attention Pallas kernel (TPU; interpreted elsewhere).
+ATTENTIONS = ("xla", "cudnn", "blockwise", "splash")
+# The splash kernel's blocks are multiples of the TPU's 128 lanes (checked by the kernel even
+# when interpreted).
+SPLASH_LANES = 128
+
+
+def splash_block(t: int, block: int) -> int:
+  """The splash kernel's block for T tokens (the whole sequence when it is shorter than
+  `block`), or 0 where that block is no multiple of 128 lanes or does not divide T."""
+  b = min(block, t)
+  return b if t % b == 0 and b % SPLASH_LANES == 0 else 0
 DTYPES = ("float32", "bfloat16", "float16")
 # llama_jax.model.parametrization: standard, or μP's width multipliers from a base shape; and
 # the residual-branch depth scaling (none, alpha = 1/2, alpha = 1).
@@ -91,7 +117,9 @@ class ModelConfig:
   # store per layer, and on CPU faster than remat="none" (docs/PERFORMANCE.md).
   remat: str = "dots_no_batch"
   attention: str = "blockwise"  # one of ATTENTIONS
-  attention_block: int = 128    # query rows per block of the `blockwise` attention
+  # query rows per block of the `blockwise` attention; splash's query and key blocks (forward
+  # and backward kernels), a multiple of 128
+  attention_block: int = 128
   # μP / depth scaling (llama_jax.model.parametrization): the base shape the multipliers are
   # relative to; 0 means the model's own value, so the defaults are the model as it is.
   parametrization: str = "sp"
@@ -125,6 +153,9 @@ class ModelConfig:
                           ("depth_scaling", DEPTH_SCALINGS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
+    if self.attention == "splash" and self.attention_block % SPLASH_LANES:
+      raise ValueError(f"model.attention='splash' takes blocks of a multiple of {SPLASH_LANES} "
+                       f"(the TPU's lanes), got model.attention_block={self.attention_block}")
     if not float(self.init_scale) > 0:
       raise ValueError(f"model.init_scale={self.init_scale} must be positive")
     self._check_base_shape()

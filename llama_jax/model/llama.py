@@ -23,9 +23,11 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.model import attention as attention_lib
 from llama_jax.model import parametrization as param_lib
+from llama_jax.model import remat as remat_lib
 from llama_jax.model.config import ModelConfig
 from llama_jax.sharding import constrain
 
@@ -220,11 +222,12 @@ class Attention(nnx.Module):
   def __call__(self, x, rope, mask, segment_ids, cache):
     cfg = self.cfg
     dt = x.dtype
-    q = project(self, "wq", x)  # [B, T, N, H]
+    # Named for the remat policies that keep them (llama_jax.model.remat).
+    q = checkpoint_name(project(self, "wq", x), "query_proj")  # [B, T, N, H]
     if self.query_multiplier != 1.0:  # μP: scores x sqrt(base_head_dim) / head_dim
       q = q * jnp.asarray(self.query_multiplier, dt)
-    k = project(self, "wk", x)  # [B, T, K, H]
-    v = project(self, "wv", x)
+    k = checkpoint_name(project(self, "wk", x), "key_proj")  # [B, T, K, H]
+    v = checkpoint_name(project(self, "wv", x), "value_proj")
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
@@ -245,7 +248,7 @@ class Attention(nnx.Module):
                                segment_ids=segment_ids if cache is None else None,
                                is_causal=is_causal, implementation=cfg.attention,
                                block=cfg.attention_block)
-    out = project(self, "wo", out, n_in=2)
+    out = checkpoint_name(project(self, "wo", out, n_in=2), "out_proj")
     return out, cache
 
 
@@ -294,37 +297,11 @@ class Block(nnx.Module):
     return h if self.branch_multiplier == 1.0 else h * jnp.asarray(self.branch_multiplier, h.dtype)
 
   def __call__(self, x, rope, mask, segment_ids, cache):
+    x = checkpoint_name(x, "layer_input")  # the residual stream a remat policy may keep
     h, cache = self.attn(self.attn_norm(x), rope, mask, segment_ids, cache)
     x = x + self._branch(h)
     x = x + self._branch(self.mlp(self.mlp_norm(x)))
     return constrain(x, ("act_batch", "act_seq", "act_embed")), cache
-
-
-# The dot policies also keep what each attention's backward pass reads, so that no attention
-# forward runs twice. The blockwise attention names its output and log-sum-exp (its custom VJP's
-# residuals); without the names the policies would keep the block score matrices the two are
-# made from instead.
-_policies = jax.checkpoint_policies
-_NAMED_RESIDUALS = _policies.save_only_these_names("attention_out", "attention_lse")
-
-
-def _cudnn_attention_residuals(prim, *_, **__) -> bool:
-  """jax.nn.dot_product_attention(implementation='cudnn') runs its forward pass as the primitive
-  dot_product_attention_fwd(_wrapper): its outputs, the attention output and the softmax
-  statistics, are the residuals of cuDNN's backward kernel. A dot policy alone does not keep them
-  (the primitive is not a dot), and the forward kernel would then rerun in the backward pass
-  (measured in docs/PERFORMANCE.md, "Measured: one H200")."""
-  return prim.name.startswith("dot_product_attention_fwd")
-
-
-_ATTENTION_RESIDUALS = _policies.save_from_both_policies(_NAMED_RESIDUALS,
-                                                         _cudnn_attention_residuals)
-_REMAT_POLICIES = {
-    "full": _policies.nothing_saveable,
-    "dots": _policies.save_from_both_policies(_policies.checkpoint_dots, _ATTENTION_RESIDUALS),
-    "dots_no_batch": _policies.save_from_both_policies(
-        _policies.checkpoint_dots_with_no_batch_dims, _ATTENTION_RESIDUALS),
-}
 
 
 # ---------------------------------------------------------------------------- the model
@@ -417,7 +394,7 @@ class Llama(nnx.Module):
       return x, (None if kv is None else {"k": kv["k"], "v": kv["v"]})
 
     if self.cfg.remat != "none":
-      layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat])
+      layer = jax.checkpoint(layer, policy=remat_lib.policy(self.cfg.remat))
 
     if self.cfg.scan_layers:
       def body(x, xs):

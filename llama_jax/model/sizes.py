@@ -10,9 +10,18 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping
 
-from llama_jax.model.config import ModelConfig
+from llama_jax.model.config import NAMED_REMATS, OFFLOAD_REMATS, ModelConfig
 
 # ---------------------------------------------------------------------------- FLOPs
+
+
+def _layer_flops(cfg: ModelConfig, seq_len: int, causal_half: bool = False) -> dict[str, float]:
+  """One layer's matmul FLOPs per token (2 per MAC) by the activation each produces."""
+  d, n, k, h, f = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+  return {"q": 2 * d * n * h, "kv": 2 * d * 2 * k * h,
+          "attention": 2 * 2 * n * h * seq_len / (2 if causal_half else 1),
+          "out": 2 * n * h * d,
+          "mlp_in": 2 * d * f * (2 if cfg.mlp == "swiglu" else 1), "mlp_out": 2 * d * f}
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_half: bool = False) -> float:
@@ -28,11 +37,8 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_half: bool
   `causal_half=True` counts half of them, the unmasked half (MaxText's
   calculate_tflops_training_per_device today: causal_attention_flops = noncausal / 2).
   """
-  d, n, k, h, f = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
-  projections = 2 * d * h * (2 * n + 2 * k)
-  attention = 2 * 2 * n * h * seq_len / (2 if causal_half else 1)
-  mlp = 2 * d * f * (3 if cfg.mlp == "swiglu" else 2)
-  return float(cfg.n_layers * (projections + attention + mlp) + 2 * d * cfg.vocab_size)
+  layer = sum(_layer_flops(cfg, seq_len, causal_half).values())
+  return float(cfg.n_layers * layer + 2 * cfg.dim * cfg.vocab_size)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_half: bool = False) -> float:
@@ -43,16 +49,26 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_half: bool = False
 def recompute_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   """Matmul FLOPs per token that cfg.remat runs a second time in the backward pass (2 per MAC).
 
-  'none' and 'dots' keep every matmul output, and the dot policies also keep the blockwise and
-  cuDNN attentions' outputs (llama.py), so neither reruns a matmul: only elementwise work is
-  recomputed. 'dots_no_batch' drops the products with batch dimensions, which on the `xla`
-  attention are its score and value products (2 * 2*N*H*T a layer). 'full' reruns each layer's
-  whole forward pass; the LM head sits outside the remat scope."""
-  if cfg.remat == "full":
-    return forward_flops_per_token(cfg, seq_len) - 2.0 * cfg.dim * cfg.vocab_size
-  if cfg.remat == "dots_no_batch" and cfg.attention == "xla":
-    return float(cfg.n_layers * 2 * 2 * cfg.n_heads * cfg.head_dim * seq_len)
-  return 0.0
+  'none' and 'dots' keep every matmul output, and the dot policies also keep the blockwise,
+  splash and cuDNN attentions' outputs (llama_jax.model.remat), so neither reruns a matmul:
+  only elementwise work is recomputed. 'dots_no_batch' drops the products with batch
+  dimensions, which on the `xla` attention are its score and value products (2 * 2*N*H*T a
+  layer). The other policies rerun each projection whose output they do not keep
+  (llama_jax.model.config.NAMED_REMATS), the attention where its output is not kept (always on
+  `xla`, which names none), and the MLP's gate / up projections; never the MLP's down
+  projection, whose output nothing in the backward pass reads (XLA drops its rerun: counted in
+  the compiled step, tests/test_remat.py). 'full' is thus each layer's forward pass but its
+  last matmul; the LM head sits outside the remat scope."""
+  layer = _layer_flops(cfg, seq_len)
+  if cfg.remat in ("none", "dots"):
+    return 0.0
+  if cfg.remat == "dots_no_batch":
+    return float(cfg.n_layers * layer["attention"]) if cfg.attention == "xla" else 0.0
+  kept = set(NAMED_REMATS.get(cfg.remat, OFFLOAD_REMATS.get(cfg.remat, ())))  # 'full': none
+  rerun = [("q", "query_proj"), ("kv", "key_proj"), ("out", "out_proj"),
+           ("attention", "attention_out" if cfg.attention != "xla" else None)]
+  flops = layer["mlp_in"] + sum(layer[part] for part, name in rerun if name not in kept)
+  return float(cfg.n_layers * flops)
 
 
 def kaplan_flops_per_token(non_embedding_params: int) -> float:

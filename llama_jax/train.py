@@ -31,8 +31,9 @@ from llama_jax import metrics as metrics_lib
 from llama_jax import sharding
 from llama_jax import storage
 from llama_jax.errors import UserError
-from llama_jax.loss import batch_loss, loss_tokens
+from llama_jax.loss import batch_loss, batch_loss_and_stats, loss_tokens
 from llama_jax.model import lora as lora_lib
+from llama_jax.model import moe as moe_lib
 from llama_jax.model import sizes
 from llama_jax.model.llama import Llama  # noqa: F401  (tests build train.Llama)
 from llama_jax.model import parametrization as param_lib
@@ -68,13 +69,15 @@ class Setup:
 
 
 def _trainable(spec: lora_lib.LoraSpec | None, params):
-  """The part of a params tree that trains: the adapters under LoRA, else all of it."""
-  return params if spec is None else lora_lib.adapters_of(params)
+  """The part of a params tree that trains: the adapters under LoRA, else all of it but an MoE
+  model's router biases (state the step updates itself: llama_jax.model.moe)."""
+  return moe_lib.trainable(params) if spec is None else lora_lib.adapters_of(params)
 
 
 def _with_trained(spec: lora_lib.LoraSpec | None, params, trained):
   """params with its trainable part replaced by `trained`."""
-  return trained if spec is None else lora_lib.with_adapters(params, trained)
+  return (moe_lib.with_trainable(params, trained) if spec is None
+          else lora_lib.with_adapters(params, trained))
 
 
 def make_setup(config: ml_collections.ConfigDict, devices=None, log=print, *,
@@ -94,6 +97,7 @@ def make_setup(config: ml_collections.ConfigDict, devices=None, log=print, *,
   graphdef, abs_vars = nnx.split(abstract_model)
   # μP's per-parameter learning rates are for the base's widths; adapters train at optim.lr.
   multipliers = None if spec else param_lib.lr_multiplier_tree(model_cfg, abs_vars)
+  multipliers = None if multipliers is None else _trainable(spec, multipliers)
   optimizer = make_optimizer(config.optim, config.train.steps, multipliers)
   param_shardings = nnx.to_pure_dict(sharding.tree_shardings(abs_vars, mesh, rules))
   abs_params = nnx.to_pure_dict(abs_vars)
@@ -160,8 +164,8 @@ def train_step_fn(config: ml_collections.ConfigDict, graphdef, optimizer: optax.
   """
   accum, z_loss = config.optim.grad_accum, config.optim.z_loss
 
-  def loss_fn(params, batch):
-    return batch_loss(nnx.merge(graphdef, params), batch, z_loss)
+  def loss_fn(params, batch):  # (loss, (mean cross-entropy, MoE stats))
+    return batch_loss_and_stats(nnx.merge(graphdef, params), batch, z_loss)
 
   # Differentiated: the trainable part only. Under LoRA the frozen base enters as a constant,
   # so the backward pass computes no weight gradient for it, only the adapters' (and the
@@ -175,7 +179,7 @@ def train_step_fn(config: ml_collections.ConfigDict, graphdef, optimizer: optax.
     params = state["params"]
     trained = _trainable(spec, params)
     if accum == 1:
-      (_, loss), grads = grad_fn(trained, params, batch)
+      (_, (loss, moe_stats)), grads = grad_fn(trained, params, batch)
     else:
       micro = jax.tree.map(
           lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
@@ -187,22 +191,25 @@ def train_step_fn(config: ml_collections.ConfigDict, graphdef, optimizer: optax.
       def body(carry, mb):
         g_sum, l_sum = carry
         mb = jax.tree.map(lambda x: sharding.constrain(x, ("act_batch", None)), mb)
-        (_, l), g = grad_fn(trained, params, mb)
+        (_, (l, moe_stats)), g = grad_fn(trained, params, mb)
         if "weights" in mb:
           share = accum * loss_tokens(mb) / jnp.maximum(total, 1.0)
           l, g = l * share, jax.tree.map(lambda x: x * share, g)
-        return (jax.tree.map(jnp.add, g_sum, g), l_sum + l), None
+        return (jax.tree.map(jnp.add, g_sum, g), l_sum + l), moe_stats
 
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trained)
-      (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)
+      (grads, loss), moe_stats = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)
       grads = jax.tree.map(lambda g: g / accum, grads)
       loss = loss / accum
+      moe_stats = moe_lib.over_microbatches(moe_stats)
     updates, opt_state = optimizer.update(grads, state["opt_state"], trained)
     new_params = _with_trained(spec, params, optax.apply_updates(trained, updates))
+    new_params = moe_lib.update_bias(new_params, moe_stats, config.model)  # outside the optimizer
     new_state = {"params": new_params, "opt_state": opt_state,
                  "step": state["step"] + 1}
     stats = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
              "loss_tokens": loss_tokens(batch)}
+    stats.update(moe_lib.stat_metrics(moe_stats))
     return new_state, stats
 
   return train_step
@@ -240,7 +247,8 @@ def step_metrics(stats: dict, tps: float, done: int, tokens_per_step: int, flops
   """The scalars of a log step; `flops`: (FLOPs/token, the same counting half the causal
   products, peak FLOP/s per device, devices)."""
   flops_tok, flops_tok_half, peak, units = flops
-  return {"loss": float(stats["loss"]), "lr": float(stats["lr"]),
+  moe = {k: float(v) for k, v in stats.items() if k.startswith("moe_")}
+  return {**moe, "loss": float(stats["loss"]), "lr": float(stats["lr"]),
           "grad_norm": float(stats["grad_norm"]), "tokens_per_s": tps,
           "mfu": metrics_lib.mfu(tps, flops_tok, peak, units),
           "mfu_causal_half": metrics_lib.mfu(tps, flops_tok_half, peak, units),
@@ -256,8 +264,10 @@ def model_flops(setup: Setup, log=print) -> tuple:
   flops_tok_half = sizes.flops_per_token(setup.model_cfg, seq_len, causal_half=True)
   peak, peak_source = metrics_lib.device_peak_flops()
   peak_units = metrics_lib.peak_units(setup.mesh.devices.flat)
-  log(f"model {metrics_lib.human(sizes.count_params(setup.model_cfg))} params, "
-      f"{flops_tok:.3g} FLOPs/token, peak {peak:.3g} FLOP/s/device ({peak_source}), "
+  n = metrics_lib.human(sizes.count_params(setup.model_cfg))
+  if setup.model_cfg.moe_experts:
+    n += f" ({metrics_lib.human(sizes.active_params(setup.model_cfg))} active)"
+  log(f"model {n} params, {flops_tok:.3g} FLOPs/token, peak {peak:.3g} FLOP/s/device ({peak_source}), "
       f"mesh {dict(setup.mesh.shape)}")
   return flops_tok, flops_tok_half, peak, peak_units
 

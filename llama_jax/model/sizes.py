@@ -21,7 +21,10 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_half: bool
   Per layer: q, k, v, o projections 2*D*H*(2N + 2K); attention scores and the weighted sum
   2 * 2*N*H*T each token attending over the full T (XLA computes the whole T x T block even
   though half is masked); the MLP 2*D*F times 3 (gated) or 2 matrices. Plus the LM head 2*D*V.
-  Norms, RoPE, softmax and the embedding lookup are not matmuls and are left out.
+  An MoE layer's MLP is the active experts': the router 2*D*E, the top_k experts' and the shared
+  experts' SwiGLU 3 * 2*D*F_e each (moe_impl='dense' computes all E; these are the model's
+  FLOPs, the ones MFU counts). Norms, RoPE, softmax and the embedding lookup are not matmuls and
+  are left out.
 
   Two conventions for the causal attention, both in use: the default counts the full T x T
   score and value products (PaLM's appendix B, nanoGPT, and MaxText before it changed);
@@ -32,7 +35,11 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_half: bool
   projections = 2 * d * h * (2 * n + 2 * k)
   attention = 2 * 2 * n * h * seq_len / (2 if causal_half else 1)
   mlp = 2 * d * f * (3 if cfg.mlp == "swiglu" else 2)
-  return float(cfg.n_layers * (projections + attention + mlp) + 2 * d * cfg.vocab_size)
+  n_moe = cfg.n_moe_layers
+  moe = 2 * d * cfg.moe_experts + 3 * 2 * d * cfg.expert_ffn_dim * (
+      cfg.moe_top_k + cfg.moe_shared_experts)
+  return float((cfg.n_layers - n_moe) * (projections + attention + mlp)
+               + n_moe * (projections + attention + moe) + 2 * d * cfg.vocab_size)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_half: bool = False) -> float:
@@ -103,11 +110,26 @@ def count_params(shape: Mapping[str, Any] | ModelConfig, *, non_embedding: bool 
   non_embedding drops the token embedding, the LM head when untied and learned positions
   (Kaplan et al.'s N)."""
   c = _as_model_config(shape)
+  return _count(c, non_embedding, c.moe_experts)
+
+
+def active_params(shape: Mapping[str, Any] | ModelConfig, *, non_embedding: bool = False) -> int:
+  """Parameters one token goes through: count_params with an MoE layer's experts counted only
+  top_k times (the router and the shared experts always); count_params for a dense model."""
+  c = _as_model_config(shape)
+  return _count(c, non_embedding, c.moe_top_k)
+
+
+def _count(c: ModelConfig, non_embedding: bool, experts: int) -> int:
+  """Parameters with `experts` of each MoE layer's routed experts counted."""
   d, h = c.dim, c.head_dim
   attention = d * c.n_heads * h + 2 * d * c.n_kv_heads * h + c.n_heads * h * d
   mlp = (3 if c.mlp == "swiglu" else 2) * d * c.ffn_dim
+  moe = d * c.moe_experts + 3 * d * c.expert_ffn_dim * (experts + c.moe_shared_experts)
   norm = (1 if c.norm == "rms" else 2) * d
-  total = c.n_layers * (attention + mlp + 2 * norm) + norm
+  n_moe = c.n_moe_layers
+  total = (c.n_layers * (attention + 2 * norm) + (c.n_layers - n_moe) * mlp + n_moe * moe
+           + norm)
   if not non_embedding:
     total += c.vocab_size * d * (1 if c.tie_embeddings else 2)
     if c.position == "learned":

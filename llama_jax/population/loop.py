@@ -38,10 +38,9 @@ def population_mesh(mesh_cfg, n_members: int, runs_devices: int, devices=None) -
     raise PopulationError(
         f"runs_devices={runs_devices} must divide both the {n_members} members and the "
         f"{len(devices)} devices (each group of devices trains members/runs_devices of them)")
-  shape = (runs_devices, *sharding.mesh_shape(mesh_cfg, len(devices) // runs_devices))
-  grid = np.asarray(devices).reshape(shape)
-  return Mesh(grid, (RUNS_AXIS, *config_lib.MESH_AXES),
-              axis_types=(AxisType.Auto,) * (1 + len(config_lib.MESH_AXES)))
+  sizes = sharding.mesh_sizes(mesh_cfg, len(devices) // runs_devices)
+  grid = np.asarray(devices).reshape((runs_devices, *sizes.values()))
+  return Mesh(grid, (RUNS_AXIS, *sizes), axis_types=(AxisType.Auto,) * (1 + len(sizes)))
 
 
 def _stacked(shardings):

@@ -209,7 +209,7 @@ def train_step_fn(config: ml_collections.ConfigDict, graphdef, optimizer: optax.
                  "step": state["step"] + 1}
     stats = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
              "loss_tokens": loss_tokens(batch)}
-    stats.update(moe_lib.stat_metrics(moe_stats))
+    stats.update(moe_lib.stat_metrics(moe_stats, config.model))
     return new_state, stats
 
   return train_step

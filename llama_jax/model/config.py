@@ -24,9 +24,10 @@ DEPTH_SCALINGS = ("none", "depth_mup", "completep")
 # the Pallas TPU kernel megablox, or every expert on every token as the reference).
 MOE_ROUTERS = ("softmax", "sigmoid")
 MOE_IMPLS = ("ragged", "megablox", "dense")
-# megablox's tiles along the rows (tokens x top_k, padded to a multiple), the contraction and
-# the output (llama_jax.model.moe): a dim or expert hidden size larger than a tile must be a
-# multiple of it, since the TPU kernel's blocks cannot take a ragged edge there.
+# megablox's tile along the contraction and output axes (llama_jax.model.moe). The TPU compiler
+# (libtpu 0.0.42) lowers the kernel and its gradient only when model.dim and the expert hidden
+# size are at least one tile (a ragged last tile is fine: 192, 200): a smaller axis gives a
+# block that is neither a multiple of 128 nor the whole axis in one of the kernels.
 MEGABLOX_TILE = 128
 
 
@@ -183,10 +184,10 @@ class ModelConfig:
                        "use 'sp' with model.moe_experts > 0")
     if self.moe_impl == "megablox":
       for name, size in (("dim", self.dim), ("moe_ffn_dim (or ffn_dim)", self.expert_ffn_dim)):
-        if size > MEGABLOX_TILE and size % MEGABLOX_TILE:
+        if size < MEGABLOX_TILE:
           raise ValueError(f"model.moe_impl='megablox' tiles model.{name}={size} by "
-                           f"{MEGABLOX_TILE}, which does not divide it; use a multiple of "
-                           f"{MEGABLOX_TILE} (or at most {MEGABLOX_TILE}), or moe_impl='ragged'")
+                           f"{MEGABLOX_TILE}, which the TPU kernel needs it to reach; use "
+                           f"{MEGABLOX_TILE} or more, or model.moe_impl='ragged'")
 
   @property
   def expert_ffn_dim(self) -> int:
@@ -258,4 +259,8 @@ SIZES: dict[str, dict[str, Any]] = {
     "llama3_70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
                        vocab_size=128256, max_seq_len=8192, norm_eps=1e-5,
                        rope_theta=500000.0),
+    # Mixtral-8x7B-v0.1's config.json: 8 experts of 14336, top 2, in every layer.
+    "mixtral_8x7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                         vocab_size=32000, max_seq_len=32768, norm_eps=1e-5,
+                         rope_theta=1000000.0, moe_experts=8, moe_top_k=2, moe_aux_loss=0.02),
 }

@@ -108,7 +108,7 @@ def moe_layer(x, weights: dict, cfg: ModelConfig, *, drop: bool):
                    cfg.moe_impl, plan.platform)
     return plan.return_tokens(y).reshape(b, t, d), finalize(plan.total(partial), cfg)
 
-  return expert_parallel.shard(core, x, weights, plan)
+  return expert_parallel.shard(core, x, weights, plan, pallas=cfg.moe_impl == "megablox")
 
 
 # ---------------------------------------------------------------------------- routing
@@ -227,7 +227,7 @@ def _dense_experts(x, experts, in_scale, combine, w_gate, w_up, w_down):
 
 
 def megablox_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
-  """(tm, tk, n) tiles of the Pallas grouped matmul for [m, k] x [G, k, n]: MEGABLOX_TILE, or
+  """(tm, tk, tn) tiles of the Pallas grouped matmul for [m, k] x [G, k, n]: MEGABLOX_TILE, or
   the whole axis when it is smaller (m is padded to a multiple of tm by the caller)."""
   tm = MEGABLOX_TILE if m >= MEGABLOX_TILE else -(-m // 16) * 16
   return tm, min(k, MEGABLOX_TILE), min(n, MEGABLOX_TILE)
@@ -262,8 +262,7 @@ def trainable(params: dict) -> dict:
   itself when it has none (a dense model)."""
   if not has_bias(params):
     return params
-  return {k: trainable(v) for k, v in params.items() if k != BIAS} if isinstance(
-      params, dict) else params
+  return {k: trainable(v) for k, v in params.items() if k != BIAS}
 
 
 def with_trainable(params: dict, trained: dict) -> dict:
@@ -295,15 +294,16 @@ def update_bias(params: dict, stats: dict[str, jax.Array], cfg) -> dict:
   return jax.tree_util.tree_map_with_path(update, params)
 
 
-def stat_metrics(stats: dict[str, Any]) -> dict[str, float]:
+def stat_metrics(stats: dict[str, Any], cfg) -> dict[str, jax.Array]:
   """The scalars a log line carries of the per-layer stats [L_moe, ...]: the balancing losses
   (mean over MoE layers), the load imbalance max/mean choices per expert (mean and max over
-  layers) and the dropped fraction; none for a dense model (no stats)."""
+  layers) and, with a capacity, the dropped fraction; none for a dense model (no stats)."""
   if not stats:
     return {}
   load = jnp.asarray(stats["load"], jnp.float32)
   imbalance = jnp.max(load, axis=-1) / jnp.maximum(jnp.mean(load, axis=-1), 1e-9)
-  return {"moe_aux_loss": jnp.mean(stats["aux"]), "moe_z_loss": jnp.mean(stats["z"]),
-          "moe_load_imbalance": jnp.mean(imbalance),
-          "moe_load_imbalance_max": jnp.max(imbalance),
-          "moe_dropped_frac": jnp.mean(stats["dropped"])}
+  out = {"moe_aux_loss": jnp.mean(stats["aux"]), "moe_z_loss": jnp.mean(stats["z"]),
+         "moe_load_imbalance": jnp.mean(imbalance), "moe_load_imbalance_max": jnp.max(imbalance)}
+  if cfg.moe_capacity_factor > 0:
+    out["moe_dropped_frac"] = jnp.mean(stats["dropped"])
+  return out

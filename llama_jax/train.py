@@ -267,8 +267,8 @@ def model_flops(setup: Setup, log=print) -> tuple:
   n = metrics_lib.human(sizes.count_params(setup.model_cfg))
   if setup.model_cfg.moe_experts:
     n += f" ({metrics_lib.human(sizes.active_params(setup.model_cfg))} active)"
-  log(f"model {n} params, {flops_tok:.3g} FLOPs/token, peak {peak:.3g} FLOP/s/device ({peak_source}), "
-      f"mesh {dict(setup.mesh.shape)}")
+  log(f"model {n} params, {flops_tok:.3g} FLOPs/token, peak {peak:.3g} FLOP/s/device "
+      f"({peak_source}), mesh {dict(setup.mesh.shape)}")
   return flops_tok, flops_tok_half, peak, peak_units
 
 

@@ -41,21 +41,28 @@ def _ffn(impl):
   return f
 
 
+def _ground_truth(x, ids, in_scale, combine, wg, wu, wd):
+  """Token by token: sum_j c_j * down(silu(s_j x W_g) * (s_j x W_u)) over the local experts."""
+  x, wg, wu, wd = (np.asarray(a, np.float64) for a in (x, wg, wu, wd))
+  out = np.zeros_like(x)
+  for n in range(x.shape[0]):
+    for j in range(ids.shape[1]):
+      e = int(ids[n, j])
+      if e < wg.shape[0]:
+        xin = x[n] * float(in_scale[n, j])
+        gate = xin @ wg[e]
+        out[n] += float(combine[n, j]) * ((gate / (1 + np.exp(-gate)) * (xin @ wu[e])) @ wd[e])
+  return out
+
+
 def test_grouped_matmul_implementations_agree_forward_and_backward():
   """ragged (jax.lax.ragged_dot) and megablox (the Pallas TPU kernel, interpret mode here)
   equal the dense reference within fp32 tolerance, outputs and gradients of every input, with
-  experts that get no token and ids of another shard; a loop over tokens is the ground truth."""
+  experts that get no token and ids of another shard; a loop over tokens is the ground truth.
+  With one local expert of k = 2 the sorted rows are cut to N (a shard's own rows only)."""
   x, ids, in_scale, combine, (wg, wu, wd) = _experts_inputs()
-  # Ground truth, token by token: sum_j c_j * down(silu(s_j x W_g) * (s_j x W_u)).
-  want = np.zeros((N, D), np.float32)
-  for n in range(N):
-    for j in range(K):
-      e = int(ids[n, j])
-      if e < G:
-        xin = np.asarray(x[n]) * float(in_scale[n, j])
-        h = np.asarray(jax.nn.silu(xin @ wg[e])) * np.asarray(xin @ wu[e])
-        want[n] += float(combine[n, j]) * (h @ np.asarray(wd[e]))
   args = (x, in_scale, combine, wg, wu, wd, ids)
+  want = _ground_truth(x, ids, in_scale, combine, wg, wu, wd)
   loss = lambda impl: lambda *a: jnp.sum(jnp.sin(_ffn(impl)(*a)))  # noqa: E731
   grads = {}
   for impl in ("dense", "ragged", "megablox"):
@@ -68,9 +75,15 @@ def test_grouped_matmul_implementations_agree_forward_and_backward():
   # Empty experts get exactly zero gradient; the used ones do not.
   for g in grads["ragged"][3:]:
     assert np.all(np.asarray(g)[[2, 4]] == 0) and np.abs(np.asarray(g)[[0, 1, 3]]).min() > 0
+  one = (x, in_scale, combine, wg[:1], wu[:1], wd[:1], ids)  # expert 0 here, the rest away
+  np.testing.assert_allclose(jax.jit(_ffn("ragged"))(*one), _ground_truth(
+      x, ids, in_scale, combine, wg[:1], wu[:1], wd[:1]), atol=2e-5, rtol=0)
   # The control: the check sees a wrong input (gate and up swapped).
   wrong = np.asarray(_ffn("ragged")(x, in_scale, combine, wu, wg, wd, ids))
   assert np.abs(wrong - want).max() > 1e-2
+
+
+route = jax.jit(moe.route, static_argnames=("cfg", "drop"))
 
 
 def test_routing_softmax_and_sigmoid():
@@ -81,7 +94,7 @@ def test_routing_softmax_and_sigmoid():
   # Two tokens, the router an identity: logits = x.
   x = jnp.asarray([[[3.0, 1.0, 0.0, -1.0], [0.0, 0.0, 2.0, 1.0]]], jnp.float32)
   w = jnp.eye(4)
-  ids, in_scale, combine, partial = moe.route(x, w, jnp.zeros(4), cfg, drop=False)
+  ids, in_scale, combine, partial = route(x, w, jnp.zeros(4), cfg=cfg, drop=False)
   np.testing.assert_array_equal(ids[0], [[0, 1], [2, 3]])
   p = jax.nn.softmax(x[0], axis=-1)
   np.testing.assert_allclose(combine[0, 0], p[0, :2] / p[0, :2].sum(), rtol=1e-6)
@@ -91,12 +104,13 @@ def test_routing_softmax_and_sigmoid():
   stats = moe.finalize(partial, cfg)  # f_e = 1/4 each: E * sum f P = sum P / 1 ... = 1
   np.testing.assert_allclose(stats["aux"], 1.0, rtol=1e-6)
 
-  biased, _, combine_b, _ = moe.route(x, w, jnp.asarray([0.0, 0.0, 10.0, 0.0]), cfg, drop=False)
+  biased, _, combine_b, _ = route(x, w, jnp.asarray([0.0, 0.0, 10.0, 0.0]), cfg=cfg,
+                                     drop=False)
   np.testing.assert_array_equal(biased[0, 0], [2, 0])  # expert 2 now chosen first ...
   np.testing.assert_allclose(combine_b[0, 0], p[0, [2, 0]] / p[0, [2, 0]].sum(), rtol=1e-6)
 
   sig = dataclasses.replace(cfg, moe_router="sigmoid", moe_top_k=1)
-  ids, in_scale, combine, _ = moe.route(x, w, jnp.zeros(4), sig, drop=False)
+  ids, in_scale, combine, _ = route(x, w, jnp.zeros(4), cfg=sig, drop=False)
   np.testing.assert_array_equal(ids[0, :, 0], [0, 2])
   np.testing.assert_allclose(in_scale[0, :, 0], jax.nn.sigmoid(jnp.asarray([3.0, 2.0])), rtol=1e-6)
   np.testing.assert_array_equal(combine, 1.0)
@@ -108,11 +122,11 @@ def test_capacity_drops_later_positions_per_sequence():
   cfg = dataclasses.replace(CFG, moe_experts=4, moe_top_k=2, moe_capacity_factor=1.0)
   assert moe.capacity(cfg, 6) == 3
   x = jnp.tile(jnp.asarray([2.0, 1.0, 0.0, 0.0]), (2, 6, 1))
-  ids, _, combine, partial = moe.route(x, jnp.eye(4), jnp.zeros(4), cfg, drop=True)
+  ids, _, combine, partial = route(x, jnp.eye(4), jnp.zeros(4), cfg=cfg, drop=True)
   kept = np.asarray(combine > 0)
   assert kept[:, :3].all() and not kept[:, 3:].any()
   assert moe.finalize(partial, cfg)["dropped"] == pytest.approx(0.5)
-  _, _, combine, _ = moe.route(x, jnp.eye(4), jnp.zeros(4), cfg, drop=False)
+  _, _, combine, _ = route(x, jnp.eye(4), jnp.zeros(4), cfg=cfg, drop=False)
   assert np.all(np.asarray(combine) > 0)  # the control: dropless keeps everything
 
 
@@ -157,22 +171,25 @@ def test_layer_placement_sizes_scan_and_decode():
   every = dataclasses.replace(CFG, moe_experts=8, moe_top_k=2)
   assert sizes.count_params(every) == _count(every)
 
-  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 104, (2, 10)), jnp.int32)
-  model = Llama(cfg, rngs=nnx.Rngs(0))
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 104, (2, 8)), jnp.int32)
+  model = nnx.jit(lambda: Llama(cfg, rngs=nnx.Rngs(0)))()  # one compile, not one per op
   full, stats = nnx.jit(lambda m, t: m(t, return_moe_stats=True))(model, tokens)
-  assert stats["load"].shape == (2, 6) and float(stats["load"].sum()) == 2 * 20
-  loop = Llama(dataclasses.replace(cfg, scan_layers=False), rngs=nnx.Rngs(0))
-  np.testing.assert_allclose(nnx.jit(lambda m, t: m(t))(loop, tokens), full, atol=1e-5, rtol=0)
+  assert stats["load"].shape == (2, 6) and float(stats["load"].sum()) == 2 * 16
+  # The same parameters run as a Python loop over the layers (scan_layers only changes that).
+  loop = nnx.merge(nnx.split(abstract_model(dataclasses.replace(cfg, scan_layers=False)))[0],
+                   nnx.state(model))
 
   @nnx.jit
-  def decode(model, tokens):  # a 6-token prefill, then 4 single-token steps
-    logits, cache = model(tokens[:, :6], cache=init_cache(cfg, 2, 10))
+  def loop_and_decode(model, loop, tokens):  # the loop; a 6-token prefill, 2 single steps
+    logits, cache = model(tokens[:, :6], cache=init_cache(cfg, 2, 8))
     steps = [logits]
-    for t in range(6, 10):
+    for t in range(6, 8):
       logits, cache = model(tokens[:, t:t + 1], cache=cache)
       steps.append(logits)
-    return jnp.concatenate(steps, axis=1)
-  np.testing.assert_allclose(decode(model, tokens), full, atol=1e-5, rtol=0)
+    return loop(tokens), jnp.concatenate(steps, axis=1)
+  looped, decoded = loop_and_decode(model, loop, tokens)
+  np.testing.assert_allclose(looped, full, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(decoded, full, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("updates,match", [
@@ -213,3 +230,43 @@ def test_a_population_refuses_moe_in_one_line():
   c = tiny_config(**{"model.moe_experts": 4})
   with pytest.raises(PopulationError, match="MoE runs .* cannot train as a population"):
     check_members([c, c], ["a", "b"])
+
+
+def test_mixtral_preset_has_the_published_size():
+  """configs/mixtral_8x7b.py: Mistral's 46.7B parameters, 12.9B active (two of eight experts):
+  32 x (attention 2*4096^2 + 2*4096*1024, router 4096*8, experts 8 x 3*4096*14336, 2 norms)
+  + 2 x 32000*4096 + 4096 = 46,702,792,704; active with 2 experts = 12,879,925,248."""
+  from configs import mixtral_8x7b
+  from llama_jax.model.config import SIZES
+  config = mixtral_8x7b.get_config()
+  config_lib.validate(config)
+  for key, value in SIZES["mixtral_8x7b"].items():
+    assert config.model[key] == value, key
+  cfg = ModelConfig.from_dict(config.model)
+  assert sizes.count_params(cfg) == 46_702_792_704
+  assert sizes.active_params(cfg) == 12_879_925_248
+  assert config.mesh.expert == 8 and cfg.moe_impl == "megablox"
+
+
+def test_expert_parallel_plan_follows_the_mesh_and_rules():
+  """Where an MoE layer's operands are split comes from the active mesh and the resolved rules
+  (nothing compiled): experts over expert, rows over the batch axes, hidden over tensor; a
+  batch the axes do not divide (a decoding row) stays whole; no mesh, no split."""
+  from llama_jax import sharding, train
+  from llama_jax.model import expert_parallel
+  c = tiny_config(**{"model.moe_experts": 4})
+  c.mesh.update(dict(data=1, fsdp=2, expert=2, tensor=2))
+  mesh = sharding.make_mesh(c.mesh)
+  assert mesh.axis_names == ("data", "fsdp", "expert", "tensor")
+  rules = sharding.resolve_rules(c, ModelConfig.from_dict(c.model), mesh)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    plan = expert_parallel.plan_for(8)
+    assert (plan.batch, plan.expert, plan.mlp) == (("fsdp", "expert"), ("expert",), ("tensor",))
+    assert plan.split_tokens and plan.platform == "cpu"
+    one = expert_parallel.plan_for(1)
+    assert one.batch == () and not one.split_tokens and one.expert == ("expert",)
+  assert expert_parallel.plan_for(8).is_local
+  dense = tiny_config()  # the control: at mesh.expert=1 there is no expert axis at all
+  assert "expert" not in sharding.make_mesh(dense.mesh).axis_names
+  assert train.make_setup(dense).batch_sharding.spec == jax.sharding.PartitionSpec(
+      ("data", "fsdp"), None)

@@ -197,6 +197,7 @@ def _config_of(args):
   return config
 
 
+@pytest.mark.slow
 def test_moe_expert_axis_across_two_processes_equals_one_process(tmp_path, monkeypatch):
   """2 processes x 4 devices with the expert axis over all 8 (gloo all-gathers and
   reduce-scatters between the processes) log the losses, balancing losses and eval loss of

@@ -83,7 +83,7 @@ class MoE(nnx.Module):
     setattr(self, BIAS, RouterBias(jnp.zeros((e,), jnp.float32), out_sharding=(None,)))
 
   def __call__(self, x, *, decoding: bool = False):
-    weights = {name: getattr(self, name)[...] for name in ("w_router", "w_gate", "w_up", "w_down")}
+    weights = {n: getattr(self, n)[...] for n in ("w_router", "w_gate", "w_up", "w_down")}
     weights["bias"] = getattr(self, BIAS)[...]
     # Decoding drops nothing: a capacity is a training-time bound, and a cached step sees one
     # token of each sequence, not the sequence the capacity is counted over.
@@ -119,7 +119,8 @@ def route(x, w_router, bias, cfg: ModelConfig, *, drop: bool):
   token is scaled by before its expert), combine [B, T, k] (what its output is weighted by, 0
   where dropped), partial stats (sums over these tokens, for `finalize`))."""
   k, e = cfg.moe_top_k, cfg.moe_experts
-  logits = jnp.dot(x.astype(jnp.float32), w_router.astype(jnp.float32))  # [B, T, E]
+  logits = jnp.dot(x.astype(jnp.float32), w_router.astype(jnp.float32),  # [B, T, E]
+                   precision=jax.lax.Precision.HIGHEST)  # fp32 on TPUs too (not bf16 passes)
   if cfg.moe_router == "softmax":
     scores = jax.nn.softmax(logits, axis=-1)
     probs = scores
@@ -190,8 +191,13 @@ def expert_ffn(x, experts, in_scale, combine, w_gate, w_up, w_down, impl: str,
   key = jnp.where(here, flat, g)  # rows of other shards sort after every group
   order = jnp.argsort(key, stable=True)  # [M]: (token, choice) rows grouped by expert
   sizes = jnp.bincount(key, length=g + 1)[:g].astype(jnp.int32)
-  here = here[order]
-  rows = x[order // k] * in_scale.reshape(-1)[order][:, None].astype(dt)
+  # A token has at most min(k, G) choices among this shard's experts, so the first
+  # N * min(k, G) sorted rows hold them all: under expert parallelism (G = E / n_ep) the
+  # matmuls' rows shrink from the gathered N * k when G < k. Dropless at any routing.
+  m = n * min(k, g)
+  gather = order[:m]
+  here = here[gather]
+  rows = x[gather // k] * in_scale.reshape(-1)[gather][:, None].astype(dt)
   rows = jnp.where(here[:, None], rows, 0)
 
   if impl == "ragged":
@@ -206,8 +212,9 @@ def expert_ffn(x, experts, in_scale, combine, w_gate, w_up, w_down, impl: str,
   out = checkpoint_name(gmm(jax.nn.silu(gate) * up, w_down), "moe_down")  # [M, D]
   # Rows outside every group (other shards', megablox's padding) are not written by every
   # kernel: zero them before they are weighted.
-  weight = jnp.where(here, combine.reshape(-1)[order], 0.0)
+  weight = jnp.where(here, combine.reshape(-1)[gather], 0.0)
   out = jnp.where(here[:, None], out.astype(jnp.float32), 0.0) * weight[:, None]
+  out = jnp.pad(out, ((0, n * k - m), (0, 0)))  # the rows past m: other shards', zero here
   inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
   return jnp.sum(out[inverse].reshape(n, k, -1), axis=1).astype(dt)
 

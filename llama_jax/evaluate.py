@@ -112,28 +112,38 @@ def evaluate_sources(model: Llama, sources: dict, n_batches: int | None = None, 
 
 # ---------------------------------------------------------------------------- CLI
 
-def main(argv):
-  del argv
-  from absl import flags, logging
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
-  f = flags.FLAGS
+def evaluate_workdir(workdir: str, step: int | None = None, split: str = "validation",
+                     max_batches: int = 0) -> dict[str, Any]:
+  """What `python -m llama_jax.evaluate` prints for a run: its checkpoint `step` (the newest
+  by default) on `split`, one pass (or at most `max_batches` batches)."""
   from llama_jax.checkpoint import restore_params
-  from llama_jax.data import make_loaders
+  from llama_jax.data import make_loaders, saved_tokenizer
 
   # A workdir without checkpoints (CheckpointError) or without its data (DataError) is a user
   # error: errors.run prints it as one line and exits 2.
-  model, config, step = restore_params(f.workdir, f.step)
-  tokenizer, train_loader, eval_loader = make_loaders(config)
-  loader = {"validation": eval_loader, "train": train_loader}[f.split]
-  n_batches = f.max_batches or None  # one pass over the split
-  endless = config.data.name == "synthetic" or (f.split == "train" and config.data.get("mixture"))
+  model, config, step = restore_params(workdir, step)
+  # The tokenizer the run trained with, saved in its workdir (a fine-tune's is its source's,
+  # not one config.data would train on the fine-tuning data).
+  tokenizer, train_loader, eval_loader = make_loaders(config,
+                                                      tokenizer=saved_tokenizer(workdir))
+  loader = {"validation": eval_loader, "train": train_loader}[split]
+  n_batches = max_batches or None  # one pass over the split
+  endless = config.data.name == "synthetic" or (split == "train" and config.data.get("mixture"))
   if n_batches is None and endless:  # no one pass to make: the run's eval size
     n_batches = int(config.train.eval_steps)
   sources = getattr(loader, "sources", None)
   result = (evaluate_sources(model, sources, n_batches, tokenizer=tokenizer) if sources
             else evaluate(model, loader, n_batches, tokenizer=tokenizer))
-  print(json.dumps({**result, "split": f.split, "step": int(step),
-                    "seq_len": int(config.data.seq_len), "workdir": f.workdir}))
+  return {**result, "split": split, "step": int(step), "seq_len": int(config.data.seq_len),
+          "workdir": workdir}
+
+
+def main(argv):
+  del argv
+  from absl import flags, logging
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
+  f = flags.FLAGS
+  print(json.dumps(evaluate_workdir(f.workdir, f.step, f.split, f.max_batches)))
 
 
 def _define_flags():

@@ -6,7 +6,11 @@
   DIR@STEP     ... of that step's checkpoint (DIR local or gs://)
 
 Only the params come over: the optimizer state is made fresh for them and the step is 0, so
-the schedule's warmup and the data order start again. The weights must be those of the
+the schedule's warmup and the data order start again. So does the tokenizer the weights were
+trained with (the workdir's saved one, the HF directory's tokenizer.model or tokenizer.json):
+with init_from, data.tokenizer='spm' (the default) means the source's tokenizer, never one
+trained on the fine-tuning data, which would read the embeddings through other ids; a
+data.tokenizer that names another one ('byte', a path) is refused unless it is the same. The weights must be those of the
 config's model: every field that decides a parameter's shape or the function the weights
 compute is compared first (`check`, reading only the source's config.json, before any data is
 read or anything compiled) and a mismatch is one line naming the field and the fix. A run
@@ -19,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from typing import Any
 
 from llama_jax import storage
 from llama_jax.config import ConfigError
@@ -41,6 +46,7 @@ class Source:
   kind: str            # 'hf' | 'workdir'
   path: str
   step: int | None     # workdir only; None = its newest checkpoint
+  tokenizer: Any = None  # the fine-tune's tokenizer, set by check (None: config.data's)
 
 
 def parse(spec: str) -> Source | None:
@@ -96,7 +102,45 @@ def check(config) -> Source | None:
              else f"set --config.model.{name}={_flag(b)}")
       raise ConfigError(f"train.init_from: model.{name} is {_flag(a)} in the config but "
                         f"{_flag(b)} in {_config_path(src)}: {fix}")
-  return src
+  return dataclasses.replace(src, tokenizer=_tokenizer(src, config))
+
+
+def _tokenizer(src: Source, config):
+  """The source's tokenizer, or the one data.tokenizer names when that is the same; None where
+  config.data's own is right (the source saved none and data.tokenizer names one, or the data
+  are synthetic). ConfigError, one line, for a mismatch or a source without a tokenizer."""
+  from llama_jax.data import ByteTokenizer, saved_tokenizer, tokenizer_from_path
+  theirs = saved_tokenizer(src.path)
+  kind, what = str(config.data.tokenizer), _source_name(src)
+  if kind == "spm":  # the default: no tokenizer was asked for
+    if theirs is None:
+      if config.data.name == "synthetic":
+        return None
+      raise ConfigError(f"train.init_from: {src.path} holds no tokenizer (tokenizer.model, "
+                        "tokenizer.json or byte_tokenizer.json) to fine-tune with; set "
+                        "data.tokenizer to the one its weights were trained with")
+    if theirs.vocab_size != int(config.model.vocab_size):
+      raise ConfigError(f"train.init_from: the tokenizer of {what} has {theirs.vocab_size} ids "
+                        f"but model.vocab_size={config.model.vocab_size}; give a source whose "
+                        "tokenizer matches its embedding table")
+    return theirs
+  if theirs is None:
+    return None
+  ours = ByteTokenizer() if kind == "byte" else tokenizer_from_path(kind)
+  if ours.key != theirs.key:
+    raise ConfigError(
+        f"train.init_from: data.tokenizer={kind!r} ({_describe(ours)}) is not the tokenizer "
+        f"{what} was trained with ({_describe(theirs)}), so its ids would read other "
+        "embeddings; leave data.tokenizer at 'spm' to fine-tune with the source's")
+  return theirs
+
+
+def _source_name(src: Source) -> str:
+  return f"{HF_PREFIX}{src.path}" if src.kind == "hf" else src.path
+
+
+def _describe(tokenizer) -> str:
+  return f"{type(tokenizer).__name__} {tokenizer.key}, {tokenizer.vocab_size} ids"
 
 
 def _flag(v) -> str:

@@ -341,7 +341,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
   with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(setup.rules):
     # ---- data -------------------------------------------------------------------------
     from llama_jax import data
-    tokenizer = run_tokenizer(config, [workdir])
+    tokenizer = run_tokenizer(config, [workdir], source)
     tokenizer, train_loader, eval_loader = data.make_loaders(config, setup.batch_sharding,
                                                              tokenizer=tokenizer, log=log)
 
@@ -442,13 +442,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
           "stopped_by": stopped_by}
 
 
-def run_tokenizer(config: ml_collections.ConfigDict, workdirs: list[str]):
+def run_tokenizer(config: ml_collections.ConfigDict, workdirs: list[str],
+                  source: init_from.Source | None = None):
   """The run's tokenizer, saved in each of `workdirs` (a population's members share one).
-  Process 0 makes it (training it on the corpus the first time); the others read the saved
-  file, so every process has the same one."""
+  Process 0 makes it (training it on the corpus the first time), or takes a fine-tune's
+  source's (init_from.check found it); the others read the saved file, so every process has
+  the same one."""
   from llama_jax import data
   is_main = jax.process_index() == 0
-  tokenizer = data.make_tokenizer(config) if is_main else None
+  tokenizer = None
+  if is_main:
+    tokenizer = (source.tokenizer if source is not None and source.tokenizer is not None
+                 else data.make_tokenizer(config))
   if is_main:
     for workdir in workdirs:
       tokenizer.save(workdir)

@@ -135,3 +135,43 @@ def test_init_from_mismatch_and_syntax(chat, source, tmp_path):
     init_from.check(tiny_config(**{"train.init_from": str(tmp_path / "nothing")}))
   with pytest.raises(checkpoint.CheckpointError, match="no checkpoint of step 5"):
     init_from.load_params(init_from.parse(f"{source}@5"), train.make_setup(run_config(chat)))
+
+
+def test_fine_tune_reads_the_source_tokenizer(chat, tmp_path):
+  """With data.tokenizer left at 'spm', a fine-tune from hf:DIR takes DIR's tokenizer.model
+  (not one trained on the fine-tuning data, which would read the embeddings through other
+  ids), saves it in its workdir, and evaluate reads it there once the source is gone; a
+  data.tokenizer naming another one is refused in one line before anything is built."""
+  from llama_jax import evaluate
+  from tests.test_lm_eval import _spm
+  hf_dir, workdir = tmp_path / "hf", tmp_path / "run"
+  hf_dir.mkdir()
+  tok = _spm(hf_dir / "tokenizer.model")  # trained on other text than the chat records
+  config = run_config(chat, **{"data.tokenizer": "spm", "data.data_dir": str(tmp_path / "data"),
+                               "model.vocab_size": tok.vocab_size, "train.steps": 1,
+                               "train.eval_every": 1, "train.checkpoint_every": 1,
+                               "train.init_from": f"hf:{hf_dir}"})
+  model_cfg = ModelConfig.from_dict(config.model)
+  hf.save_hf(Llama(model_cfg, rngs=nnx.Rngs(3)), model_cfg, str(hf_dir))
+  config_lib.validate(config)
+
+  byte = run_config(chat, **{k: config[k.split(".")[0]][k.split(".")[1]] for k in (
+      "data.data_dir", "model.vocab_size", "train.init_from")})  # data.tokenizer='byte'
+  with pytest.raises(ConfigError) as e:
+    train.train(byte, str(tmp_path / "refused"), log=lambda *a: None)
+  assert str(e.value) == (
+      f"train.init_from: data.tokenizer='byte' (ByteTokenizer byte, 259 ids) is not the "
+      f"tokenizer hf:{hf_dir} was trained with (SpmTokenizer {tok.key}, {tok.vocab_size} ids), "
+      "so its ids would read other embeddings; leave data.tokenizer at 'spm' to fine-tune "
+      "with the source's")
+  assert not (tmp_path / "refused" / "config.json").exists()  # refused before the run began
+  assert not (tmp_path / "data").exists()
+
+  summary = train.train(config, str(workdir), log=lambda *a: None)
+  assert (workdir / "tokenizer.model").read_bytes() == (hf_dir / "tokenizer.model").read_bytes()
+  assert not (tmp_path / "data" / "llama_jax" / "tokenizers").exists()  # none was trained
+  import shutil
+  shutil.rmtree(hf_dir)
+  result = evaluate.evaluate_workdir(str(workdir), max_batches=int(config.train.eval_steps))
+  assert result["loss"] == pytest.approx(summary["eval_loss"], rel=1e-5)
+  assert not (tmp_path / "data" / "llama_jax" / "tokenizers").exists()

@@ -15,11 +15,11 @@ from llama_jax.data.errors import DataError
 from llama_jax.data.loader import (Loader, MixtureLoader, SyntheticLoader, TokenLoader,
                                    make_loaders, make_tokenizer, segments)
 from llama_jax.data.tokenizer import (ByteTokenizer, SpmTokenizer, Tokenizer, load_tokenizer,
-                                      tokenizer_from_path, train_spm)
+                                      saved_tokenizer, tokenizer_from_path, train_spm)
 
 __all__ = [
     "ByteTokenizer", "Corpus", "DataError", "Loader", "MixtureLoader", "PythonStdlib",
     "SpmTokenizer", "SyntheticLoader", "TextFiles", "TokenFile", "TokenLoader", "Tokenizer", "build_corpus",
     "cache_root", "data_root", "load_tokenizer", "make_loaders", "make_tokenizer", "open_corpus",
-    "segments", "stdlib_config", "stdlib_files", "token_file", "tokenizer_from_path", "train_spm",
+    "saved_tokenizer", "segments", "stdlib_config", "stdlib_files", "token_file", "tokenizer_from_path", "train_spm",
 ]

@@ -313,6 +313,18 @@ def tokenizer_from_path(path: str) -> Tokenizer:
   return SpmTokenizer(path)
 
 
+SAVED_FILES = (MODEL_FILE, BYTE_FILE, HF_FILE)  # what tokenizer_from_path finds in a directory
+
+
+def saved_tokenizer(directory: str) -> Tokenizer | None:
+  """The tokenizer saved in `directory`, None when it holds none: a workdir (training saves
+  the run's tokenizer there, so evaluate, generate and a fine-tune read the one it trained
+  with) or a Hugging Face model directory (tokenizer.model or tokenizer.json)."""
+  if not any(storage.isfile(storage.join(directory, name)) for name in SAVED_FILES):
+    return None
+  return tokenizer_from_path(directory)
+
+
 def load_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
   """The tokenizer config.data names, of exactly `vocab_size` ids (else DataError)."""
   kind = str(data_cfg.tokenizer)

@@ -27,12 +27,10 @@ def load(workdir: str | None, hf_dir: str | None, step: int | None, dtype: str |
     except ValueError as e:  # hf.py and HFDirTokenizer: what the directory lacks or holds
       raise UserError(f"--hf_dir={hf_dir}: {e}") from e
     return model, tokenizer
-  from llama_jax import data, storage
+  from llama_jax import data
   from llama_jax.checkpoint import restore_params
   model, config, step = restore_params(workdir, step)
   print(f"restored step {step} from {workdir}", file=sys.stderr)
-  # Training saves its tokenizer in the workdir; without it, rebuild it from config.data.
-  saved = any(storage.isfile(storage.join(workdir, name))
-              for name in ("tokenizer.model", "byte_tokenizer.json", "tokenizer.json"))
-  tokenizer = data.tokenizer_from_path(workdir) if saved else data.make_tokenizer(config)
-  return model, tokenizer
+  # Training saves its tokenizer in the workdir (a fine-tune's is its source's); without it,
+  # rebuild it from config.data.
+  return model, data.saved_tokenizer(workdir) or data.make_tokenizer(config)

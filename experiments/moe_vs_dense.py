@@ -22,7 +22,10 @@ The summary (results.csv: every logged step of both runs; results.json: the fina
 parameters, FLOPs and wall time; moe_vs_dense.png: training and validation loss against steps)
 goes to OUT_DIR (default SWEEP_WORKDIR/moe_vs_dense).
 
-Result: see experiments/results/moe_vs_dense/results.json and docs/moe.md.
+Result (experiments/results/moe_vs_dense/, docs/moe.md): validation loss at step 200 4.671
+dense, 4.700 MoE (+0.029; +0.12 at step 50, the gap closing); the MoE's load imbalance (max /
+mean tokens per expert) fell from 3.8 to 1.8. Wall on the shared 2-core CPU: 529 s dense,
+1929 s MoE.
 """
 
 import csv

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import storage
+from llama_jax.model import sizes
 from llama_jax.model.config import ModelConfig
 
 # ---------------------------------------------------------------------------- peak and MFU
@@ -227,6 +228,12 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
   if not storage.exists(path):
     return []
   return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+
+
+def params_text(cfg: ModelConfig) -> str:
+  """'5M', or for an MoE model '11.3M (4.2M active)'."""
+  text = human(sizes.count_params(cfg))
+  return text + (f" ({human(sizes.active_params(cfg))} active)" if cfg.moe_experts else "")
 
 
 def human(n: float) -> str:

@@ -107,6 +107,11 @@ def _on_mesh(target, mesh: Mesh):
   return kept or None
 
 
+def rules_on_mesh(rules, mesh: Mesh) -> tuple:
+  """The rules with every target limited to the mesh's axes (lists read as tuples)."""
+  return tuple((n, _on_mesh(tuple(t) if isinstance(t, list) else t, mesh)) for n, t in rules)
+
+
 def resolve_rules(config, model_cfg, mesh: Mesh, warn=print):
   """Checks every split size against the mesh (config.validate has checked that the rules
   name only mesh axes); returns the rules to use.
@@ -114,8 +119,7 @@ def resolve_rules(config, model_cfg, mesh: Mesh, warn=print):
   The one documented fallback: kv heads that the tensor axis does not divide (e.g. 8 kv heads
   on tensor=16) are replicated instead of split, with a warning, as MaxText does.
   """
-  rules = tuple((n, _on_mesh(tuple(t) if isinstance(t, list) else t, mesh))
-                for n, t in config.sharding_rules)
+  rules = rules_on_mesh(config.sharding_rules, mesh)
   table = dict(rules)
   sizes = {
       "embed": ("model.dim", model_cfg.dim),
@@ -165,14 +169,14 @@ def resolve_rules(config, model_cfg, mesh: Mesh, warn=print):
 
 def tree_shardings(abstract_tree, mesh: Mesh, rules):
   """NamedShardings for a tree of nnx Variables (their logical names through `rules`)."""
-  with nnx.logical_axis_rules(rules):
+  with nnx.logical_axis_rules(rules_on_mesh(rules, mesh)):
     specs = nnx.get_partition_spec(abstract_tree)
   return jax.tree.map(lambda p: NamedSharding(mesh, p), specs)
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
   """Batch rows split over the act_batch axes, sequence replicated: [B, T]."""
-  return NamedSharding(mesh, logical_to_spec(("act_batch", None), rules))
+  return NamedSharding(mesh, logical_to_spec(("act_batch", None), rules_on_mesh(rules, mesh)))
 
 
 def bytes_per_device(abstract_tree, shardings) -> int:

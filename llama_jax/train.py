@@ -69,8 +69,7 @@ class Setup:
 
 
 def _trainable(spec: lora_lib.LoraSpec | None, params):
-  """The part of a params tree that trains: the adapters under LoRA, else all of it but an MoE
-  model's router biases (state the step updates itself: llama_jax.model.moe)."""
+  """The part of a params tree that trains: the adapters under LoRA, else all but router biases."""
   return moe_lib.trainable(params) if spec is None else lora_lib.adapters_of(params)
 
 
@@ -204,12 +203,11 @@ def train_step_fn(config: ml_collections.ConfigDict, graphdef, optimizer: optax.
       moe_stats = moe_lib.over_microbatches(moe_stats)
     updates, opt_state = optimizer.update(grads, state["opt_state"], trained)
     new_params = _with_trained(spec, params, optax.apply_updates(trained, updates))
-    new_params = moe_lib.update_bias(new_params, moe_stats, config.model)  # outside the optimizer
+    new_params, moe_metrics = moe_lib.after_step(new_params, moe_stats, config.model)
     new_state = {"params": new_params, "opt_state": opt_state,
                  "step": state["step"] + 1}
     stats = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
-             "loss_tokens": loss_tokens(batch)}
-    stats.update(moe_lib.stat_metrics(moe_stats, config.model))
+             "loss_tokens": loss_tokens(batch), **moe_metrics}
     return new_state, stats
 
   return train_step
@@ -264,11 +262,8 @@ def model_flops(setup: Setup, log=print) -> tuple:
   flops_tok_half = sizes.flops_per_token(setup.model_cfg, seq_len, causal_half=True)
   peak, peak_source = metrics_lib.device_peak_flops()
   peak_units = metrics_lib.peak_units(setup.mesh.devices.flat)
-  n = metrics_lib.human(sizes.count_params(setup.model_cfg))
-  if setup.model_cfg.moe_experts:
-    n += f" ({metrics_lib.human(sizes.active_params(setup.model_cfg))} active)"
-  log(f"model {n} params, {flops_tok:.3g} FLOPs/token, peak {peak:.3g} FLOP/s/device "
-      f"({peak_source}), mesh {dict(setup.mesh.shape)}")
+  log(f"model {metrics_lib.params_text(setup.model_cfg)} params, {flops_tok:.3g} FLOPs/token, "
+      f"peak {peak:.3g} FLOP/s/device ({peak_source}), mesh {dict(setup.mesh.shape)}")
   return flops_tok, flops_tok_half, peak, peak_units
 
 

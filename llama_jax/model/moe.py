@@ -301,6 +301,12 @@ def update_bias(params: dict, stats: dict[str, jax.Array], cfg) -> dict:
   return jax.tree_util.tree_map_with_path(update, params)
 
 
+def after_step(params: dict, stats: dict[str, jax.Array], cfg) -> tuple[dict, dict]:
+  """(params with the router biases updated (update_bias), the step's MoE log scalars
+  (stat_metrics)) from the step's stats; (params, {}) for a dense model."""
+  return update_bias(params, stats, cfg), stat_metrics(stats, cfg)
+
+
 def stat_metrics(stats: dict[str, Any], cfg) -> dict[str, jax.Array]:
   """The scalars a log line carries of the per-layer stats [L_moe, ...]: the balancing losses
   (mean over MoE layers), the load imbalance max/mean choices per expert (mean and max over

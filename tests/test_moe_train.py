@@ -148,10 +148,10 @@ def test_the_tpu_compiler_plans_an_expert_parallel_megablox_step():
 
 
 @pytest.mark.slow
-def test_moe_benchmark_times_each_implementation_side_by_side():
-  """benchmarks/moe_step.py on a tiny MoE: one record per implementation, MFU on the model's
-  active FLOPs (the same for both); one step of each from the same state and batch gives the
-  same loss with 'ragged' as with the 'dense' reference."""
+def test_moe_benchmark_prints_a_record_per_implementation():
+  """benchmarks/moe_step.py on a tiny MoE, one implementation (each costs a compile; that they
+  agree is tests/test_moe.py's): its record, MFU on the model's active FLOPs, which exceed the
+  dense model's of the same config (--dense_baseline) by the router's alone."""
   import importlib
   import sys
   folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -163,16 +163,11 @@ def test_moe_benchmark_times_each_implementation_side_by_side():
     sys.path.remove(folder)
   c = _config((8, 1, 1, 1), moe_shared_experts=0, moe_ffn_dim=48)  # 2 x 48 = ffn_dim 96
   c.data.seq_len = 16
-  ragged, dense = moe_step.records(c, ["ragged", "dense"], steps=1, warmup=0)
-  assert (ragged["moe_impl"], dense["moe_impl"]) == ("ragged", "dense")
-  for r in (ragged, dense):
-    assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
-  assert ragged["flops_per_token"] == dense["flops_per_token"]  # the model's, not the kernel's
-  assert ragged["active_params"] < ragged["params"] and ragged["moe"]["moe_experts"] == 8
-  # The dense model of the same config (--dense_baseline) has the same FLOPs but the router's
-  # (2 * 64 * 8 a layer and token, x3 for training).
+  (r,) = moe_step.records(c, ["ragged"], steps=1, warmup=0)
+  assert r["moe_impl"] == "ragged" and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
+  assert r["active_params"] < r["params"] and r["moe"]["moe_experts"] == 8
   cfg = config_lib.validate(c)
-  dense_model = dataclasses.replace(cfg, **{k: v.default for k, v in (
-      (f.name, f) for f in dataclasses.fields(cfg)) if k.startswith("moe_")})
-  assert ragged["flops_per_token"] - sizes.flops_per_token(dense_model, 16) == 3 * 2 * 2 * 64 * 8
-  assert ragged["loss"] == pytest.approx(dense["loss"], rel=1e-5)
+  dense_model = dataclasses.replace(cfg, **{f.name: f.default for f in dataclasses.fields(cfg)
+                                           if f.name.startswith("moe_")})
+  # The router: 2 * 64 * 8 FLOPs a layer and token forward, x3 for training, 2 layers.
+  assert r["flops_per_token"] - sizes.flops_per_token(dense_model, 16) == 3 * 2 * 2 * 64 * 8

@@ -1,6 +1,6 @@
 """Data pipeline speed: the one-off build and the loader's tokens/s. Prints one JSON line.
 
-  python benchmarks/data.py --config=configs/default.py [--config.data.x=y ...] [--cold=false]
+  python benchmarks/data.py --config=configs/default.py [--config.data.KEY=VALUE ...] [--cold=false]
 
 --cold (default): builds into a fresh temporary data_dir, timing the first run's corpus build,
 tokenizer training and token cache (goal < 2 min on 2 cores for the default corpus); then

@@ -1,6 +1,6 @@
 """KV-cache decoding speed: prefill time and per-token decode time for a batch. One JSON line.
 
-  python benchmarks/generate.py --config=configs/default.py [--config.model.x=y ...]
+  python benchmarks/generate.py --config=configs/default.py [--config.model.KEY=VALUE ...]
       [--batch=8 --prompt_len=64 --max_new_tokens=128 --temperature=0 --top_k=0 --top_p=1]
 
 The model is config.model with random weights (decode speed does not depend on their values).

@@ -2,7 +2,7 @@
 another: wall time and tokens/s, measured side by side in one process. One JSON line.
 
   python benchmarks/population.py [--members=8] [--steps=60] [--seq_len=64] [--batch_size=8]
-      [--config=configs/base.py:tiny] [--config.x=y]
+      [--config=configs/base.py:tiny] [--config.KEY=VALUE]
 
 The K runs differ in lr (K values from 1e-3 up by factors of 1.5) and seed, as a learning-rate
 sweep's do; data is synthetic (no corpus build in either timing). Each side is timed from the

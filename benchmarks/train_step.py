@@ -1,6 +1,6 @@
 """Train-step throughput and MFU: one JSON line.
 
-  python benchmarks/train_step.py --config=configs/default.py [--config.x=y ...] [--steps=10]
+  python benchmarks/train_step.py --config=configs/default.py [--config.KEY=VALUE ...] [--steps=10]
 
 Takes run_train.py's flags; data is synthetic (the batch is built once, so only the step is
 timed). Reports the median step time over --steps steps after --warmup steps, tokens/s, exact

@@ -4,7 +4,8 @@
 
 Builds the corpus, a 4096-piece SentencePiece BPE and the token cache on first use, then trains
 for 300 steps of 16 x 256 tokens. Should reach: validation loss 4.02 from 8.80 before training,
-in about 7 minutes on a 2-core CPU, and a sample that looks like Python (README, Results).
+in about 7 minutes on a 2-core CPU, and a sample that looks like Python (docs/getting_started.md,
+"The default run").
 """
 
 from configs import base

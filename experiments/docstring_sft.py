@@ -19,7 +19,7 @@ pretrained tokenizer). Writes --workdir/data/{train,validation}.jsonl, the run i
 --workdir/<arm>, and --out/results.json (one entry per arm; a rerun of an arm replaces its
 entry) and --out/samples.md.
 
-Result: in experiments/results/docstring_sft/ and the README's Fine-tuning section.
+Result: in experiments/results/docstring_sft/ and docs/fine_tuning.md.
 """
 
 import json
@@ -34,6 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llama_jax import config as config_lib  # noqa: E402
 from llama_jax import errors  # noqa: E402
+
+from experiments import sft_demo  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Base config file.")
 _PRETRAINED = flags.DEFINE_string("pretrained", "/tmp/default_pretrain",
@@ -60,62 +62,11 @@ SFT = {
 
 
 def _config(argv):
-  config = _CONFIG.value
-  given = {a.split("=", 1)[0].lstrip("-")[len("config."):] for a in argv
-           if a.lstrip("-").startswith("config.")}
   data_dir = os.path.join(_WORKDIR.value, "data")
   defaults = dict(SFT, **{"data.files": os.path.join(data_dir, "train.jsonl"),
                           "data.tokenizer": os.path.join(_PRETRAINED.value, "tokenizer.model"),
                           "train.init_from": _PRETRAINED.value})
-  for key, value in defaults.items():
-    if key not in given:
-      section, name = key.split(".")
-      config[section][name] = value
-  return config, data_dir
-
-
-def _held_out(path, tokenizer, seq_len):
-  """The held-out records that fit whole in seq_len, and how many did not."""
-  from llama_jax.data import sft
-  recs = [json.loads(line) for line in open(path)]
-  fit = [r for r in recs if len(sft.render(r, tokenizer)[0]) <= seq_len + 1]
-  return fit, len(recs) - len(fit)
-
-
-def masked_loss(model, records, tokenizer, seq_len, batch=16) -> float:
-  """Mean cross-entropy over the summary tokens of all records (each rendered whole)."""
-  import jax
-  import numpy as np
-  from llama_jax.data import sft
-  from llama_jax.loss import cross_entropy
-
-  @jax.jit
-  def sums(inputs, targets, weights):
-    _, ce = cross_entropy(model(inputs), targets, weights=weights)
-    return ce * weights.sum(), weights.sum()
-
-  total = count = 0.0
-  for i in range(0, len(records), batch):
-    chunk = records[i:i + batch]
-    x = np.zeros((batch, seq_len + 1), np.int32)
-    w = np.zeros((batch, seq_len + 1), np.float32)
-    for r, rec in enumerate(chunk):
-      ids, ws = sft.render(rec, tokenizer)
-      x[r, :len(ids)], w[r, :len(ids)] = ids, ws
-    s, c = sums(x[:, :-1], x[:, 1:], w[:, 1:])
-    total, count = total + float(s), count + float(c)
-  return total / count
-
-
-def summaries(model, records, tokenizer, max_new: int) -> list[str]:
-  """The greedy summary (first line of the reply) of each record's function."""
-  from llama_jax.data import sft
-  from llama_jax.generate.decode import generate
-  prompts = [sft.prompt_ids(r, tokenizer) for r in records]
-  out = generate(model, prompts, max_new_tokens=max_new, temperature=0.0,
-                 eos_id=tokenizer.eos_id)
-  texts = [tokenizer.decode([t for t in o if t != tokenizer.eos_id]) for o in out]
-  return [(t.strip().splitlines() or [""])[0].strip() for t in texts]
+  return sft_demo.apply_defaults(_CONFIG.value, argv, defaults), data_dir
 
 
 def rouge_l(preds, refs) -> float:
@@ -126,8 +77,8 @@ def rouge_l(preds, refs) -> float:
 
 def score(model, fit, tokenizer, seq_len, gen_records) -> dict:
   t0 = time.time()
-  loss = masked_loss(model, fit, tokenizer, seq_len)
-  preds = summaries(model, gen_records, tokenizer, _MAX_NEW.value)
+  loss = sft_demo.masked_loss(model, fit, tokenizer, seq_len)
+  preds = sft_demo.replies(model, gen_records, tokenizer, _MAX_NEW.value)
   refs = [r["messages"][-1]["content"] for r in gen_records]
   return {"masked_loss": round(loss, 4), "rouge_l": round(rouge_l(preds, refs), 4),
           "preds": preds, "eval_s": round(time.time() - t0, 1)}
@@ -135,7 +86,7 @@ def score(model, fit, tokenizer, seq_len, gen_records) -> dict:
 
 def main(argv):
   from llama_jax import checkpoint, train
-  from llama_jax.data import docstrings, sft, tokenizer_from_path
+  from llama_jax.data import docstrings, tokenizer_from_path
 
   del argv  # absl's leftovers; the overrides are read from sys.argv
   logging.set_verbosity(logging.WARNING)  # Orbax and tfds log every file at INFO
@@ -147,10 +98,10 @@ def main(argv):
   print(f"pairs: {json.dumps(counts)} ({time.time() - t0:.0f} s)", flush=True)
   tokenizer = tokenizer_from_path(_PRETRAINED.value)
   seq_len = int(config.data.seq_len)
-  fit, too_long = _held_out(os.path.join(data_dir, "validation.jsonl"), tokenizer, seq_len)
-  # Generation needs the prompt and max_new_tokens inside the model's positions.
-  gen = [r for r in fit if len(sft.prompt_ids(r, tokenizer)) + _MAX_NEW.value
-         <= config.model.max_seq_len][:_EVAL_PAIRS.value]
+  fit, too_long = sft_demo.fit(sft_demo.read_jsonl(os.path.join(data_dir, "validation.jsonl")),
+                                tokenizer, seq_len)
+  gen = sft_demo.generable(fit, tokenizer, _MAX_NEW.value,
+                           config.model.max_seq_len)[:_EVAL_PAIRS.value]
 
   before_model, _, _ = checkpoint.restore_params(_PRETRAINED.value)
   before = score(before_model, fit, tokenizer, seq_len, gen)
@@ -164,16 +115,10 @@ def main(argv):
   after = score(after_model, fit, tokenizer, seq_len, gen)
   print(f"after: masked_loss {after['masked_loss']}, rouge_l {after['rouge_l']}", flush=True)
 
-  os.makedirs(_OUT.value, exist_ok=True)
-  path = os.path.join(_OUT.value, "results.json")
-  results = json.load(open(path)) if os.path.exists(path) else {"arms": {}}
-  results["pairs"] = counts
-  results["held_out"] = {"scored": len(fit), "too_long_for_seq_len": too_long,
-                         "generated": len(gen), "seq_len": seq_len}
-  overrides = [a for a in argv[1:] if a.lstrip("-").startswith("config.")]
-  results["arms"][_ARM.value] = {
+  results = sft_demo.save_arm(os.path.join(_OUT.value, "results.json"), _ARM.value, {
       "command": "python experiments/docstring_sft.py " + " ".join(argv[1:]),
-      "config_overrides": overrides, "steps": step, "train_s": round(train_s, 1),
+      "config_overrides": sft_demo.overrides(argv), "steps": step,
+      "train_s": round(train_s, 1),
       "final_train_loss": summary["train"] and summary["train"]["loss"],
       "final_eval_loss": summary["eval_loss"],
       "before": {k: v for k, v in before.items() if k != "preds"},
@@ -181,9 +126,8 @@ def main(argv):
       "samples": [{"reference": r["messages"][-1]["content"], "before": b, "after": a,
                    "function": r["messages"][0]["content"][len(docstrings.INSTRUCTION):]}
                   for r, b, a in zip(gen, before["preds"], after["preds"])],
-  }
-  with open(path, "w") as f:
-    json.dump(results, f, indent=1)
+  }, pairs=counts, held_out={"scored": len(fit), "too_long_for_seq_len": too_long,
+                             "generated": len(gen), "seq_len": seq_len})
   _write_samples(results, os.path.join(_OUT.value, "samples.md"))
   print(json.dumps({k: v for k, v in results["arms"][_ARM.value].items() if k != "samples"}))
 

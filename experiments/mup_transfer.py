@@ -26,8 +26,8 @@ Success criterion, stated before running: under μP the optimal lr moves by at m
 8x widths and under SP by at least 4x; the same across the 4x depths (μP + CompleteP at most 2x,
 SP at least 4x... the depth claim is weaker in the literature; reported either way).
 
-Result (experiments/results/mup_transfer/report.md; the README's Results give the table): width,
-SP 2.97x (missed: the optimum falls 0.018 -> 0.006, less than the 4x asked), μP 1.41x (met);
+Result (experiments/results/mup_transfer/report.md; docs/experiments.md, Results, has the table):
+width, SP 2.97x (missed: the optimum falls 0.018 -> 0.006, less than the 4x asked), μP 1.41x (met);
 depth, SP 1.28x (missed: SP's optimum does not move at these depths), μP + CompleteP 1.62x (met),
 CompleteP's 8-layer runs the best of the depth study (5.58 against SP's 5.73).
 

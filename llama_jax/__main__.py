@@ -15,6 +15,8 @@ the processes were found.
 A user's mistake (a bad config, data that is not there, a mesh that does not fit, a NaN loss)
 is one line `error: ...` and exit status 2 (llama_jax.errors); anything else is a bug and
 keeps its traceback.
+Guides: docs/training.md (runs, resume), docs/memory_plans.md (--dry_run, --topology, --fit),
+docs/multi_host.md (several processes), docs/errors.md (the one-line errors).
 """
 
 import json

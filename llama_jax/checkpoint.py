@@ -24,7 +24,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from llama_jax import config as config_lib
-from llama_jax import storage
+from llama_jax import storage, waiting
 from llama_jax.errors import UserError
 
 
@@ -85,7 +85,8 @@ class Checkpointer:
       steps = [s for s in self.steps() if below is None or s < below]
       step = max(steps, default=-1)
       if multi:
-        step = int(multihost_utils.broadcast_one_to_all(np.int64(step)))
+        with waiting.announced("process 0's choice of the checkpoint to restore"):
+          step = int(multihost_utils.broadcast_one_to_all(np.int64(step)))
       if step < 0:
         return None
       try:
@@ -94,7 +95,9 @@ class Checkpointer:
         state, error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
       failed = [0] if error else []
       if multi:
-        failed = np.flatnonzero(multihost_utils.process_allgather(np.int32(bool(error)))).tolist()
+        with waiting.announced(f"the other processes' reads of checkpoint {step}"):
+          failed = np.flatnonzero(
+              multihost_utils.process_allgather(np.int32(bool(error)))).tolist()
       if not failed:
         return step, state
       if error and multi:
@@ -106,7 +109,7 @@ class Checkpointer:
         storage.move_tree(storage.join(self.directory, str(step)),
                           storage.join(self.quarantine, f"{step}"))
       if multi:  # nobody lists the steps again before the move is done
-        multihost_utils.sync_global_devices(f"llama_jax: checkpoint {step} moved aside")
+        waiting.barrier(f"checkpoint {step} moved aside by process 0")
       self.manager.reload()
       below = step
 

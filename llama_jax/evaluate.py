@@ -20,6 +20,8 @@ With a mixture (config.data.mixture) every source's validation split is evaluate
 the JSON adds loss/<source> and bits_per_byte/<source> (and 'sources', each source's full
 result); loss is their unweighted mean, as training's eval_loss, and bits_per_byte all the
 sources' nats over all their bytes.
+
+Guide: docs/training.md (Evaluate).
 """
 
 from __future__ import annotations

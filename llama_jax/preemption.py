@@ -54,7 +54,10 @@ class StopSignal:
     if not (waited or done % self.every == 0):
       return False
     from jax.experimental import multihost_utils
-    flags = np.asarray(multihost_utils.process_allgather(np.int32(self.received or 0)))
+
+    from llama_jax import waiting
+    with waiting.announced(f"the other processes' stop notices after step {done}"):
+      flags = np.asarray(multihost_utils.process_allgather(np.int32(self.received or 0)))
     if flags.any():
       self.received = self.received or int(flags[flags > 0][0])
       return True

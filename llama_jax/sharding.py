@@ -18,6 +18,7 @@ from flax.core import spmd as core_spmd
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from llama_jax import waiting
 from llama_jax.config import ALL_MESH_AXES, EXPERT_AXIS, MESH_AXES, rule_axes
 from llama_jax.errors import UserError
 
@@ -241,6 +242,7 @@ def initialize_distributed(coordinator_address: str | None = None,
   Nothing starts for a single process (a plain machine, `srun -n1`): there is nothing to
   coordinate, and jax's SLURM start-up would limit that one task to one GPU. On CPU the
   cross-process collectives go through gloo."""
+  timeout_s = int(waiting.timeout_s(timeout_s))  # $LLAMA_JAX_WAIT_S where it is set
   explicit = coordinator_address is not None
   if explicit and (num_processes is None or process_id is None):
     raise ShardingError("--coordinator_address needs --num_processes and --process_id")
@@ -266,9 +268,15 @@ def initialize_distributed(coordinator_address: str | None = None,
   if os.environ.get("JAX_PLATFORMS", "") == "cpu" or not _has_accelerator():
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   # With the three given, jax detects nothing more except, under SLURM, the task's GPU.
-  jax.distributed.initialize(coordinator_address, num_processes=num_processes,
-                             process_id=process_id, local_device_ids=local_ids,
-                             initialization_timeout=timeout_s)
+  with waiting.announced(f"the coordinator at {coordinator_address} and the other "
+                         f"{num_processes - 1} process(es) (up to {timeout_s} s)",
+                         who=f"process {process_id}"):
+    jax.distributed.initialize(coordinator_address, num_processes=num_processes,
+                               process_id=process_id, local_device_ids=local_ids,
+                               initialization_timeout=timeout_s,
+                               # a process leaving on an error waits for the others at
+                               # exit no longer than it waits for them anywhere else
+                               shutdown_timeout_seconds=timeout_s)
   return (f"process {jax.process_index()} of {jax.process_count()}, found through {how}; "
           f"coordinator {coordinator_address}; {jax.local_device_count()} local device(s) of "
           f"{jax.device_count()}")

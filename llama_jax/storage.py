@@ -27,6 +27,7 @@ from typing import Iterator
 
 from etils import epath
 
+from llama_jax import waiting
 from llama_jax.errors import UserError
 
 SCHEMES = ("gs",)  # what Orbax's tensorstore, gcsfs and tensorboardX all reach
@@ -176,6 +177,15 @@ def write_png(path, fig, dpi: int) -> None:
   write_bytes(path, buf.getvalue())
 
 
+def forget_listings(path) -> None:
+  """Drops what this process remembers of a bucket's listings (gcsfs caches them per process),
+  so the next exists / listdir sees what other processes wrote since; nothing for a local
+  path."""
+  if is_remote(path):
+    from etils.epath import backend
+    backend.fsspec_backend.fs(os.fspath(path)).invalidate_cache()
+
+
 def listdir(path) -> list[str]:
   p = epath.Path(resolve(path))
   return sorted(c.name for c in p.iterdir()) if p.is_dir() else []
@@ -265,7 +275,12 @@ def lock(root):
     path = os.path.join(root, ".build.lock")
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
+    try:  # free: no thread, no line
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      with waiting.announced(f"the lock {path}: another process on this host is building "
+                             f"what {root} holds"):
+        fcntl.flock(f, fcntl.LOCK_EX)
     try:
       yield
     finally:

@@ -29,7 +29,7 @@ from llama_jax import config as config_lib
 from llama_jax import init_from
 from llama_jax import metrics as metrics_lib
 from llama_jax import sharding
-from llama_jax import storage
+from llama_jax import storage, waiting
 from llama_jax.errors import UserError
 from llama_jax.loss import batch_loss, batch_loss_and_stats, loss_tokens
 from llama_jax.model import lora as lora_lib
@@ -453,8 +453,7 @@ def run_tokenizer(config: ml_collections.ConfigDict, workdirs: list[str],
     for workdir in workdirs:
       tokenizer.save(workdir)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("llama_jax: tokenizer saved")
+    waiting.barrier("the run's tokenizer saved by process 0")
     if not is_main:
       tokenizer = data.tokenizer_from_path(workdirs[0])
   return tokenizer

@@ -30,6 +30,7 @@ def _run(script: str, *args: str) -> dict:
   return json.loads(lines[0])
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_prints_one_record():
   r = _run("train_step.py")
   assert r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["step_s_min"] <= r["step_s"]
@@ -42,6 +43,7 @@ def test_train_step_benchmark_prints_one_record():
   assert r["model"]["attention"] == "blockwise" and r["batch"] == 2 and r["seq_len"] == 32
 
 
+@pytest.mark.slow
 def test_compare_runs_every_implementation_in_turn():
   pytest.importorskip("torch")
   r = _run("compare.py")
@@ -56,6 +58,7 @@ def test_compare_runs_every_implementation_in_turn():
   assert r["shape"]["dim"] == 32 and r["shape"]["n_layers"] == 2
 
 
+@pytest.mark.slow
 def test_gemm_shapes_times_every_product_of_the_step():
   pytest.importorskip("torch")
   tiny = [a for a in TINY if not a.startswith(("--steps", "--warmup"))]
@@ -88,6 +91,7 @@ def _benchmark_module(name: str):
     sys.path.remove(folder)
 
 
+@pytest.mark.slow
 def test_profile_step_splits_a_traced_step_by_category(tmp_path):
   r = _run("profile_step.py", f"--trace_dir={tmp_path}", "--top=5")
   cats = r["by_category"]

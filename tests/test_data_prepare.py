@@ -17,6 +17,7 @@ import pytest
 from configs import base
 from llama_jax import data, storage
 from llama_jax.data import prepare
+from tests import training_process
 from tests.object_store import bucket, gcs  # noqa: F401  (fixtures)
 
 SEQ, BATCH = 19, 6
@@ -145,6 +146,7 @@ def test_shards_in_a_bucket_are_read_by_range(files, flat, bucket, tmp_path):
   assert not copies, copies  # no local copy of a shard
 
 
+@pytest.mark.slow
 def test_two_processes_prepare_their_shares_in_a_bucket(files, flat, bucket, tmp_path):
   """Two real worker processes, each with its own local cache, one bucket data dir; worker 1
   starts first and waits for worker 0's shards and manifest (seen across processes)."""
@@ -159,10 +161,12 @@ def test_two_processes_prepare_their_shares_in_a_bucket(files, flat, bucket, tmp
                             env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
                                      LLAMA_JAX_CACHE=str(tmp_path / f"cache{i}")))
            for i in (1, 0)]
-  outs = [p.communicate(timeout=300) for p in procs]
-  for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  lines = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+  # Both processes read at once and bounded: when process 0 died (reading a corpus shard
+  # that process 1 was uploading again), this waited 300 s on process 1, which waited for
+  # process 0's manifest for ever. Now process 1 gives up after LLAMA_JAX_WAIT_S (60 s) and
+  # the test fails with both processes' last output.
+  outs = training_process.finish(*procs, timeout=150)
+  lines = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in outs]
   assert lines[0]["train"] == lines[1]["train"] and lines[0]["manifest"] == lines[1]["manifest"]
   out = _folder(c)
   for split in ("train", "validation"):
@@ -171,3 +175,36 @@ def test_two_processes_prepare_their_shares_in_a_bucket(files, flat, bucket, tmp
       assert meta["by"] == i % 2  # shards p, p + 2 by process p
   _, train, _ = data.make_loaders(c)
   _same_batches(flat[1][1], train)
+
+
+def test_in_a_shared_bucket_process_0_builds_and_the_others_wait(bucket, tmp_path, monkeypatch):
+  """What the processes of a run share in a bucket (corpus, token cache, tokenizer) is built
+  by process 0 alone while the others wait: several hosts that built and uploaded the same
+  array_record shards raced, and a reader took a shard being replaced for corrupt and died,
+  leaving its peer to wait for its manifest for ever (the preparation test's hang)."""
+  from llama_jax import waiting
+  from llama_jax.data import corpora
+  root, marker = f"{bucket}/shared", f"{bucket}/shared/built"
+  built = []
+
+  def build():
+    built.append(1)
+    storage.write_text(marker, "x")
+
+  def is_built():
+    return storage.exists(marker)
+
+  waiter = corpora.Builder(process_index=1, process_count=2)
+  monkeypatch.setenv(waiting.TIMEOUT_ENV, "1")
+  with pytest.raises(data.DataError, match=r"process 1: waited 1 s for the thing \(process 0 "
+                     r"builds it\); check process 0's log"):
+    corpora.build_once(root, is_built, build, what="the thing", builder=waiter)
+  assert built == []  # a waiter never builds
+  corpora.build_once(root, is_built, build, what="the thing",
+                     builder=corpora.Builder(process_index=0, process_count=2))
+  corpora.build_once(root, is_built, build, what="the thing", builder=waiter)  # sees it now
+  assert built == [1]
+  # Processes that share no bucket each build their own (under a local lock).
+  local = corpora.Builder(process_index=1, process_count=2)
+  corpora.build_once(str(tmp_path), lambda: bool(built[1:]), build, what="x", builder=local)
+  assert built == [1, 1]

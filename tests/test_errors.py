@@ -126,6 +126,7 @@ def test_config_files_user_errors_and_bugs(tmp_path):
   assert "unsupported operand type(s) for +: 'NoneType' and 'int'" in p.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_errors_are_one_line(tmp_path):
   line = _one_error_line(_run("-m", "llama_jax.evaluate", f"--workdir={tmp_path}"))
   assert line == (f"error: no checkpoint under {tmp_path}/checkpoints; train first with "
@@ -135,6 +136,7 @@ def test_evaluate_errors_are_one_line(tmp_path):
       _run("-m", "llama_jax.evaluate", f"--workdir={tmp_path}", "--max_batches=-1"))
 
 
+@pytest.mark.slow
 def test_generate_errors_are_one_line(tmp_path):
   line = _one_error_line(_run("-m", "llama_jax.generate", "--prompt=hi"))
   assert line == ("error: give exactly one of --workdir (a llama_jax run) or --hf_dir "

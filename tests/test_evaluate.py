@@ -149,6 +149,7 @@ def _run(*args):
                         cwd=REPO, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_evaluate_and_generate_on_workdir(trained_workdir):
   workdir, summary = trained_workdir
   assert summary["sample"] is not None and summary["sample"].startswith("def ")

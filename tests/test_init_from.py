@@ -76,6 +76,7 @@ def _assert_fresh(state, want_params) -> None:
   assert moments and all(not np.asarray(m).any() for m in moments)
 
 
+@pytest.mark.slow
 def test_init_from_workdir_fresh_optimizer_and_resume(chat, source, tmp_path):
   config = run_config(chat, **{"train.init_from": f"{source}@2"})
   setup = train.make_setup(config)

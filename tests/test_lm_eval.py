@@ -254,6 +254,7 @@ def _check_cli_runs_a_local_task_and_refuses_an_unknown_one(run, tmp_path):
     evaluate(None, ["no_such_task"], include_path=str(run["tasks"]), include_defaults=False)
 
 
+@pytest.mark.slow
 def test_the_adapter_on_local_tasks(tmp_path):
   """Every check on one LoRA workdir, in one test (pytest-xdist would build a module
   fixture once per worker that runs a test using it)."""

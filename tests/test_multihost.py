@@ -105,6 +105,7 @@ def _lines(workdir):
   return [by_key[k] for k in sorted(by_key)]
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_then_a_coordinated_resume(gcs, tmp_path):
   """One test function, so that pytest-xdist cannot split the three runs over two workers
   (a module fixture would then run in each)."""

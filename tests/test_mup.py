@@ -133,6 +133,7 @@ def test_bad_parametrization_is_one_line():
     dataclasses.replace(BASE, mup_base_dim=33)
 
 
+@pytest.mark.slow
 def test_coord_check_is_flat_under_mup_and_grows_under_sp(tmp_path):
   """The CLI end to end over 8x in width (the tiny config, dim 64 -> 512): each block output's
   change after 3 Adam steps at lr 1e-2 stays within 1.5x across widths under μP (measured

@@ -128,6 +128,7 @@ def bucket_run(gcs):
   return run, stopped, first, objects, log
 
 
+@pytest.mark.slow
 def test_bucket_run_sigterm_then_resume_is_bitwise_the_local_run(reference, bucket_run, bucket):
   run, stopped, first, objects, log = bucket_run
   _, key = _split(run)
@@ -144,6 +145,7 @@ def test_bucket_run_sigterm_then_resume_is_bitwise_the_local_run(reference, buck
   _assert_same_params(reference, run)
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_in_the_bucket_is_skipped(reference, bucket_run, bucket):
   run = f"{bucket}/run"
   name, key = _split(run)
@@ -179,6 +181,7 @@ def test_corrupt_newest_checkpoint_in_the_bucket_is_skipped(reference, bucket_ru
 # ---------------------------------------------------------------------------- data, evaluate, generate
 
 
+@pytest.mark.slow
 def test_data_dir_in_the_bucket_then_evaluate_and_generate_read_the_run(bucket, tmp_path):
   from configs import base
   from llama_jax import train
@@ -284,6 +287,7 @@ def _wandb_records(path):
   return records
 
 
+@pytest.mark.slow
 def test_sweep_in_a_bucket_collects_results_csv_there_with_wandb_offline(bucket, tmp_path):
   pytest.importorskip("wandb", reason="W&B is part of requirements-test.txt")
   exp = tmp_path / "bucket_sweep.py"

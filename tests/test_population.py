@@ -96,6 +96,7 @@ def _drop_last_checkpoint(workdir, step=6):
   shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
 
 
+@pytest.mark.slow
 def test_population_resumes_bitwise(population, tmp_path):
   root, configs, workdirs, _ = population
   copies = []
@@ -111,6 +112,7 @@ def test_population_resumes_bitwise(population, tmp_path):
     assert _losses(copy)[-3:] == _losses(workdir)[-3:]
 
 
+@pytest.mark.slow
 def test_member_resumes_alone(population, tmp_path):
   _, configs, workdirs, _ = population
   shutil.copytree(workdirs[1], tmp_path / "b")
@@ -150,6 +152,7 @@ def sweep(add):
 '''
 
 
+@pytest.mark.slow
 def test_sweep_population(tmp_path):
   experiment = tmp_path / "pop.py"
   experiment.write_text(EXPERIMENT)

@@ -87,6 +87,7 @@ def _assert_same_run(a, b):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(reference, tmp_path):
   kill_at = random.Random(os.getpid()).randint(3, 8)
   proc = _start(str(tmp_path))
@@ -98,6 +99,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(reference, tmp_pa
   _assert_same_run(reference, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_resume_is_exact(reference, tmp_path):
   proc = _start(str(tmp_path))
   _wait_for_step(proc, str(tmp_path), 3)
@@ -111,6 +113,7 @@ def test_sigterm_saves_the_current_step_and_resume_is_exact(reference, tmp_path)
   _assert_same_run(reference, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_is_skipped(reference, tmp_path):
   import shutil
   work = tmp_path / "w"
@@ -144,6 +147,7 @@ def test_cli_config_errors_are_one_line(tmp_path):
   assert not os.listdir(tmp_path)  # refused before anything was written
 
 
+@pytest.mark.slow
 def test_dry_run_prints_memory_json(tmp_path):
   p = subprocess.run([sys.executable, "run_train.py", "--dry_run", *ARGS,
                       "--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.tensor=2"],

@@ -14,6 +14,7 @@ from flax import nnx
 from llama_jax import config as config_lib
 from llama_jax import sharding, train
 from llama_jax.errors import UserError
+from tests import training_process
 from tests.test_train import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,6 +45,7 @@ def _losses(mesh, steps=3):
   return out
 
 
+@pytest.mark.slow
 def test_losses_equal_across_mesh_shapes():
   ref = _losses(MESHES[0])
   assert ref[-1] < ref[0]
@@ -167,6 +169,7 @@ def _loss_lines(workdir):
     return {d["step"]: d["loss"] for d in map(json.loads, f) if "loss" in d}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   """2 processes x 4 CPU devices (gloo collectives) train the same losses as 1 x 8."""
   one = tmp_path / "one"
@@ -179,9 +182,7 @@ def test_two_processes_match_one_process(tmp_path):
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
       cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
+  training_process.finish(*procs)  # both processes' pipes read at once
   a, b = _loss_lines(one), _loss_lines(two)
   assert sorted(a) == sorted(b) == [1, 2, 3, 4]
   for s in a:

@@ -106,6 +106,7 @@ def test_missing_libtpu_is_one_line_naming_the_install():
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_topology_dry_run_json_two_slices():
   # v5e-8 twice over DCN: 16 chips; mesh.data=2 spans the slices, fsdp=8 inside each.
   p = _run_train(*TINY, "--topology=v5e-8", "--num_slices=2", "--config.mesh.data=2",
@@ -175,6 +176,7 @@ def _fit_config(batch_size, n_layers):
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_fit_picks_least_recompute_then_fewest_microbatches():
   lines = []
   choice = fit_search.fit(_fit_config(64, 24576), tpu_topology.parse("v5e-4"),
@@ -196,6 +198,7 @@ def test_fit_picks_least_recompute_then_fewest_microbatches():
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_fit_batch_finds_the_largest_batch_that_fits():
   lines = []
   # 8192 layers, nothing recomputed: ~12 GiB with one row per chip, ~20 GiB with two.
@@ -209,6 +212,7 @@ def test_fit_batch_finds_the_largest_batch_that_fits():
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_fit_from_the_command_line():
   # 8 rows on 8 chips: one grad_accum to try, and 'none' fits, so one compile and the choice.
   p = _run_train(*TINY, "--topology=v5e-8", "--fit", "--fit_remat=none,full",

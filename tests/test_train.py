@@ -120,6 +120,7 @@ def _grads_and_update(config, batch):
   return jax.device_get(new_state["params"]), jax.device_get(stats)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_large_batch():
   rng = np.random.default_rng(0)
   x = rng.integers(0, 104, (8, 25)).astype(np.int32)
@@ -160,6 +161,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
   assert os.listdir(tmp_path / "checkpoints") == ["1"]
 
 
+@pytest.mark.slow
 def test_resume_onto_a_different_mesh(tmp_path):
   """Checkpoint on 2x2x2, restore on 1x8x1 (Orbax reshards): training continues identically
   to an uninterrupted run on the first mesh."""
@@ -175,6 +177,7 @@ def test_resume_onto_a_different_mesh(tmp_path):
     assert b[s] == pytest.approx(a[s], rel=1e-5), s
 
 
+@pytest.mark.slow
 def test_refuses_resuming_a_different_model(tmp_path):
   train.train(tiny_config(**{"train.steps": 1}), str(tmp_path))
   c = tiny_config()

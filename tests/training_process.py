@@ -4,6 +4,8 @@ runs (test_resume, test_object_store, test_data_resume)."""
 import os
 import subprocess
 import sys
+import threading
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,11 +38,39 @@ def start(workdir, args, *extra, devices: int = 8, **env_extra) -> subprocess.Po
                           stderr=subprocess.PIPE, text=True)
 
 
-def finish(*procs: subprocess.Popen, check: bool = True) -> list[tuple[int, str, str]]:
+def finish(*procs: subprocess.Popen, check: bool = True,
+           timeout: float = 600) -> list[tuple[int, str, str]]:
   """(returncode, stdout, stderr) of each process once it ends; with `check`, each must have
-  exited 0."""
-  outs = [(p, *p.communicate(timeout=600)) for p in procs]
+  exited 0. Every process's pipes are read at once (one thread each): read one after another,
+  a process that fills its stderr pipe while a peer waits on it never ends (the preparation
+  test's hang). A process still running after `timeout` s fails the test with the last output
+  of every process, after killing them all."""
+  outs: list = [None] * len(procs)
+
+  def read(i):
+    outs[i] = procs[i].communicate()
+
+  threads = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(len(procs))]
+  for t in threads:
+    t.start()
+  deadline = time.monotonic() + timeout
+  for t in threads:
+    t.join(max(0.0, deadline - time.monotonic()))
+  if any(t.is_alive() for t in threads):
+    for p in procs:
+      p.kill()
+    for t in threads:
+      t.join()
+    raise AssertionError(f"still running after {timeout:.0f} s:\n" + tails(procs, outs))
   if check:
-    for p, _, err in outs:
-      assert p.returncode == 0, err[-3000:]
-  return [(p.returncode, out, err) for p, out, err in outs]
+    for p, (_, err) in zip(procs, outs):
+      assert p.returncode == 0, tails(procs, outs)
+  return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+
+
+def tails(procs, outs, chars: int = 3000) -> str:
+  """The end of each process's output, progress bars left out."""
+  return "\n".join(
+      f"--- {' '.join(p.args[1:4])}... (exit {p.returncode})\n" + "\n".join(
+          line for line in (out + err).splitlines() if "%|" not in line)[-chars:]
+      for p, (out, err) in zip(procs, outs))

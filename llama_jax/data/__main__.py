@@ -1,12 +1,13 @@
 """Sharded preparation ahead of a run, on any machines that see the data dir:
 
-  python -m llama_jax.data --config=configs/x.py [--config.data.x=y ...] --config.data.shards=N \
-      --process_id=I --num_processes=P
+  python -m llama_jax.data --config=configs/llama2_7b.py [--config.data.KEY=VALUE ...] \
+      --config.data.shards=N --process_id=I --num_processes=P
 
 tokenizes this worker's share of the N shards per split (shards I, I + P, ...: a SLURM array,
 P CPU machines, or the run's own hosts) and prints one JSON line; worker 0 waits for the
 others and writes the manifest, which a run with the same data.* then reads without
 tokenizing anything (llama_jax/data/prepare.py).
+Guide: docs/data.md (Preparing a large corpus).
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def main(argv):
   if _PROCESS_ID.value >= _NUM_PROCESSES.value:
     raise DataError(f"--process_id={_PROCESS_ID.value} must be below --num_processes="
                     f"{_NUM_PROCESSES.value}")
-  tokenizer = load_tokenizer(config.data, int(config.model.vocab_size))
-  corpus = corpora.open_corpus(config.data)
+  by = corpora.Builder(_PROCESS_ID.value, _NUM_PROCESSES.value)
+  tokenizer = load_tokenizer(config.data, int(config.model.vocab_size), by)
+  corpus = corpora.open_corpus(config.data, by)
   t0 = time.time()
   manifest = prepare.prepare(corpus, tokenizer, corpora.cache_root(config.data), shards,
                              _PROCESS_ID.value, _NUM_PROCESSES.value)

@@ -72,8 +72,9 @@ def _open(path: str, meta: dict) -> TokenFile:
 
 
 def token_file(corpus: corpora.Corpus, split: str, tokenizer: Tokenizer,
-               root: str) -> TokenFile:
-  """The cached token file of `split`, tokenizing it first if it is not there yet."""
+               root: str, by: corpora.Builder = corpora.Builder()) -> TokenFile:
+  """The cached token file of `split`, tokenizing it first if it is not there yet (in a
+  bucket shared by several processes, process 0 does: corpora.Builder)."""
   dtype = np.dtype(token_dtype(tokenizer.vocab_size))
   folder = os.path.join(root, "tokens", corpus.key, tokenizer.key)
   path = os.path.join(folder, f"{split}.{dtype.name}.bin")
@@ -91,7 +92,7 @@ def token_file(corpus: corpora.Corpus, split: str, tokenizer: Tokenizer,
     return None
 
   if storage.is_remote(path):
-    return _remote_token_file(corpus, split, tokenizer, root, path, sidecar, dtype)
+    return _remote_token_file(corpus, split, tokenizer, root, path, sidecar, dtype, by)
   meta = cached()
   if meta is None:
     with corpora.build_lock(root):
@@ -99,7 +100,8 @@ def token_file(corpus: corpora.Corpus, split: str, tokenizer: Tokenizer,
   return _open(path, meta)
 
 
-def _remote_token_file(corpus, split, tokenizer, root, path, sidecar, dtype) -> TokenFile:
+def _remote_token_file(corpus, split, tokenizer, root, path, sidecar, dtype,
+                       by: corpora.Builder) -> TokenFile:
   """token_file for a bucket: mapped from a local copy, built and uploaded when missing."""
   local = storage.local_copy_path(path)
 
@@ -118,19 +120,18 @@ def _remote_token_file(corpus, split, tokenizer, root, path, sidecar, dtype) -> 
                          os.path.join(os.path.dirname(local), meta[k]))
     return meta
 
-  meta = cached()
-  if meta is None:
-    with corpora.build_lock(root):
-      meta = cached()
-      if meta is None:
-        meta = _build(corpus, split, tokenizer, local, storage.local_copy_path(sidecar), dtype)
-        storage.upload(local, path)
-        for k in ("mask", "docs"):
-          if meta.get(k):
-            storage.upload(os.path.join(os.path.dirname(local), meta[k]),
-                           storage.join(os.path.dirname(path), meta[k]))
-        storage.write_text(sidecar, json.dumps(meta, indent=1))
-  return _open(local, meta)
+  def build():
+    meta = _build(corpus, split, tokenizer, local, storage.local_copy_path(sidecar), dtype)
+    storage.upload(local, path)
+    for k in ("mask", "docs"):
+      if meta.get(k):
+        storage.upload(os.path.join(os.path.dirname(local), meta[k]),
+                       storage.join(os.path.dirname(path), meta[k]))
+    storage.write_text(sidecar, json.dumps(meta, indent=1))  # last: it means "finished"
+
+  corpora.build_once(root, lambda: cached() is not None, build, builder=by,
+                     what=f"the {split} token cache {path}")
+  return _open(local, cached())
 
 
 def _stream_docs(ids: np.ndarray, tokenizer) -> np.ndarray:

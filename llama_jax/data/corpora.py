@@ -85,6 +85,43 @@ def build_lock(root: str):
   return storage.lock(root)
 
 
+@dataclasses.dataclass(frozen=True)
+class Builder:
+  """Which process builds what the processes of a run share in a bucket data dir (the corpus,
+  the token cache): process 0, while the others wait for it. Hosts that each built and
+  uploaded the same objects raced: a reader took an array_record shard that another host was
+  replacing for corrupt ('chunk header hash mismatch') and died, and its peers waited for it
+  for ever. Processes of one host take turns under a local file lock instead."""
+  process_index: int = 0
+  process_count: int = 1
+
+  def waits(self, root: str) -> bool:
+    return storage.is_remote(root) and self.process_count > 1 and self.process_index != 0
+
+
+def build_once(root: str, is_built, build, *, what: str, builder: Builder = Builder()) -> None:
+  """build() unless is_built(): once per data dir `root`, by `builder`'s rule."""
+  if is_built():
+    return
+  if builder.waits(root):
+    from llama_jax import waiting
+
+    def built():
+      storage.forget_listings(root)
+      return True if is_built() else None
+
+    try:
+      waiting.poll(f"{what} (process 0 builds it)", built,
+                   who=f"process {builder.process_index}")
+    except waiting.WaitTimeout as e:
+      raise DataError(f"{e}; check process 0's log, and that every process sees the same "
+                      "data.data_dir") from None
+    return
+  with build_lock(root):
+    if not is_built():  # another process of this host may have built it while we waited
+      build()
+
+
 def _unit_hash(key: str) -> float:
   """A stable hash of a document key in [0, 1) (sha256, so independent of PYTHONHASHSEED)."""
   digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
@@ -359,39 +396,42 @@ def _as_text(value) -> str:
   return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def _prepare(builder: tfds.core.DatasetBuilder, root: str) -> dict:
-  if not builder.is_prepared():
-    with build_lock(root):
-      if not builder.is_prepared():  # another process may have built it while we waited
-        if storage.is_remote(builder.data_dir):
-          builder = _prepare_in_bucket(builder)
-        else:
-          builder.download_and_prepare(
-              download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-  return builder.as_data_source()
-
-
-def _prepare_in_bucket(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
-  """tfds's array_record writer cannot write to a bucket: build in a local folder, copy it
-  to the bucket (dataset_info.json last: tfds takes a folder holding it for a finished one)
-  and return a builder reading the bucket's copy."""
+def _prepare(builder: tfds.core.DatasetBuilder, root: str,
+             by: Builder) -> tfds.core.DatasetBuilder:
+  """The builder, prepared (once: see build_once) and opened afresh for reading."""
   kwargs = dict(config=builder.builder_config, file_format="array_record")
+
+  def build():
+    if storage.is_remote(builder.data_dir):
+      _prepare_in_bucket(builder, kwargs)
+    else:
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+
+  build_once(root, builder.is_prepared, build, builder=by,
+             what=f"the {builder.name} corpus under {builder.data_dir}")
+  return type(builder)(data_dir=os.fspath(builder.data_dir_root), **kwargs)
+
+
+def _prepare_in_bucket(builder: tfds.core.DatasetBuilder, kwargs: dict) -> None:
+  """tfds's array_record writer cannot write to a bucket: build in a local folder and copy it
+  to the bucket (dataset_info.json last: tfds takes a folder holding it for a finished one)."""
   with storage.local_staging("llama_jax-tfds-") as tmp:
     local = type(builder)(data_dir=tmp, **kwargs)
     local.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     storage.copy_tree(os.fspath(local.data_dir), os.fspath(builder.data_dir),
                       last=("dataset_info.json",))
-  return type(builder)(data_dir=os.fspath(builder.data_dir_root), **kwargs)
 
 
-def build_corpus(builder_cls, config, data_cfg) -> Corpus:
+def build_corpus(builder_cls, config, data_cfg, by: Builder = Builder()) -> Corpus:
   """Builds (once, under data_cfg.data_dir) and opens one of the builders here with an
   explicit builder config: open_corpus's path for python_stdlib and text_files, and the way to
   a corpus of a chosen subset, e.g. build_corpus(PythonStdlib, stdlib_config(files), data_cfg)."""
   root = data_root(data_cfg)
-  builder = builder_cls(config=config, data_dir=root, file_format="array_record")
-  sources = _prepare(builder, cache_root(data_cfg))
+  builder = _prepare(builder_cls(config=config, data_dir=root, file_format="array_record"),
+                     cache_root(data_cfg), by)
+  sources = builder.as_data_source()
   for split in ("train", "validation"):
     sources.setdefault(split, [])  # a split with no documents was not written
   name = builder.name
@@ -405,14 +445,15 @@ def build_corpus(builder_cls, config, data_cfg) -> Corpus:
   return Corpus(name, f"{name}-{config.name}", sources)
 
 
-def open_corpus(data_cfg) -> Corpus:
-  """Builds (once) and opens the corpus named by config.data; DataError on bad input."""
+def open_corpus(data_cfg, by: Builder = Builder()) -> Corpus:
+  """Builds (once: by `by`'s rule where processes share a bucket) and opens the corpus named
+  by config.data; DataError on bad input."""
   name = str(data_cfg.name)
   if name == "python_stdlib":
-    return build_corpus(PythonStdlib, stdlib_config(), data_cfg)
+    return build_corpus(PythonStdlib, stdlib_config(), data_cfg, by)
   if name == "text_files":
     column = str(data_cfg.get("text_feature", TEXT_FEATURE) or TEXT_FEATURE)
-    return build_corpus(TextFiles, text_files_config(data_cfg.files, column), data_cfg)
+    return build_corpus(TextFiles, text_files_config(data_cfg.files, column), data_cfg, by)
   if name == "synthetic":
     raise ValueError("the synthetic corpus has no documents; make_loaders generates it")
   return _catalog_corpus(name, data_cfg)

@@ -8,6 +8,7 @@ Each function or method (ast) with a docstring and a body besides it gives one r
   assistant: the docstring's first line
 Files split train/validation as the python_stdlib corpus splits them (corpora.validation_keys
 of the same file list), so no held-out function's file was seen in pretraining or here.
+Guide: docs/fine_tuning.md (The docstring demo).
 """
 
 from __future__ import annotations

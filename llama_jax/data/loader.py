@@ -403,13 +403,15 @@ def _token_files(data_cfg, tokenizer, process_index: int,
   if name.startswith(prepare.PREPARED_PREFIX):
     manifest = prepare.read_manifest(name[len(prepare.PREPARED_PREFIX):], tokenizer)
     return manifest["name"], prepare.token_files(manifest)
-  corpus = corpora.open_corpus(data_cfg)
+  by = corpora.Builder(process_index, process_count)
+  corpus = corpora.open_corpus(data_cfg, by)
   root = corpora.cache_root(data_cfg)
   if int(data_cfg.get("shards", 0)):
     manifest = prepare.prepare(corpus, tokenizer, root, int(data_cfg.shards), process_index,
                                process_count)
     return corpus.name, prepare.token_files(manifest)
-  return corpus.name, {s: cache.token_file(corpus, s, tokenizer, root) for s in prepare.SPLITS}
+  return corpus.name, {s: cache.token_file(corpus, s, tokenizer, root, by)
+                       for s in prepare.SPLITS}
 
 
 def _report_skips(name: str, loaders, log) -> None:

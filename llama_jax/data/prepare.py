@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from llama_jax import storage
+from llama_jax import storage, waiting
 from llama_jax.data import cache, corpora, sft
 from llama_jax.data.errors import DataError
 from llama_jax.data.tokenizer import Tokenizer, tokenizer_from_path
@@ -38,7 +38,6 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 PREPARED_PREFIX = "prepared:"
 SPLITS = ("train", "validation")
-WAIT_S = 6 * 3600   # how long a process waits for the others' shards
 POLL_S = 0.5
 
 
@@ -101,27 +100,27 @@ def prepare_shard(corpus, split: str, tokenizer: Tokenizer, out: str, shard: int
   return meta
 
 
-def _wait(what: str, ready, folder_path: str, timeout: float = WAIT_S):
-  """ready()'s first value that is not None, polling; what other processes wrote is seen
-  because a bucket's cached listings (gcsfs keeps them per process) are dropped each time."""
-  t0 = time.time()
-  while True:
-    if storage.is_remote(folder_path):  # the gcsfs instance epath (storage.*) lists with
-      from etils.epath import backend
-      backend.fsspec_backend.fs(folder_path).invalidate_cache()
-    value = ready()
-    if value is not None:
-      return value
-    if time.time() - t0 > timeout:
-      raise DataError(f"waited {timeout:.0f} s for {what}; check that every process of the "
-                      "run is running and sees the same data.data_dir")
-    time.sleep(POLL_S)
+def _wait(what: str, ready, folder_path: str, timeout: float | None, process_index: int):
+  """ready()'s first value that is not None, polling (saying what it waits for as it goes);
+  what other processes wrote is seen because a bucket's cached listings (gcsfs keeps them per
+  process) are dropped before each poll."""
+  def fresh():
+    storage.forget_listings(folder_path)
+    return ready()
+
+  try:
+    return waiting.poll(what, fresh, timeout=timeout, interval=POLL_S,
+                        who=f"process {process_index}")
+  except waiting.WaitTimeout as e:
+    raise DataError(f"{e}; check that every process of the run is running and sees the same "
+                    "data.data_dir") from None
 
 
 def prepare(corpus, tokenizer: Tokenizer, root: str, shards: int, process_index: int = 0,
-            process_count: int = 1, *, timeout: float = WAIT_S) -> dict:
+            process_count: int = 1, *, timeout: float | None = None) -> dict:
   """The manifest of `corpus` in `shards` shards per split, tokenizing this process's share
-  of the unfinished ones first; every process returns the same manifest."""
+  of the unfinished ones first; every process returns the same manifest. `timeout`: how long
+  to wait for the other processes (default llama_jax.waiting.timeout_s(), 6 h)."""
   out = folder(corpus, tokenizer, root, shards)
   manifest_path = storage.join(out, MANIFEST)
   if not storage.exists(manifest_path):
@@ -141,7 +140,7 @@ def prepare(corpus, tokenizer: Tokenizer, root: str, shards: int, process_index:
         return None if any(m is None for ms in metas.values() for m in ms) else metas
 
       metas = _wait(f"the {shards} shards of {corpus.name} under {out}", all_finished, out,
-                    timeout)
+                    timeout, process_index)
       tokenizer.save(out)
       manifest = dict(
           format=FORMAT, corpus=corpus.key, name=corpus.name, shards=shards,
@@ -154,7 +153,8 @@ def prepare(corpus, tokenizer: Tokenizer, root: str, shards: int, process_index:
       storage.write_text(manifest_path, json.dumps(manifest, indent=1))
     else:
       _wait(f"{manifest_path} (process 0 writes it)",
-            lambda: True if storage.exists(manifest_path) else None, out, timeout)
+            lambda: True if storage.exists(manifest_path) else None, out, timeout,
+            process_index)
   return read_manifest(out, tokenizer)
 
 

@@ -244,7 +244,7 @@ def _options_hash(vocab_size: int) -> str:
   return hashlib.sha256(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def _training_lines(corpus: corpora.Corpus) -> list[str]:
+def training_lines(corpus: corpora.Corpus) -> list[str]:
   """Non-empty lines of the train split, from documents spread evenly over it, up to the caps.
 
   Deterministic (record order of the tfds split), so every host trains the same model.
@@ -266,12 +266,22 @@ def _training_lines(corpus: corpora.Corpus) -> list[str]:
 
 
 def train_spm(corpus: corpora.Corpus, vocab_size: int, out_dir: str) -> str:
-  """Trains the BPE into out_dir/tokenizer.model (atomically) and returns its path."""
-  import sentencepiece as spm
-  t0 = time.time()
-  lines = _training_lines(corpus)
+  """Trains the BPE on the corpus's train split into out_dir/tokenizer.model; its path."""
+  lines = training_lines(corpus)
   if not lines:
     raise DataError(f"{corpus.name}: the train split has no text to train a tokenizer on")
+  return train_spm_lines(lines, vocab_size, out_dir, corpus.name, {"corpus": corpus.key})
+
+
+def train_spm_lines(lines: list[str], vocab_size: int, out_dir: str, what: str,
+                    info: dict | None = None) -> str:
+  """Trains the BPE (SPM_OPTIONS) on `lines` into out_dir/tokenizer.model (atomically: the
+  model is written last) beside an info.json with `info`; returns the model's path. `what`
+  names the text in errors."""
+  import sentencepiece as spm
+  t0 = time.time()
+  if not lines:
+    raise DataError(f"{what}: no text to train a tokenizer on")
   spm.set_random_generator_seed(0)
   model = io.BytesIO()
   try:
@@ -281,13 +291,13 @@ def train_spm(corpus: corpora.Corpus, vocab_size: int, out_dir: str) -> str:
         num_threads=max(1, os.cpu_count() or 1), **SPM_OPTIONS)
   except RuntimeError as e:
     msg = str(e).strip().splitlines()[-1] if str(e).strip() else "training failed"
-    raise DataError(f"cannot train a {vocab_size}-piece tokenizer on {corpus.name} ({msg}); "
+    raise DataError(f"cannot train a {vocab_size}-piece tokenizer on {what} ({msg}); "
                     "use more text, a smaller model.vocab_size (>= ~300 for the 259 byte and "
                     "special pieces) or data.tokenizer='byte'") from None
   path = storage.join(out_dir, MODEL_FILE)
   storage.write_text(storage.join(out_dir, "info.json"), json.dumps(
-      dict(corpus=corpus.key, vocab_size=vocab_size, options=SPM_OPTIONS,
-           sentences=len(lines), train_s=round(time.time() - t0, 2)), indent=1))
+      dict(info or {}, vocab_size=vocab_size, options=SPM_OPTIONS, sentences=len(lines),
+           train_s=round(time.time() - t0, 2)), indent=1))
   storage.write_bytes(path, model.getvalue())  # last: its presence means "trained"
   return path
 
@@ -325,8 +335,10 @@ def saved_tokenizer(directory: str) -> Tokenizer | None:
   return tokenizer_from_path(directory)
 
 
-def load_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
-  """The tokenizer config.data names, of exactly `vocab_size` ids (else DataError)."""
+def load_tokenizer(data_cfg, vocab_size: int,
+                   by: corpora.Builder = corpora.Builder()) -> Tokenizer:
+  """The tokenizer config.data names, of exactly `vocab_size` ids (else DataError); 'spm' is
+  trained once per data dir (in a bucket shared by several processes, by process 0: `by`)."""
   kind = str(data_cfg.tokenizer)
   if data_cfg.name == "synthetic" and kind == "spm":
     # Random tokens need no trained tokenizer; bytes make prompts and samples printable (a
@@ -335,14 +347,13 @@ def load_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
   if kind == "byte":
     tok = ByteTokenizer()
   elif kind == "spm":
-    corpus = corpora.open_corpus(data_cfg)
+    corpus = corpora.open_corpus(data_cfg, by)
     root = corpora.cache_root(data_cfg)
     out_dir = os.path.join(root, "tokenizers",
                            f"{corpus.key}-spm{vocab_size}-{_options_hash(vocab_size)}")
-    if not storage.isfile(storage.join(out_dir, MODEL_FILE)):
-      with corpora.build_lock(root):
-        if not storage.isfile(storage.join(out_dir, MODEL_FILE)):
-          train_spm(corpus, vocab_size, out_dir)
+    corpora.build_once(root, lambda: storage.isfile(storage.join(out_dir, MODEL_FILE)),
+                       lambda: train_spm(corpus, vocab_size, out_dir), builder=by,
+                       what=f"the tokenizer {out_dir}")
     tok = SpmTokenizer(out_dir)
   else:
     tok = tokenizer_from_path(kind)

@@ -3,7 +3,7 @@ models: importing this registers the model name `llama_jax` (adapter.LlamaJaxLM)
 
     python -m llama_jax.lm_eval --workdir=DIR[@STEP] | --hf_dir=DIR --tasks=T1,T2
         [--include_path=YAML_DIR] [--limit=N] [--num_fewshot=K] [--batch_size=8]
-        [--output_path=results.json]
+        [--output_path=results.json] [--apply_chat_template]
 """
 
 try:

@@ -4,6 +4,9 @@ included) to --output_path when given.
 
     python -m llama_jax.lm_eval --workdir=runs/x --tasks=my_task --include_path=tasks/
         [--limit=N] [--num_fewshot=K] [--batch_size=8] [--step=S] [--output_path=out.json]
+        [--apply_chat_template]
+
+Guide: docs/fine_tuning.md (Evaluation with lm-evaluation-harness).
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from llama_jax import errors
 
 def evaluate(lm, tasks: list[str], *, include_path: str | None = None,
              include_defaults: bool = True, limit=None, num_fewshot: int | None = None,
-             log_samples: bool = False) -> dict:
+             log_samples: bool = False, apply_chat_template: bool = False) -> dict:
   """lm_eval.simple_evaluate with `lm` (an adapter.LlamaJaxLM); an unknown task name is a
-  UserError naming it. Built-in tasks are indexed only when include_path is not given or a
+  UserError naming it. apply_chat_template: prompts in the model's SFT template (adapter.py).
+  Built-in tasks are indexed only when include_path is not given or a
   task is not found there (indexing lm_eval's thousands of YAML files takes seconds)."""
   import lm_eval
   from lm_eval.tasks import TaskManager
@@ -31,7 +35,7 @@ def evaluate(lm, tasks: list[str], *, include_path: str | None = None,
                            "--include_path's YAML files or lm_eval's own (lm_eval ls tasks)")
   return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
                                  num_fewshot=num_fewshot, log_samples=log_samples,
-                                 bootstrap_iters=0)
+                                 apply_chat_template=apply_chat_template, bootstrap_iters=0)
 
 
 def main(argv):
@@ -45,7 +49,8 @@ def main(argv):
   limit = None if f.limit is None else (int(f.limit) if f.limit >= 1 else f.limit)
   results = evaluate(lm, [t for t in f.tasks.split(",") if t], include_path=f.include_path,
                      limit=limit, num_fewshot=f.num_fewshot,
-                     log_samples=bool(f.output_path))
+                     log_samples=bool(f.output_path),
+                     apply_chat_template=f.apply_chat_template)
   for task, metrics in results["results"].items():
     print(json.dumps({"task": task, **{k: v for k, v in metrics.items()
                                        if isinstance(v, (int, float, str))}}))
@@ -68,6 +73,8 @@ def _define_flags():
   flags.DEFINE_float("limit", None, "At most this many documents per task (< 1: a fraction).")
   flags.DEFINE_integer("num_fewshot", None, "Few-shot examples (default: the task's).")
   flags.DEFINE_integer("batch_size", 8, "Rows per jitted scoring call.", lower_bound=1)
+  flags.DEFINE_bool("apply_chat_template", False, "Prompts in the model's chat (SFT) "
+                    "template, tokenized as in fine-tuning.")
   flags.DEFINE_string("output_path", None, "Write the full results JSON (with samples) here.")
 
 

@@ -15,11 +15,18 @@ so a task compiles at most log2(max_seq_len / 16) + 1 shapes. loglikelihood_roll
 document into lm_eval's disjoint windows of max_seq_len (utils.get_rolling_token_windows) and
 sums them. generate_until decodes greedily (llama_jax.generate, KV cache) and cuts the text
 at the first `until` string.
+
+Chat templates (lm_eval --apply_chat_template). The prompt is rendered in the model's own SFT
+template (llama_jax.data.sft: Llama 3's headers, or the plain "User: ... Assistant: " one),
+token by token as training rendered it: apply_chat_template returns the conversation marked
+(sft.MARKER + its JSON) and tok_encode renders a marked string with sft.render, since text
+of the template encoded whole would tokenize differently at the turns' seams.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any
 
 import jax
@@ -30,6 +37,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from llama_jax.data import sft
 from llama_jax.generate.decode import _bos, _eos, _strip_eos, generate
 
 MIN_BUCKET = 16
@@ -92,9 +100,38 @@ class LlamaJaxLM(TemplateLM):
 
   def tok_encode(self, string: str, add_special_tokens: bool | None = None, **_) -> list[int]:
     """BOS + the string's tokens (as every training document starts), or without BOS when
-    add_special_tokens is False (lm_eval's empty-context and rolling paths add their own)."""
+    add_special_tokens is False (lm_eval's empty-context and rolling paths add their own);
+    a conversation from apply_chat_template in the SFT template, up to the reply."""
+    if sft.is_sft(string):
+      return self._chat_ids(sft.record(string))
     bos = [] if add_special_tokens is False else _bos(self.tok)
     return bos + list(self.tok.encode(string))
+
+  # ---- lm_eval's chat interface: the SFT template, tokenized as in training
+
+  def chat_template(self, chat_template: bool | str = False) -> str:
+    return "llama3" if sft.llama3_ids(self.tok) else "plain"
+
+  def apply_chat_template(self, chat_history: list[dict[str, str]],
+                          add_generation_prompt: bool = True) -> str:
+    """The conversation, marked for tok_encode (see the module docstring)."""
+    messages = [{"role": m["role"], "content": m["content"]} for m in chat_history]
+    return sft.MARKER + json.dumps({"messages": messages, "prefill": not add_generation_prompt},
+                                   ensure_ascii=False)
+
+  def _chat_ids(self, rec: dict) -> list[int]:
+    """The ids a reply starts from; with `prefill`, the last (assistant) message is the
+    reply's given beginning."""
+    messages = rec["messages"]
+    if rec.get("prefill") and messages and messages[-1]["role"] == "assistant":
+      return (sft.prompt_ids({"messages": messages[:-1]}, self.tok)
+              + list(self.tok.encode(messages[-1]["content"])))
+    return sft.prompt_ids({"messages": messages}, self.tok)
+
+  def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    if sft.is_sft(context):  # a chat prompt: the continuation is the reply's text
+      return self.tok_encode(context), list(self.tok.encode(continuation))
+    return super()._encode_pair(context, continuation)
 
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **_):
     pairs = [(ctx, cont) for _, ctx, cont in requests]

@@ -5,7 +5,7 @@ Trains `steps` steps at each width (at the config's depth) and each depth (at it
 SP and μP with the config's model as the base shape, and writes OUT/coords.csv and the plots
 OUT/width.png (and OUT/depth.png); prints each layer's spread (max / min over widths) at the
 last step. The optimizer runs at a constant learning rate with no warmup, so the steps measured
-are at the configured lr.
+are at the configured lr. Guide: docs/experiments.md (μP and the coordinate check).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ SPEC: {"members": [{"name": str, "workdir": str, "config": {... the config as co
 holds it ...}}, ...], "runs_devices": R}, as the sweep's --population writes it. Every config is
 validated before anything starts; a member whose loss turns NaN / Inf makes the program end
 with one line `error: ...` naming it (exit status 2) once the others have finished.
+Guide: docs/experiments.md (Population training).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 IsoFLOP fit of a sweep's DIR/results.csv (the method: llama_jax.scaling.fit), written to OUT
 (default DIR/scaling): results.csv with a `used` column, report.md, isoflop.png, optimal.png.
+Guide: docs/experiments.md (Scaling fits).
 """
 
 from __future__ import annotations

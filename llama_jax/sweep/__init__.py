@@ -72,4 +72,5 @@ it names the same file in the cluster's checkout.
 Modules: experiment (an experiment file expanded into runs), overrides (config files, dotted
 overrides), run (Run: sizes, command, state on disk), local (the local launcher), results
 (results.csv), cluster (the TPU / SLURM scripts), errors (SweepError); the CLI is __main__.
+Guide: docs/experiments.md (Sweeps).
 """

@@ -1,6 +1,7 @@
 """The sweep's command line: python -m llama_jax.sweep experiments/X.py --workdir DIR ...
 (the experiment file format and the launchers: llama_jax.sweep). A mistake in the experiment
-file or the flags is one line `error: ...` and exit status 2 (llama_jax.errors.cli)."""
+file or the flags is one line `error: ...` and exit status 2 (llama_jax.errors.cli).
+Guide: docs/experiments.md (Sweeps); TPU and SLURM: docs/multi_host.md."""
 
 from __future__ import annotations
 

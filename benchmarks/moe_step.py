@@ -1,7 +1,9 @@
 """MoE train-step throughput and MFU of each grouped-matmul implementation, side by side.
 
-  python benchmarks/moe_step.py --config=configs/moe_small.py [--impls=ragged,dense]
-      [--config.x=y ...] [--steps=10] [--dense_baseline]
+  python benchmarks/moe_step.py --config=configs/moe_small.py --impls=ragged,dense --steps=10
+  python benchmarks/moe_step.py --config=configs/moe_small.py --dense_baseline
+
+(and run_train.py's --config.KEY=VALUE overrides)
 
 Builds the train step of the config's MoE model once per `model.moe_impl` in --impls (ragged:
 jax.lax.ragged_dot over the tokens sorted by expert; dense: every expert on every token, the

@@ -27,10 +27,16 @@ from llama_jax.model.config import (SIZES, SPLASH_LANES, ModelConfig, parse_lora
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 OPTIMIZERS = ("adamw",)
 MESH_AXES = ("data", "fsdp", "tensor")
+# The expert axis (config.mesh.expert) joins the mesh only when it is larger than 1, between
+# fsdp and tensor, so a dense run's mesh is the three axes above.
+EXPERT_AXIS = "expert"
+ALL_MESH_AXES = ("data", "fsdp", EXPERT_AXIS, "tensor")
 
 # Logical axis -> mesh axes. Parameters are split over fsdp on their `embed` axis (ZeRO-3
-# style) and over tensor on heads / mlp / vocab (Megatron style); activations are split over
-# data and fsdp on the batch axis and over tensor on heads / mlp / vocab.
+# style) and over tensor on heads / mlp / vocab (Megatron style), an MoE layer's experts over
+# expert; activations are split over data, fsdp and expert on the batch axis (the expert axis
+# is data parallelism outside the MoE layers, as in MaxText) and over tensor on heads / mlp /
+# vocab. A rule's axis the mesh does not have (expert at 1) is left out of it.
 SHARDING_RULES = (
     ("embed", "fsdp"),
     ("vocab", "tensor"),
@@ -40,7 +46,8 @@ SHARDING_RULES = (
     ("head_dim", None),
     ("norm", None),
     ("layers", None),
-    ("act_batch", ("data", "fsdp")),
+    ("experts", EXPERT_AXIS),
+    ("act_batch", ("data", "fsdp", EXPERT_AXIS)),
     ("act_seq", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -146,7 +153,7 @@ def defaults(size: str | None = None) -> ml_collections.ConfigDict:
   # ours: wq,wk,wv,wo,w_gate,w_up,w_down); their output is scaled by alpha / rank.
   config.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="q_proj,v_proj"))
 
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
   config.sharding_rules = SHARDING_RULES
   return config
 
@@ -248,19 +255,20 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   _validate_lora(config.lora, model)
   _validate_robustness(t)
 
-  for a in MESH_AXES:
+  for a in ALL_MESH_AXES:
     if config.mesh[a] == 0 or config.mesh[a] < -1:
       raise ConfigError(f"mesh.{a}={config.mesh[a]} must be positive or -1 (-1: the devices "
                         "the other axes leave)")
-  free = [f"mesh.{a}" for a in MESH_AXES if config.mesh[a] == -1]
+  _validate_expert_axis(config.mesh.expert, model)
+  free = [f"mesh.{a}" for a in ALL_MESH_AXES if config.mesh[a] == -1]
   if len(free) > 1:
     raise ConfigError(f"only one mesh axis may be -1, got {' and '.join(free)}; give the "
                       "others their sizes")
   for name, target in config.sharding_rules:
     for a in rule_axes(target):
-      if a not in MESH_AXES:
+      if a not in ALL_MESH_AXES:
         raise ConfigError(f"sharding rule {name!r} -> {target!r} names mesh axis {a!r}, "
-                          f"which is not one of {MESH_AXES}")
+                          f"which is not one of {ALL_MESH_AXES}")
   return model
 
 
@@ -287,11 +295,27 @@ def _validate_robustness(t) -> None:
           f"{t.checkpoint_every} keep at least {need}, or shorten the window")
 
 
+def _validate_expert_axis(expert: int, model: ModelConfig) -> None:
+  if expert == 1:
+    return
+  if not model.moe_experts:
+    raise ConfigError(f"mesh.expert={expert} splits the experts of an MoE model, but "
+                      "model.moe_experts=0 (a dense model); set mesh.expert=1, or use "
+                      "mesh.data for data parallelism")
+  if expert > 0 and model.moe_experts % expert:
+    raise ConfigError(f"model.moe_experts={model.moe_experts} is not divisible by "
+                      f"mesh.expert={expert}; each device of the expert axis holds the same "
+                      "number of experts")
+
+
 def _validate_lora(lora, model: ModelConfig) -> None:
   if lora.rank < 0:
     raise ConfigError(f"lora.rank={lora.rank} must be >= 0 (0 turns LoRA off)")
   if not lora.rank:
     return
+  if model.moe_experts:
+    raise ConfigError("lora.rank > 0 on an MoE model (model.moe_experts > 0): LoRA adapters "
+                      "on expert weights are not supported; set lora.rank=0")
   if lora.alpha <= 0:
     raise ConfigError(f"lora.alpha={lora.alpha} must be positive (the adapters' output is "
                       "scaled by alpha / rank)")

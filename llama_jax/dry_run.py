@@ -19,7 +19,7 @@ from llama_jax.errors import UserError
 
 def mesh_devices(config, fake_devices: int) -> int:
   """Devices the mesh needs: the product of its axes, or `fake_devices` when one axis is -1."""
-  sizes = [int(config.mesh[a]) for a in ("data", "fsdp", "tensor")]
+  sizes = [int(config.mesh[a]) for a in ("data", "fsdp", "tensor", "expert")]
   return fake_devices if -1 in sizes else math.prod(sizes)
 
 
@@ -61,6 +61,8 @@ def _fields(config, setup) -> dict:
       "devices": setup.mesh.size,
       "mesh": dict(setup.mesh.shape),
       "params": sizes.count_params(setup.model_cfg),
+      **({"active_params": sizes.active_params(setup.model_cfg)}
+         if setup.model_cfg.moe_experts else {}),
       "param_bytes_per_device": sharding.bytes_per_device(setup.abstract_state["params"],
                                                           shard["params"]),
       "opt_bytes_per_device": sharding.bytes_per_device(setup.abstract_state["opt_state"],

@@ -51,10 +51,10 @@ _CHOICE = ("attention", "remat", "grad_accum", "batch_size")
 
 def batch_split(config, n_devices: int) -> int:
   """How many ways a microbatch's rows are split: the mesh axes of the `act_batch` rule."""
-  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, n_devices)))
+  shape = sharding.mesh_sizes(config.mesh, n_devices)
   target = dict((n, t) for n, t in config.sharding_rules).get("act_batch")
   axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
-  return math.prod(shape[a] for a in axes)
+  return math.prod(shape.get(a, 1) for a in axes)  # the expert axis at 1 is not in the mesh
 
 
 def accum_options(batch_size: int, split: int) -> list[int]:

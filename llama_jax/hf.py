@@ -1,4 +1,4 @@
-"""Hugging Face Llama import/export (safetensors) and Meta original-checkpoint import.
+"""Hugging Face Llama and Mixtral import/export (safetensors), Meta original-checkpoint import.
 
     model, model_config = load_hf("path/to/Llama-3.1-8B")   # or an in-memory LlamaForCausalLM
     save_hf(model, model_config, "out_dir")   # then LlamaForCausalLM.from_pretrained("out_dir")
@@ -11,6 +11,9 @@ wo [N, H, D]), so a linear converts as `w.T.reshape(our_shape)` one way and
 `w.reshape(prod(in_axes), -1).T` the other. Per-layer tensors are stacked on a leading `layers`
 axis. Both sides use the same RoPE layout (HF's half-split), so q/k need no permutation; Meta's
 interleaved layout is permuted once, on import.
+
+A Mixtral (an MoE model, model.moe_experts > 0) converts the same way, its MoE tensors named by
+llama_jax.mixtral (per-expert tensors stacked on our `experts` axis after `layers`).
 
 Tensors are read with the `safetensors` library as numpy (bf16 via ml_dtypes) or taken from
 torch; torch itself is needed only for `load_meta` and in-memory models.
@@ -29,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llama_jax import mixtral
 from llama_jax.errors import UserError
 from llama_jax.model import parametrization as param_lib
 from llama_jax.model.config import ModelConfig, RopeScaling
@@ -70,16 +74,22 @@ def _to_hf(w: np.ndarray, n_in: int) -> np.ndarray:
   return np.ascontiguousarray(w.reshape(math.prod(w.shape[:n_in]), -1).T)
 
 
-def _expected_names(cfg: ModelConfig) -> list[tuple[str, str, int, int | None]]:
-  """(HF name, our path, input axes, layer index or None) for every tensor cfg needs."""
+def _expected_names(cfg: ModelConfig) -> list[tuple[str, str, int, tuple[int, ...]]]:
+  """(HF name, our path, input axes, index into our stacked parameter: () or (layer,) or
+  (layer, expert)) for every tensor cfg needs."""
   out = []
-  for hf_name, path, n_in in HF_TENSORS:
+  table = HF_TENSORS if not cfg.moe_experts else (
+      tuple(t for t in HF_TENSORS if not mixtral.DENSE_MLP.search(t[0])) + mixtral.MOE_TENSORS)
+  for hf_name, path, n_in in table:
     if path == "lm_head" and cfg.tie_embeddings:
       continue
-    if "{i}" in hf_name:
-      out += [(hf_name.format(i=i), path, n_in, i) for i in range(cfg.n_layers)]
+    if "{j}" in hf_name:
+      out += [(hf_name.format(i=i, j=j), path, n_in, (i, j)) for i in range(cfg.n_layers)
+              for j in range(cfg.moe_experts)]
+    elif "{i}" in hf_name:
+      out += [(hf_name.format(i=i), path, n_in, (i,)) for i in range(cfg.n_layers)]
     else:
-      out.append((hf_name, path, n_in, None))
+      out.append((hf_name, path, n_in, ()))
   return out
 
 
@@ -106,12 +116,13 @@ def _rope_from_hf(c: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
 def config_from_hf(c: Mapping[str, Any], **overrides) -> ModelConfig:
   """ModelConfig from a transformers Llama config dict; a non-Llama feature is a ValueError."""
   model_type = c.get("model_type")
-  if model_type != "llama":
-    raise HFError(f"not a Llama checkpoint: config model_type is {model_type!r}, "
-                     "expected 'llama'")
-  archs = c.get("architectures") or ["LlamaForCausalLM"]
-  if "LlamaForCausalLM" not in archs:
-    raise HFError(f"config architectures is {archs}, expected LlamaForCausalLM")
+  if model_type not in ("llama", "mixtral"):
+    raise HFError(f"not a Llama or Mixtral checkpoint: config model_type is {model_type!r}, "
+                  "expected 'llama' or 'mixtral'")
+  arch = "MixtralForCausalLM" if model_type == "mixtral" else "LlamaForCausalLM"
+  archs = c.get("architectures") or [arch]
+  if arch not in archs:
+    raise HFError(f"config architectures is {archs}, expected {arch}")
   for key in ("attention_bias", "mlp_bias"):
     if c.get(key):
       raise HFError(f"config {key}=True is not supported: llama_jax has no bias terms")
@@ -129,13 +140,19 @@ def config_from_hf(c: Mapping[str, Any], **overrides) -> ModelConfig:
       max_seq_len=int(c.get("max_position_embeddings", 2048)),
       norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
       tie_embeddings=bool(c.get("tie_word_embeddings", False)))
+  if model_type == "mixtral":
+    try:
+      kw.update(mixtral.config_kwargs(c))
+    except ValueError as e:
+      raise HFError(str(e)) from None
   kw.update({k: v for k, v in overrides.items() if v is not None})
   return ModelConfig(**kw)
 
 
-def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+def config_to_hf(cfg: ModelConfig, router_bias=None) -> dict[str, Any]:
   """A config.json that transformers 5 (rope_parameters) and 4.x (rope_theta, rope_scaling)
-  both load; each version ignores the other's keys."""
+  both load; each version ignores the other's keys. An MoE model's is a Mixtral's (its
+  router_bias, when given, must be 0: Mixtral has none)."""
   for name, want in (("norm", "rms"), ("mlp", "swiglu"), ("position", "rope")):
     if getattr(cfg, name) != want:
       raise HFError(f"model.{name}={getattr(cfg, name)!r} cannot be exported to a HF Llama "
@@ -145,6 +162,10 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
       "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
       "high_freq_factor": s.high_freq_factor,
       "original_max_position_embeddings": s.original_max_position_embeddings}
+  try:
+    moe = mixtral.hf_fields(cfg, router_bias) if cfg.moe_experts else {}
+  except ValueError as e:
+    raise HFError(str(e)) from None
   return {
       "architectures": ["LlamaForCausalLM"], "model_type": "llama",
       "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
@@ -156,7 +177,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
       "rope_theta": cfg.rope_theta, "rope_scaling": scaling,
       "rope_parameters": {"rope_type": "default" if s is None else "llama3",
                           "rope_theta": cfg.rope_theta, **(scaling or {})},
-      "torch_dtype": cfg.param_dtype, "dtype": cfg.param_dtype,
+      "torch_dtype": cfg.param_dtype, "dtype": cfg.param_dtype, **moe,
   }
 
 
@@ -181,20 +202,19 @@ def _build(cfg: ModelConfig, get: Callable[[str], np.ndarray], available: set[st
   graphdef, state = nnx.split(abstract_model(cfg))
   shapes = {".".join(map(str, p)): v.shape for p, v in nnx.to_flat_state(state)}
   dtype = jnp.dtype(cfg.param_dtype)
-  per_layer: dict[str, list] = {}
-  values: dict[str, np.ndarray] = {}
-  for name, path, n_in, layer in expected:
-    shape = shapes[path][1:] if layer is not None else shapes[path]
+  parts: dict[str, dict[tuple[int, ...], np.ndarray]] = {}
+  for name, path, n_in, index in expected:
+    shape = shapes[path][len(index):]
     w = np.asarray(get(name))
     if w.size != math.prod(shape):
       raise HFError(f"tensor {name} has shape {w.shape}, which does not fit {path} {shape}")
-    w = _to_ours(w, n_in, shape).astype(dtype)
-    if layer is None:
-      values[path] = w
-    else:
-      per_layer.setdefault(path, []).append(w)
-  values.update({p: np.stack(ws) for p, ws in per_layer.items()})
-  flat = [(p, v.replace(jnp.asarray(values[".".join(map(str, p))])))
+    parts.setdefault(path, {})[index] = _to_ours(w, n_in, shape).astype(dtype)
+  # Stacked in order: [L, ...] of layers, [L, E, ...] of experts; an MoE layer's router bias
+  # (state of llama_jax.model.moe, no HF tensor) starts at 0.
+  values = {p: ws[()] if () in ws else np.stack([ws[i] for i in sorted(ws)]).reshape(shapes[p])
+            for p, ws in parts.items()}
+  flat = [(p, v.replace(jnp.asarray(values.get(".".join(map(str, p)), np.zeros(v.shape)),
+                                    v.dtype)))
           for p, v in nnx.to_flat_state(state)]
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
@@ -217,7 +237,8 @@ def load_hf(path_or_model, *, dtype: str | None = None, param_dtype: str | None 
     hf = path_or_model
     cfg = config_from_hf(hf.config.to_dict(), **overrides)
     tensors = dict(hf.state_dict())
-    return _build(cfg, lambda n: _torch_to_numpy(tensors[n]), set(tensors)), cfg
+    get, names = mixtral.per_expert_view(lambda n: _torch_to_numpy(tensors[n]), set(tensors))
+    return _build(cfg, get, names), cfg
 
   from safetensors import safe_open
   path = os.fspath(path_or_model)
@@ -244,7 +265,7 @@ def load_hf(path_or_model, *, dtype: str | None = None, param_dtype: str | None 
       handles[file] = safe_open(os.path.join(path, file), framework="np")
     return handles[file].get_tensor(name)
 
-  return _build(cfg, get, set(weight_map)), cfg
+  return _build(cfg, *mixtral.per_expert_view(get, set(weight_map))), cfg
 
 
 def _multiplier_folded_into(hf_name: str, cfg: ModelConfig) -> float:
@@ -254,7 +275,7 @@ def _multiplier_folded_into(hf_name: str, cfg: ModelConfig) -> float:
   lm_head x the logit one (all 1 under SP)."""
   branch = param_lib.branch_multiplier(cfg)
   for suffix, m in (("q_proj.weight", param_lib.query_multiplier(cfg)),
-                    ("o_proj.weight", branch), ("down_proj.weight", branch),
+                    ("o_proj.weight", branch), ("down_proj.weight", branch), ("w2.weight", branch),
                     ("lm_head.weight", param_lib.logit_multiplier(cfg))):
     if hf_name.endswith(suffix):
       return m
@@ -269,12 +290,13 @@ def save_hf(model: Llama, model_config: ModelConfig, out_dir: str, *,
   from safetensors.numpy import save_file
   from llama_jax.model import lora
   model = lora.merged(model)
-  hf_config = config_to_hf(model_config)
-  params = {".".join(map(str, p)): np.asarray(v[...])
-            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  state = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(model))}
+  hf_config = config_to_hf(model_config, *(np.asarray(v[...]) for p, v in state.items()
+                                           if p.endswith(".router_bias")))
+  params = {p: np.asarray(v[...]) for p, v in state.items() if isinstance(v, nnx.Param)}
   tensors = {}
-  for name, path, n_in, layer in _expected_names(model_config):
-    w = params[path] if layer is None else params[path][layer]
+  for name, path, n_in, index in _expected_names(model_config):
+    w = params[path][index]
     w, m = _to_hf(w, n_in), _multiplier_folded_into(name, model_config)
     tensors[name] = w if m == 1.0 else (w.astype(np.float32) * m).astype(w.dtype)
 

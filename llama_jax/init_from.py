@@ -37,7 +37,8 @@ HF_PREFIX = "hf:"
 ARCH_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size",
                "tie_embeddings", "norm", "mlp", "position", "norm_eps", "rope_theta",
                "rope_scaling", "parametrization", "depth_scaling", "mup_base_dim",
-               "mup_base_n_heads", "mup_base_ffn_dim", "mup_base_n_layers")
+               "mup_base_n_heads", "mup_base_ffn_dim", "mup_base_n_layers", "moe_experts",
+               "moe_top_k", "moe_ffn_dim", "moe_shared_experts", "moe_every", "moe_router")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +185,8 @@ def initial_state(src: Source, setup, log=print, init_state=None) -> dict:
     return state
 
   def fresh(params):
-    return {"params": params, "opt_state": setup.optimizer.init(params),
+    from llama_jax.model import moe  # an MoE model's router biases are not optimised
+    return {"params": params, "opt_state": setup.optimizer.init(moe.trainable(params)),
             "step": jnp.zeros((), jnp.int32)}
 
   with jax.set_mesh(setup.mesh):

@@ -34,10 +34,28 @@ def batch_loss(model, batch: dict[str, jax.Array],
   [B, T] int32, with 'positions' and 'segment_ids' [B, T] when documents are packed (each
   document then attends only to itself, its positions restarting at 0), and 'weights' [B, T]
   float32 for SFT (1 on the targets the loss counts, 0 on prompts: the mean is over the
-  counted tokens)."""
-  logits = model(batch["inputs"], positions=batch.get("positions"),
-                 segment_ids=batch.get("segment_ids"))
-  return cross_entropy(logits, batch["targets"], z_loss, batch.get("weights"))
+  counted tokens). An MoE model's loss adds its balancing losses (batch_loss_and_stats)."""
+  loss, (ce, _) = batch_loss_and_stats(model, batch, z_loss)
+  return loss, ce
+
+
+def batch_loss_and_stats(model, batch: dict[str, jax.Array], z_loss: float = 0.0):
+  """(loss, (mean cross-entropy, MoE stats)): batch_loss with the MoE layers' routing
+  statistics (llama_jax.model.moe.finalize, stacked over the MoE layers; {} for a dense
+  model). The loss adds moe_aux_loss x the Switch loss and moe_z_loss x the router z-loss, each
+  the mean over the MoE layers."""
+  cfg = model.cfg
+  kwargs = dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+  if not cfg.moe_experts:
+    logits, stats = model(batch["inputs"], **kwargs), {}
+  else:
+    logits, stats = model(batch["inputs"], **kwargs, return_moe_stats=True)
+  loss, ce = cross_entropy(logits, batch["targets"], z_loss, batch.get("weights"))
+  for coef, key in ((cfg.moe_experts and cfg.moe_aux_loss, "aux"),
+                    (cfg.moe_experts and cfg.moe_z_loss, "z")):
+    if coef:
+      loss = loss + coef * jnp.mean(stats[key])
+  return loss, (ce, stats)
 
 
 def loss_tokens(batch: dict[str, jax.Array]) -> jax.Array:

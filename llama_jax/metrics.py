@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import storage
+from llama_jax.model import sizes
 from llama_jax.model.config import ModelConfig
 
 # ---------------------------------------------------------------------------- peak and MFU
@@ -258,9 +259,41 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
   return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
+def params_text(cfg: ModelConfig) -> str:
+  """'5M', or for an MoE model '11.3M (4.2M active)'."""
+  text = human(sizes.count_params(cfg))
+  return text + (f" ({human(sizes.active_params(cfg))} active)" if cfg.moe_experts else "")
+
+
 def human(n: float) -> str:
   """1234567 -> '1.23M'."""
   for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
     if abs(n) >= scale:
       return f"{n / scale:.3g}{unit}"
   return f"{n:.3g}"
+
+
+def step_metrics(stats: dict, tps: float, done: int, tokens_per_step: int, flops: tuple
+                 ) -> dict[str, float]:
+  """The scalars of a log step; `flops`: (FLOPs/token, the same counting half the causal
+  products, peak FLOP/s per device, devices)."""
+  flops_tok, flops_tok_half, peak, units = flops
+  moe = {k: float(v) for k, v in stats.items() if k.startswith("moe_")}
+  return {**moe, "loss": float(stats["loss"]), "lr": float(stats["lr"]),
+          "grad_norm": float(stats["grad_norm"]), "tokens_per_s": tps,
+          "mfu": mfu(tps, flops_tok, peak, units),
+          "mfu_causal_half": mfu(tps, flops_tok_half, peak, units),
+          "tokens": done * tokens_per_step,
+          # the targets this step's loss counted (SFT: the completions only)
+          "loss_tokens": int(stats["loss_tokens"])}
+
+
+def model_flops(model_cfg: ModelConfig, seq_len: int, mesh, log=print) -> tuple:
+  """step_metrics' `flops` for a run of this model and mesh, and the log line that says them."""
+  flops_tok = sizes.flops_per_token(model_cfg, seq_len)
+  flops_tok_half = sizes.flops_per_token(model_cfg, seq_len, causal_half=True)
+  peak, peak_source = device_peak_flops()
+  units = peak_units(mesh.devices.flat)
+  log(f"model {params_text(model_cfg)} params, {flops_tok:.3g} FLOPs/token, "
+      f"peak {peak:.3g} FLOP/s/device ({peak_source}), mesh {dict(mesh.shape)}")
+  return flops_tok, flops_tok_half, peak, units

@@ -19,7 +19,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from llama_jax import waiting
-from llama_jax.config import MESH_AXES, rule_axes
+from llama_jax.config import ALL_MESH_AXES, EXPERT_AXIS, MESH_AXES, rule_axes
 from llama_jax.errors import UserError
 
 
@@ -50,47 +50,71 @@ class ShardingError(UserError, ValueError):
   """A mesh / size mismatch, reported as one line naming both numbers and the axis."""
 
 
-def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
-  """(data, fsdp, tensor) with the -1 (at most one, sizes positive: config.validate) replaced
-  by the devices left over."""
-  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
-  free = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
-  fixed = math.prod(s for s in sizes if s != -1)
+def mesh_sizes(mesh_cfg, n_devices: int) -> dict[str, int]:
+  """{axis: size} of the mesh in its axis order, with the -1 (at most one, sizes positive:
+  config.validate) replaced by the devices left over: data, fsdp, tensor, and expert between
+  the last two when it is larger than 1 (config.ALL_MESH_AXES; a mesh config without an
+  expert key has none)."""
+  sizes = {a: int(mesh_cfg[a]) if a != EXPERT_AXIS else int(mesh_cfg.get(a, 1))
+           for a in ALL_MESH_AXES}
+  free = [a for a, s in sizes.items() if s == -1]
+  fixed = math.prod(s for s in sizes.values() if s != -1)
   if free:
     if n_devices % fixed:
       raise ShardingError(f"the mesh's fixed axes multiply to {fixed}, which does not divide "
                           f"the {n_devices} devices; mesh.{free[0]}=-1 cannot take the rest")
-    sizes[MESH_AXES.index(free[0])] = n_devices // fixed
-  if math.prod(sizes) != n_devices:
-    raise ShardingError(f"mesh data*fsdp*tensor = {'*'.join(map(str, sizes))} = "
-                        f"{math.prod(sizes)} but there are {n_devices} devices; set one axis "
-                        "to -1 or make the product equal the device count")
-  return tuple(sizes)
+    sizes[free[0]] = n_devices // fixed
+  if sizes[EXPERT_AXIS] == 1:
+    del sizes[EXPERT_AXIS]
+  if math.prod(sizes.values()) != n_devices:
+    raise ShardingError(f"mesh {'*'.join(sizes)} = {'*'.join(map(str, sizes.values()))} = "
+                        f"{math.prod(sizes.values())} but there are {n_devices} devices; set "
+                        "one axis to -1 or make the product equal the device count")
+  return sizes
+
+
+def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, ...]:
+  """The sizes of mesh_sizes: (data, fsdp, tensor), or (data, fsdp, expert, tensor)."""
+  return tuple(mesh_sizes(mesh_cfg, n_devices).values())
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
   """The (data, fsdp, tensor) mesh. Across TPU slices the data axis spans the slices, so only
   the data-parallel gradient reduction crosses the slow inter-slice network (DCN)."""
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(mesh_cfg, len(devices))
+  sizes = mesh_sizes(mesh_cfg, len(devices))
+  shape = tuple(sizes.values())
   n_slices = len({getattr(d, "slice_index", 0) for d in devices})
   if n_slices > 1:
     if shape[0] % n_slices:
       raise ShardingError(f"mesh.data={shape[0]} must be a multiple of the {n_slices} slices")
     grid = mesh_utils.create_hybrid_device_mesh(
-        (shape[0] // n_slices, shape[1], shape[2]), (n_slices, 1, 1), devices)
+        (shape[0] // n_slices, *shape[1:]), (n_slices,) + (1,) * (len(shape) - 1), devices)
   else:
     try:
       grid = mesh_utils.create_device_mesh(shape, devices)
     except (ValueError, AssertionError, NotImplementedError):
       grid = np.asarray(devices).reshape(shape)
-  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  return Mesh(grid, tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes))
 
 
 # ---------------------------------------------------------------------------- size checks
 
 def _rule_size(mesh: Mesh, target) -> int:
   return math.prod(mesh.shape[a] for a in rule_axes(target))
+
+
+def _on_mesh(target, mesh: Mesh):
+  """A rule's target without the axes the mesh does not have (the expert axis at size 1)."""
+  if target is None or isinstance(target, str):
+    return target if target is None or target in mesh.shape else None
+  kept = tuple(a for a in target if a in mesh.shape)
+  return kept or None
+
+
+def rules_on_mesh(rules, mesh: Mesh) -> tuple:
+  """The rules with every target limited to the mesh's axes (lists read as tuples)."""
+  return tuple((n, _on_mesh(tuple(t) if isinstance(t, list) else t, mesh)) for n, t in rules)
 
 
 def resolve_rules(config, model_cfg, mesh: Mesh, warn=print):
@@ -100,7 +124,7 @@ def resolve_rules(config, model_cfg, mesh: Mesh, warn=print):
   The one documented fallback: kv heads that the tensor axis does not divide (e.g. 8 kv heads
   on tensor=16) are replicated instead of split, with a warning, as MaxText does.
   """
-  rules = tuple((n, tuple(t) if isinstance(t, list) else t) for n, t in config.sharding_rules)
+  rules = rules_on_mesh(config.sharding_rules, mesh)
   table = dict(rules)
   sizes = {
       "embed": ("model.dim", model_cfg.dim),
@@ -111,6 +135,7 @@ def resolve_rules(config, model_cfg, mesh: Mesh, warn=print):
       "head_dim": ("model.dim/n_heads", model_cfg.head_dim),
       "layers": ("model.n_layers", model_cfg.n_layers),
       "norm": ("model.dim", model_cfg.dim),
+      "experts": ("model.moe_experts", model_cfg.moe_experts or 1),
   }
   for name, (field, size) in sizes.items():
     split = _rule_size(mesh, table.get(name))
@@ -122,6 +147,19 @@ def resolve_rules(config, model_cfg, mesh: Mesh, warn=print):
         continue
       raise ShardingError(f"{field}={size} is not divisible by {split}, the size of mesh axes "
                           f"{table[name]!r} that logical axis {name!r} is split over")
+  if model_cfg.moe_experts:
+    split = _rule_size(mesh, table.get("mlp"))
+    for field, size in (("model.moe_ffn_dim (or ffn_dim)", model_cfg.expert_ffn_dim),
+                        ("model.moe_shared_experts * moe_ffn_dim",
+                         model_cfg.moe_shared_experts * model_cfg.expert_ffn_dim)):
+      if size % split:
+        raise ShardingError(f"{field}={size} is not divisible by {split}, the size of mesh "
+                            f"axes {table['mlp']!r} that logical axis 'mlp' is split over")
+    expert, batch = (set(rule_axes(table.get(n))) for n in ("experts", "act_batch"))
+    if expert & batch and not expert <= batch:
+      raise ShardingError(f"the rules split the experts over {sorted(expert)} but the batch "
+                          f"over {sorted(batch)}: an MoE layer needs the batch split over all "
+                          "of the expert axes or none of them")
   batch_split = _rule_size(mesh, table.get("act_batch"))
   micro = config.data.batch_size // config.optim.grad_accum
   if micro % batch_split:
@@ -136,14 +174,14 @@ def resolve_rules(config, model_cfg, mesh: Mesh, warn=print):
 
 def tree_shardings(abstract_tree, mesh: Mesh, rules):
   """NamedShardings for a tree of nnx Variables (their logical names through `rules`)."""
-  with nnx.logical_axis_rules(rules):
+  with nnx.logical_axis_rules(rules_on_mesh(rules, mesh)):
     specs = nnx.get_partition_spec(abstract_tree)
   return jax.tree.map(lambda p: NamedSharding(mesh, p), specs)
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
   """Batch rows split over the act_batch axes, sequence replicated: [B, T]."""
-  return NamedSharding(mesh, logical_to_spec(("act_batch", None), rules))
+  return NamedSharding(mesh, logical_to_spec(("act_batch", None), rules_on_mesh(rules, mesh)))
 
 
 def bytes_per_device(abstract_tree, shardings) -> int:

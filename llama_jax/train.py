@@ -32,8 +32,9 @@ from llama_jax import sharding, spikes
 from llama_jax import storage, waiting
 from llama_jax.goodput import ledger as goodput
 from llama_jax.errors import UserError
-from llama_jax.loss import batch_loss, loss_tokens
+from llama_jax.loss import batch_loss, batch_loss_and_stats, loss_tokens
 from llama_jax.model import lora as lora_lib
+from llama_jax.model import moe as moe_lib
 from llama_jax.model import sizes
 from llama_jax.model.llama import Llama  # noqa: F401  (tests build train.Llama)
 from llama_jax.model import parametrization as param_lib
@@ -71,13 +72,14 @@ class Setup:
 
 
 def _trainable(spec: lora_lib.LoraSpec | None, params):
-  """The part of a params tree that trains: the adapters under LoRA, else all of it."""
-  return params if spec is None else lora_lib.adapters_of(params)
+  """The part of a params tree that trains: the adapters under LoRA, else all but router biases."""
+  return moe_lib.trainable(params) if spec is None else lora_lib.adapters_of(params)
 
 
 def _with_trained(spec: lora_lib.LoraSpec | None, params, trained):
   """params with its trainable part replaced by `trained`."""
-  return trained if spec is None else lora_lib.with_adapters(params, trained)
+  return (moe_lib.with_trainable(params, trained) if spec is None
+          else lora_lib.with_adapters(params, trained))
 
 
 def make_setup(config: ml_collections.ConfigDict, devices=None, log=print, *,
@@ -98,6 +100,7 @@ def make_setup(config: ml_collections.ConfigDict, devices=None, log=print, *,
   graphdef, abs_vars = nnx.split(abstract_model)
   # μP's per-parameter learning rates are for the base's widths; adapters train at optim.lr.
   multipliers = None if spec else param_lib.lr_multiplier_tree(model_cfg, abs_vars)
+  multipliers = None if multipliers is None else _trainable(spec, multipliers)
   optimizer = make_optimizer(config.optim, config.train.steps, multipliers)
   param_shardings = nnx.to_pure_dict(sharding.tree_shardings(abs_vars, mesh, rules))
   abs_params = nnx.to_pure_dict(abs_vars)
@@ -169,8 +172,8 @@ def train_step_fn(config: ml_collections.ConfigDict, graphdef, optimizer: optax.
   """
   accum, z_loss = config.optim.grad_accum, config.optim.z_loss
 
-  def loss_fn(params, batch):
-    return batch_loss(nnx.merge(graphdef, params), batch, z_loss)
+  def loss_fn(params, batch):  # (loss, (mean cross-entropy, MoE stats))
+    return batch_loss_and_stats(nnx.merge(graphdef, params), batch, z_loss)
 
   # Differentiated: the trainable part only. Under LoRA the frozen base enters as a constant,
   # so the backward pass computes no weight gradient for it, only the adapters' (and the
@@ -184,7 +187,7 @@ def train_step_fn(config: ml_collections.ConfigDict, graphdef, optimizer: optax.
     params = state["params"]
     trained = _trainable(spec, params)
     if accum == 1:
-      (_, loss), grads = grad_fn(trained, params, batch)
+      (_, (loss, moe_stats)), grads = grad_fn(trained, params, batch)
     else:
       micro = jax.tree.map(
           lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
@@ -196,23 +199,25 @@ def train_step_fn(config: ml_collections.ConfigDict, graphdef, optimizer: optax.
       def body(carry, mb):
         g_sum, l_sum = carry
         mb = jax.tree.map(lambda x: sharding.constrain(x, ("act_batch", None)), mb)
-        (_, l), g = grad_fn(trained, params, mb)
+        (_, (l, moe_stats)), g = grad_fn(trained, params, mb)
         if "weights" in mb:
           share = accum * loss_tokens(mb) / jnp.maximum(total, 1.0)
           l, g = l * share, jax.tree.map(lambda x: x * share, g)
-        return (jax.tree.map(jnp.add, g_sum, g), l_sum + l), None
+        return (jax.tree.map(jnp.add, g_sum, g), l_sum + l), moe_stats
 
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trained)
-      (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)
+      (grads, loss), moe_stats = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)
       grads = jax.tree.map(lambda g: g / accum, grads)
       loss = loss / accum
+      moe_stats = moe_lib.over_microbatches(moe_stats)
     updates, opt_state = optimizer.update(grads, state["opt_state"], trained)
     updates = spikes.scale_updates(config.train, state, updates)  # rollback_lr_scale
     new_params = _with_trained(spec, params, optax.apply_updates(trained, updates))
+    new_params, moe_metrics = moe_lib.after_step(new_params, moe_stats, config.model)
     new_state = {"params": new_params, "opt_state": opt_state,
                  "step": state["step"] + 1}
     stats = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
-             "loss_tokens": loss_tokens(batch)}
+             "loss_tokens": loss_tokens(batch), **moe_metrics}
     return spikes.guard(config.train, state, new_state, stats)  # skip-step, when on
 
   return train_step
@@ -243,33 +248,6 @@ def eval_losses(eval_step, params, eval_loader, n_batches: int):
   if per_source:
     return np.mean(np.stack(list(per_source.values())), axis=0), per_source
   return evaluate(eval_step, params, eval_loader, n_batches), per_source
-
-
-def step_metrics(stats: dict, tps: float, done: int, tokens_per_step: int, flops: tuple
-                 ) -> dict[str, float]:
-  """The scalars of a log step; `flops`: (FLOPs/token, the same counting half the causal
-  products, peak FLOP/s per device, devices)."""
-  flops_tok, flops_tok_half, peak, units = flops
-  return {"loss": float(stats["loss"]), "lr": float(stats["lr"]),
-          "grad_norm": float(stats["grad_norm"]), "tokens_per_s": tps,
-          "mfu": metrics_lib.mfu(tps, flops_tok, peak, units),
-          "mfu_causal_half": metrics_lib.mfu(tps, flops_tok_half, peak, units),
-          "tokens": done * tokens_per_step,
-          # the targets this step's loss counted (SFT: the completions only)
-          "loss_tokens": int(stats["loss_tokens"])}
-
-
-def model_flops(setup: Setup, log=print) -> tuple:
-  """step_metrics' `flops` for this setup, and the log line that says them."""
-  seq_len = setup.config.data.seq_len
-  flops_tok = sizes.flops_per_token(setup.model_cfg, seq_len)
-  flops_tok_half = sizes.flops_per_token(setup.model_cfg, seq_len, causal_half=True)
-  peak, peak_source = metrics_lib.device_peak_flops()
-  peak_units = metrics_lib.peak_units(setup.mesh.devices.flat)
-  log(f"model {metrics_lib.human(sizes.count_params(setup.model_cfg))} params, "
-      f"{flops_tok:.3g} FLOPs/token, peak {peak:.3g} FLOP/s/device ({peak_source}), "
-      f"mesh {dict(setup.mesh.shape)}")
-  return flops_tok, flops_tok_half, peak, peak_units
 
 
 # ============================================================================ the loop
@@ -329,7 +307,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
     eval_step = make_eval_step(setup)
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, config=config)
     tokens_per_step = config.data.batch_size * config.data.seq_len
-    flops = model_flops(setup, log)
+    flops = metrics_lib.model_flops(setup.model_cfg, config.data.seq_len, setup.mesh, log)
     if setup.lora is not None:
       log(f"LoRA rank {setup.lora.rank} on {','.join(setup.lora.targets)}: "
           f"{metrics_lib.human(lora_lib.count(state['params']))} adapter params train, the "
@@ -386,7 +364,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
           if at_log:
             stats = jax.device_get(stats)
             tps = throughput.read()
-            last_stats = step_metrics(stats, tps, done, tokens_per_step, flops)
+            last_stats = metrics_lib.step_metrics(stats, tps, done, tokens_per_step, flops)
             last_stats.update(rollbacks.log_fields(state, last_stats))
             writer.write(done, {**last_stats, **ledger.fields()})
             progress.set_postfix(loss=f"{float(stats['loss']):.3f}", tok_s=f"{tps:,.0f}",

@@ -52,7 +52,7 @@ def _free_port() -> int:
 class Job:
   """Two processes of one run, each in its own local folder (`hosts/p<i>`)."""
 
-  def __init__(self, hosts, workdir, name):
+  def __init__(self, hosts, workdir, name, args=ARGS):
     port = _free_port()
     self.logs = [os.path.join(hosts, f"p{i}", f"{name}.log") for i in range(2)]
     self.procs = []
@@ -70,7 +70,7 @@ class Job:
                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
       with open(self.logs[i], "w") as log:
         self.procs.append(subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "run_train.py"), f"--workdir={workdir}", *ARGS,
+            [sys.executable, os.path.join(ROOT, "run_train.py"), f"--workdir={workdir}", *args,
              f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
              f"--process_id={i}"], cwd=local, env=env, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL))
@@ -167,6 +167,60 @@ def test_sigterm_to_one_process_then_a_coordinated_resume(gcs, tmp_path):
   lines, expected = _lines(run), _lines(f"{bucket}/reference")
   assert [d["step"] for d in expected if "loss" in d] == list(range(1, STEPS + 1))
   assert lines == expected
+
+
+# An MoE run whose expert axis spans both processes: 8 experts, one per device, the tokens of
+# every device gathered to every other and the outputs reduce-scattered back across them.
+MOE_STEPS = 4
+MOE_ARGS = [a for a in ARGS if not a.startswith(("--config.train.", "--config.mesh."))] + [
+    "--config.model.moe_experts=8", "--config.model.moe_ffn_dim=40",
+    "--config.model.moe_shared_experts=1", "--config.model.moe_bias_rate=0.001",
+    "--config.model.moe_z_loss=0.001", f"--config.train.steps={MOE_STEPS}",
+    "--config.train.log_every=1", f"--config.train.eval_every={MOE_STEPS}",
+    "--config.train.eval_steps=1", f"--config.train.checkpoint_every={MOE_STEPS}",
+    "--config.train.sample_tokens=0", "--config.optim.warmup_steps=1",
+    "--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor=1",
+    "--config.mesh.expert=8"]
+
+
+def _config_of(args):
+  """The ConfigDict that run_train.py builds from `args` (each --config.SECTION.KEY=VALUE
+  parsed as the type of the key's default)."""
+  from configs import base
+  config = base.get_config("tiny")
+  for arg in args:
+    if arg.startswith("--config."):
+      key, value = arg[len("--config."):].split("=", 1)
+      section, name = key.split(".")
+      default = config[section][name]
+      config[section][name] = (value == "true" if isinstance(default, bool)
+                               else type(default)(value))
+  return config
+
+
+@pytest.mark.slow
+def test_moe_expert_axis_across_two_processes_equals_one_process(tmp_path, monkeypatch):
+  """2 processes x 4 devices with the expert axis over all 8 (gloo all-gathers and
+  reduce-scatters between the processes) log the losses, balancing losses and eval loss of
+  the same run on 1 process x 8 devices (in this process), within 1e-5."""
+  from llama_jax import config as config_lib
+  from llama_jax import train
+  # The processes draw and multiply as this one does (tests/conftest.py's jax settings).
+  monkeypatch.setenv("JAX_DEFAULT_PRNG_IMPL", "unsafe_rbg")
+  monkeypatch.setenv("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+  job = Job(str(tmp_path / "hosts"), str(tmp_path / "two"), "moe", args=MOE_ARGS)
+  config = _config_of(MOE_ARGS)  # the reference trains while the job starts
+  config_lib.validate(config)
+  train.train(config, str(tmp_path / "one"), log=lambda *a: None)
+  assert job.wait(timeout=420) == [0, 0], job.tail()
+  two, one = _lines(str(tmp_path / "two")), _lines(str(tmp_path / "one"))
+  assert [d["step"] for d in one if "loss" in d] == list(range(1, MOE_STEPS + 1))
+  assert [d["step"] for d in two] == [d["step"] for d in one]
+  keys = ("loss", "grad_norm", "moe_aux_loss", "moe_z_loss", "moe_load_imbalance", "eval_loss")
+  for a, b in zip(two, one):
+    for k in keys:
+      if k in b:
+        assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a["step"], k)
 
 
 # ---------------------------------------------------------------------------- start-up

@@ -45,6 +45,16 @@ DTYPES = ("float32", "bfloat16", "float16")
 # the residual-branch depth scaling (none, alpha = 1/2, alpha = 1).
 PARAMETRIZATIONS = ("sp", "mup")
 DEPTH_SCALINGS = ("none", "depth_mup", "completep")
+# Mixture of experts (llama_jax.model.moe): how the router scores the experts, and the grouped
+# matmul that runs them (llama_jax.model.moe.expert_ffn dispatches on these: jax.lax.ragged_dot,
+# the Pallas TPU kernel megablox, or every expert on every token as the reference).
+MOE_ROUTERS = ("softmax", "sigmoid")
+MOE_IMPLS = ("ragged", "megablox", "dense")
+# megablox's tile along the contraction and output axes (llama_jax.model.moe). The TPU compiler
+# (libtpu 0.0.42) lowers the kernel and its gradient only when model.dim and the expert hidden
+# size are at least one tile (a ragged last tile is fine: 192, 200): a smaller axis gives a
+# block that is neither a multiple of 128 nor the whole axis in one of the kernels.
+MEGABLOX_TILE = 128
 
 
 # LoRA targets (llama_jax/model/lora.py): Hugging Face / PEFT's projection name -> (submodule
@@ -131,6 +141,18 @@ class ModelConfig:
   # Multiplies every weight's initial values (embeddings, projections, readout; norms stay 1):
   # the init-scale hyperparameter of a sweep or a population member.
   init_scale: float = 1.0
+  # Mixture of experts (llama_jax.model.moe; docs/moe.md). moe_experts = 0 is the dense model.
+  moe_experts: int = 0
+  moe_top_k: int = 2             # experts per token
+  moe_ffn_dim: int = 0           # each expert's hidden size; 0 = ffn_dim
+  moe_shared_experts: int = 0    # always-on experts of moe_ffn_dim, added to the routed output
+  moe_every: int = 1             # every N-th layer is MoE (the last of each group of N)
+  moe_router: str = "softmax"    # one of MOE_ROUTERS
+  moe_capacity_factor: float = 0.0  # 0 = dropless; > 0: tokens per expert per sequence capped
+  moe_impl: str = "ragged"       # one of MOE_IMPLS
+  moe_aux_loss: float = 0.01     # Switch load-balancing loss coefficient
+  moe_z_loss: float = 0.0        # router z-loss coefficient (ST-MoE)
+  moe_bias_rate: float = 0.0     # aux-loss-free balancing bias step (DeepSeek-V3); 0 = off
 
   def __post_init__(self):
     if isinstance(self.rope_scaling, dict):
@@ -159,6 +181,58 @@ class ModelConfig:
     if not float(self.init_scale) > 0:
       raise ValueError(f"model.init_scale={self.init_scale} must be positive")
     self._check_base_shape()
+    self._check_moe()
+
+  def _check_moe(self):
+    moe_fields = [f for f in dataclasses.fields(self) if f.name.startswith("moe_")]
+    if int(self.moe_experts) < 0:
+      raise ValueError(f"model.moe_experts={self.moe_experts} must be >= 0 (0: a dense model)")
+    if not self.moe_experts:
+      changed = [f.name for f in moe_fields if getattr(self, f.name) != f.default]
+      if changed:
+        raise ValueError(f"model.{changed[0]}={getattr(self, changed[0])!r} is set on a dense "
+                         "model (model.moe_experts=0); set model.moe_experts to the number of "
+                         "experts, or leave the moe_* keys at their defaults")
+      return
+    if not 1 <= self.moe_top_k <= self.moe_experts:
+      raise ValueError(f"model.moe_top_k={self.moe_top_k} must be between 1 and "
+                       f"model.moe_experts={self.moe_experts}")
+    for name in ("moe_ffn_dim", "moe_shared_experts", "moe_capacity_factor", "moe_aux_loss",
+                 "moe_z_loss", "moe_bias_rate"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"model.{name}={getattr(self, name)} must be >= 0")
+    if self.moe_every < 1 or self.n_layers % self.moe_every:
+      raise ValueError(f"model.moe_every={self.moe_every} must be a positive divisor of "
+                       f"model.n_layers={self.n_layers} (every moe_every-th layer is MoE)")
+    for name, allowed in (("moe_router", MOE_ROUTERS), ("moe_impl", MOE_IMPLS)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
+    if self.mlp != "swiglu":
+      raise ValueError(f"model.mlp={self.mlp!r}: the experts of an MoE model are SwiGLU; set "
+                       "model.mlp='swiglu' or model.moe_experts=0")
+    if self.parametrization == "mup":
+      raise ValueError("model.parametrization='mup' has no multipliers for expert weights yet; "
+                       "use 'sp' with model.moe_experts > 0")
+    if self.moe_impl == "megablox":
+      for name, size in (("dim", self.dim), ("moe_ffn_dim (or ffn_dim)", self.expert_ffn_dim)):
+        if size < MEGABLOX_TILE:
+          raise ValueError(f"model.moe_impl='megablox' tiles model.{name}={size} by "
+                           f"{MEGABLOX_TILE}, which the TPU kernel needs it to reach; use "
+                           f"{MEGABLOX_TILE} or more, or model.moe_impl='ragged'")
+
+  @property
+  def expert_ffn_dim(self) -> int:
+    """Each expert's hidden size (moe_ffn_dim, or ffn_dim when 0)."""
+    return self.moe_ffn_dim or self.ffn_dim
+
+  def is_moe_layer(self, i: int) -> bool:
+    """Whether layer i (from 0) is an MoE layer: the last of each group of moe_every layers,
+    as Hugging Face's Llama 4 places them (interleave_moe_layer_step)."""
+    return bool(self.moe_experts) and (i + 1) % self.moe_every == 0
+
+  @property
+  def n_moe_layers(self) -> int:
+    return self.n_layers // self.moe_every if self.moe_experts else 0
 
   def _check_base_shape(self):
     for name in ("mup_base_dim", "mup_base_n_heads", "mup_base_ffn_dim", "mup_base_n_layers"):
@@ -216,4 +290,8 @@ SIZES: dict[str, dict[str, Any]] = {
     "llama3_70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
                        vocab_size=128256, max_seq_len=8192, norm_eps=1e-5,
                        rope_theta=500000.0),
+    # Mixtral-8x7B-v0.1's config.json: 8 experts of 14336, top 2, in every layer.
+    "mixtral_8x7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                         vocab_size=32000, max_seq_len=32768, norm_eps=1e-5,
+                         rope_theta=1000000.0, moe_experts=8, moe_top_k=2, moe_aux_loss=0.02),
 }

@@ -12,8 +12,9 @@ rules. Activations are constrained with `act_*` names at block boundaries.
 The default configuration is LLaMA (RMSNorm, RoPE, SwiGLU, no biases). The variants of the
 original Transformer (LayerNorm, GELU/ReLU MLP, learned or sinusoidal positions) are chosen by
 config for ablations. The config schema (ModelConfig, SIZES) is llama_jax.model.config, the
-attention implementations llama_jax.model.attention, and parameter counts and FLOPs
-llama_jax.model.sizes.
+attention implementations llama_jax.model.attention, the position encodings
+llama_jax.model.positions, the mixture-of-experts layers llama_jax.model.moe, and parameter
+counts and FLOPs llama_jax.model.sizes.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.model import attention as attention_lib
+from llama_jax.model import moe as moe_lib
 from llama_jax.model import parametrization as param_lib
 from llama_jax.model import remat as remat_lib
 from llama_jax.model.config import ModelConfig
+from llama_jax.model.positions import (  # noqa: F401  (rope_frequencies: tests import it here)
+    apply_rope, rope_angles, rope_frequencies, sinusoidal_embedding)
 from llama_jax.sharding import constrain
 
 # Parameters get their shardings from `jit(init, out_shardings=...)`, derived from the
@@ -94,50 +98,6 @@ class LayerNorm(nnx.Module):
 def make_norm(cfg: ModelConfig):
   cls = RMSNorm if cfg.norm == "rms" else LayerNorm
   return cls(cfg.dim, cfg.norm_eps, _dtype(cfg.param_dtype))
-
-
-# ---------------------------------------------------------------------------- positions
-
-def rope_frequencies(cfg: ModelConfig) -> jax.Array:
-  """Inverse frequencies [H/2], with Llama-3.1 scaling when configured (HF `llama3` rope)."""
-  h = cfg.head_dim
-  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
-  s = cfg.rope_scaling
-  if s is None:
-    return inv_freq
-  # Wavelengths longer than original_ctx/low_freq_factor are slowed by `factor`, shorter
-  # than original_ctx/high_freq_factor are kept, and the band between is interpolated.
-  low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
-  high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
-  wavelen = 2 * math.pi / inv_freq
-  smooth = ((s.original_max_position_embeddings / wavelen - s.low_freq_factor)
-            / (s.high_freq_factor - s.low_freq_factor))
-  interpolated = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
-  out = jnp.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
-  is_medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
-  return jnp.where(is_medium, interpolated, out)
-
-
-def rope_angles(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """cos and sin [B, T, H/2] in fp32 for integer positions [B, T]."""
-  angles = positions.astype(jnp.float32)[..., None] * rope_frequencies(cfg)
-  return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotates x [B, T, heads, H] with HF's half-split layout (pairs (i, i + H/2))."""
-  dtype = x.dtype
-  x = x.astype(jnp.float32)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(dtype)
-
-
-def sinusoidal_embedding(positions: jax.Array, dim: int) -> jax.Array:
-  """Vaswani et al. 2017: sin on even, cos on odd features, wavelengths up to 1e4 * 2pi."""
-  inv = 1.0 / (10000.0 ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-  angles = positions.astype(jnp.float32)[..., None] * inv  # [B, T, D/2]
-  return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*positions.shape, dim)
 
 
 # ---------------------------------------------------------------------------- projections
@@ -255,11 +215,12 @@ class Attention(nnx.Module):
 # ---------------------------------------------------------------------------- MLP
 
 class MLP(nnx.Module):
-  """SwiGLU: w_down(silu(x w_gate) * x w_up); or a non-gated GELU/ReLU MLP w_down(act(x w_up))."""
+  """SwiGLU: w_down(silu(x w_gate) * x w_up); or a non-gated GELU/ReLU MLP w_down(act(x w_up)).
+  `ffn_dim` replaces cfg.ffn_dim (an MoE layer's shared experts)."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, ffn_dim: int | None = None):
     self.kind = cfg.mlp
-    d, f = cfg.dim, cfg.ffn_dim
+    d, f = cfg.dim, ffn_dim or cfg.ffn_dim
     pd = _dtype(cfg.param_dtype)
     if cfg.mlp == "swiglu":
       self.w_gate = nnx.Param(_fan_in(0, 1, ("embed", "mlp"))(rngs.params(), (d, f), pd))
@@ -284,24 +245,40 @@ class MLP(nnx.Module):
 # ---------------------------------------------------------------------------- block
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). In an MoE block the
+  mlp is the routed experts (llama_jax.model.moe), plus the shared experts' MLP if any."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: bool = False):
     self.attn_norm = make_norm(cfg)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = make_norm(cfg)
-    self.mlp = MLP(cfg, rngs=rngs)
+    self.moe = moe
+    if moe:
+      self.mlp = moe_lib.MoE(cfg, rngs=rngs)
+      if cfg.moe_shared_experts:
+        self.shared_mlp = MLP(cfg, rngs=rngs,
+                              ffn_dim=cfg.moe_shared_experts * cfg.expert_ffn_dim)
+    else:
+      self.mlp = MLP(cfg, rngs=rngs)
     self.branch_multiplier = param_lib.branch_multiplier(cfg)  # depth scaling; 1 without
 
   def _branch(self, h):
     return h if self.branch_multiplier == 1.0 else h * jnp.asarray(self.branch_multiplier, h.dtype)
 
   def __call__(self, x, rope, mask, segment_ids, cache):
+    """(x, cache, stats): stats are the MoE layer's routing statistics ({} when dense)."""
     x = checkpoint_name(x, "layer_input")  # the residual stream a remat policy may keep
     h, cache = self.attn(self.attn_norm(x), rope, mask, segment_ids, cache)
     x = x + self._branch(h)
-    x = x + self._branch(self.mlp(self.mlp_norm(x)))
-    return constrain(x, ("act_batch", "act_seq", "act_embed")), cache
+    h, stats = self.mlp_norm(x), {}
+    if self.moe:
+      y, stats = self.mlp(h, decoding=cache is not None)
+      if hasattr(self, "shared_mlp"):
+        y = y + self.shared_mlp(h)
+    else:
+      y = self.mlp(h)
+    x = x + self._branch(y)
+    return constrain(x, ("act_batch", "act_seq", "act_embed")), cache, stats
 
 
 # ---------------------------------------------------------------------------- the model
@@ -312,6 +289,8 @@ class Llama(nnx.Module):
   The n_layers blocks are created stacked (every block parameter has a leading `layers` axis)
   whether or not they are scanned, so scan_layers only changes how the forward pass runs:
   `jax.lax.scan` over the stack (compile time flat in depth) or a Python loop over slices.
+  An MoE model with moe_every = N > 1 has two stacks, `layers` (the dense blocks) and
+  `moe_layers` (every N-th block), run as groups of N - 1 dense blocks and one MoE block.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -321,12 +300,18 @@ class Llama(nnx.Module):
     if cfg.position == "learned":
       self.pos_embed = nnx.Param(_normal(0.02, (None, "embed"))(rngs.params(), (cfg.max_seq_len, cfg.dim), pd))
 
-    @nnx.split_rngs(splits=cfg.n_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make_blocks(rngs: nnx.Rngs):
-      return Block(cfg, rngs=rngs)
+    def make_blocks(n, moe):
+      @nnx.split_rngs(splits=n)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def make(rngs: nnx.Rngs):
+        return Block(cfg, rngs=rngs, moe=moe)
+      return make(rngs)
 
-    self.layers = make_blocks(rngs)
+    n_moe = cfg.n_moe_layers
+    if n_moe < cfg.n_layers:
+      self.layers = make_blocks(cfg.n_layers - n_moe, False)
+    if n_moe:
+      setattr(self, "layers" if n_moe == cfg.n_layers else "moe_layers", make_blocks(n_moe, True))
     self.final_norm = make_norm(cfg)
     if not cfg.tie_embeddings:
       self.lm_head = nnx.Param(_fan_in(0, 1, ("embed", "vocab"),
@@ -334,7 +319,7 @@ class Llama(nnx.Module):
                                            rngs.params(), (cfg.dim, cfg.vocab_size), pd))
 
   def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None,
-               output_hidden_states=False):
+               output_hidden_states=False, return_moe_stats=False):
     """Forward pass.
 
     tokens [B, T] int; positions [B, T] (default 0..T-1, or cache['index'] onward with a cache:
@@ -344,7 +329,9 @@ class Llama(nnx.Module):
     is <= p (a position of -1 marks padding, seen by nobody), and (logits, cache) is returned
     with index advanced by T. With output_hidden_states (training form only), (logits, hidden)
     is returned, hidden [L + 1, B, T, D] being the embedding output and every block's output
-    (HF's output_hidden_states; the μP coordinate check reads their scales).
+    (HF's output_hidden_states; the μP coordinate check reads their scales). With
+    return_moe_stats (training form), (logits, stats) is returned: the MoE layers' routing
+    statistics stacked over them ({} for a dense model; llama_jax.model.moe.finalize).
     """
     cfg = self.cfg
     dt = _dtype(cfg.dtype)
@@ -371,7 +358,8 @@ class Llama(nnx.Module):
       cache = dict(cache, pos=slot_pos)
 
     x0 = x
-    x, cache, hidden = self._run_layers(x, rope, mask, segment_ids, cache, output_hidden_states)
+    x, cache, hidden, stats = self._run_layers(x, rope, mask, segment_ids, cache,
+                                               output_hidden_states)
 
     x = self.final_norm(x)
     head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
@@ -381,38 +369,59 @@ class Llama(nnx.Module):
     logits = constrain(logits, ("act_batch", "act_seq", "act_vocab"))
     if output_hidden_states:
       return logits, jnp.concatenate([x0[None], hidden])
+    if return_moe_stats:
+      return logits, stats
     return logits if cache is None else (logits, cache)
 
   def _run_layers(self, x, rope, mask, segment_ids, cache, output_hidden_states=False):
-    graphdef, state = nnx.split(self.layers)
-    layer_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+    """The blocks in order: (x, cache, hidden [L, B, T, D] or None, MoE stats [L_moe, ...]).
+    One scan step (or loop iteration) runs a group of n layers: one block of `layers`, or with
+    moe_every = n > 1, n - 1 blocks of `layers` and one of `moe_layers`."""
+    cfg = self.cfg
+    n = cfg.moe_every if cfg.n_moe_layers and cfg.moe_every > 1 else 1
+    stacks = [nnx.split(self.layers)] + ([nnx.split(self.moe_layers)] if n > 1 else [])
+    layers = [self._layer(graphdef, cache, rope, mask, segment_ids) for graphdef, _ in stacks]
+    split = lambda m: lambda a: a.reshape(-1, m, *a.shape[1:])  # noqa: E731 [L..] -> [G, m..]
+    xs = (jax.tree.map(split(max(n - 1, 1)), stacks[0][1]), stacks[-1][1] if n > 1 else None,
+          None if cache is None else jax.tree.map(split(n), {"k": cache["k"], "v": cache["v"]}))
 
+    def group(x, xs):  # layers g*n, ..., g*n + n - 1
+      dense, moe_state, kv = xs
+      outs = []
+      for j in range(n):
+        kv_j = None if kv is None else jax.tree.map(lambda a: a[j], kv)
+        if n > 1 and j == n - 1:
+          x, kv_j, stats = layers[1](x, moe_state, kv_j)
+        else:
+          x, kv_j, stats = layers[0](x, jax.tree.map(lambda a: a[j], dense), kv_j)
+        outs.append((kv_j, x))
+      kv, hidden = (jax.tree.map(lambda *a: jnp.stack(a), *o) for o in zip(*outs))
+      return x, (kv, stats, hidden if output_hidden_states else None)
+
+    if cfg.scan_layers:
+      x, (new_kv, stats, hidden) = jax.lax.scan(group, x, xs)
+    else:
+      outs = []
+      for i in range(cfg.n_layers // n):
+        x, out = group(x, jax.tree.map(lambda a: a[i], xs))
+        outs.append(out)
+      new_kv, stats, hidden = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    new_kv, hidden = (jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), t)  # [G, n..] -> [L..]
+                      for t in (new_kv, hidden))
+    if cache is None:
+      return x, None, hidden, stats
+    return x, dict(cache, **new_kv, index=cache["index"] + x.shape[1]), None, stats
+
+  def _layer(self, graphdef, cache, rope, mask, segment_ids):
+    """(x, one block's state, its kv or None) -> (x, kv, stats), checkpointed per cfg.remat."""
     def layer(x, layer_state, kv):
       block = nnx.merge(graphdef, layer_state)
       kv = None if kv is None else dict(kv, index=cache["index"])
-      x, kv = block(x, rope, mask, segment_ids, kv)
-      return x, (None if kv is None else {"k": kv["k"], "v": kv["v"]})
-
+      x, kv, stats = block(x, rope, mask, segment_ids, kv)
+      return x, (None if kv is None else {"k": kv["k"], "v": kv["v"]}), stats
     if self.cfg.remat != "none":
       layer = jax.checkpoint(layer, policy=remat_lib.policy(self.cfg.remat))
-
-    if self.cfg.scan_layers:
-      def body(x, xs):
-        x, kv = layer(x, *xs)
-        return x, (kv, x if output_hidden_states else None)
-      x, (new_kv, hidden) = jax.lax.scan(body, x, (state, layer_cache))
-    else:
-      outs, hiddens = [], []
-      for i in range(self.cfg.n_layers):
-        sl = jax.tree.map(lambda a: a[i], (state, layer_cache))
-        x, kv = layer(x, *sl)
-        outs.append(kv)
-        hiddens.append(x)
-      new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
-      hidden = jnp.stack(hiddens) if output_hidden_states else None
-    if cache is None:
-      return x, None, hidden
-    return x, dict(cache, **new_kv, index=cache["index"] + x.shape[1]), None
+    return layer
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict[str, jax.Array]:

@@ -33,8 +33,11 @@ from llama_jax.model.config import NAMED_REMATS, OFFLOAD_REMATS, REMATS
 
 # The attention kernels' residuals: the blockwise attention and splash name their output and
 # log-sum-exp (splash both as 'attention_out'), so the dot policies keep these two instead of
-# the block score matrices behind them and no attention forward runs twice.
-_NAMED_RESIDUALS = policies.save_only_these_names("attention_out", "attention_lse")
+# the block score matrices behind them and no attention forward runs twice. The experts'
+# grouped matmuls (llama_jax.model.moe) are no dot_general primitives either: the dot policies
+# keep them by name.
+_NAMED_RESIDUALS = policies.save_only_these_names("attention_out", "attention_lse", "moe_gate",
+                                                  "moe_up", "moe_down")
 
 # Platforms whose compilers place offloaded residuals in host memory.
 OFFLOAD_PLATFORMS = ("tpu", "gpu")

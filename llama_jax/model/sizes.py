@@ -15,13 +15,30 @@ from llama_jax.model.config import NAMED_REMATS, OFFLOAD_REMATS, ModelConfig
 # ---------------------------------------------------------------------------- FLOPs
 
 
-def _layer_flops(cfg: ModelConfig, seq_len: int, causal_half: bool = False) -> dict[str, float]:
-  """One layer's matmul FLOPs per token (2 per MAC) by the activation each produces."""
-  d, n, k, h, f = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
-  return {"q": 2 * d * n * h, "kv": 2 * d * 2 * k * h,
-          "attention": 2 * 2 * n * h * seq_len / (2 if causal_half else 1),
-          "out": 2 * n * h * d,
-          "mlp_in": 2 * d * f * (2 if cfg.mlp == "swiglu" else 1), "mlp_out": 2 * d * f}
+def _layer_flops(cfg: ModelConfig, seq_len: int, causal_half: bool = False,
+                 moe: bool = False) -> dict[str, float]:
+  """One layer's matmul FLOPs per token (2 per MAC) by the activation each produces. An MoE
+  layer's feed-forward is its router (2*D*E) and, per token, its top-k routed and its shared
+  experts, each a gated MLP of moe_ffn_dim (llama_jax.model.moe)."""
+  d, n, k, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  out = {"q": 2 * d * n * h, "kv": 2 * d * 2 * k * h,
+         "attention": 2 * 2 * n * h * seq_len / (2 if causal_half else 1),
+         "out": 2 * n * h * d}
+  if moe:
+    active, fe = cfg.moe_top_k + cfg.moe_shared_experts, cfg.expert_ffn_dim
+    out.update(router=2 * d * cfg.moe_experts, mlp_in=2 * d * fe * 2 * active,
+               mlp_out=2 * d * fe * active)
+  else:
+    f = cfg.ffn_dim
+    out.update(mlp_in=2 * d * f * (2 if cfg.mlp == "swiglu" else 1), mlp_out=2 * d * f)
+  return out
+
+
+def _layers(cfg: ModelConfig, seq_len: int, causal_half: bool = False):
+  """(how many, one's FLOPs by activation) of the dense layers and of the MoE layers."""
+  n_moe = cfg.n_moe_layers
+  return [(cfg.n_layers - n_moe, _layer_flops(cfg, seq_len, causal_half)),
+          (n_moe, _layer_flops(cfg, seq_len, causal_half, moe=True))]
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_half: bool = False) -> float:
@@ -30,15 +47,19 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_half: bool
   Per layer: q, k, v, o projections 2*D*H*(2N + 2K); attention scores and the weighted sum
   2 * 2*N*H*T each token attending over the full T (XLA computes the whole T x T block even
   though half is masked); the MLP 2*D*F times 3 (gated) or 2 matrices. Plus the LM head 2*D*V.
-  Norms, RoPE, softmax and the embedding lookup are not matmuls and are left out.
+  An MoE layer's MLP is the active experts': the router 2*D*E, the top_k experts' and the shared
+  experts' SwiGLU 3 * 2*D*F_e each (moe_impl='dense' computes all E; these are the model's
+  FLOPs, the ones MFU counts). Norms, RoPE, softmax and the embedding lookup are not matmuls and
+  are left out.
 
   Two conventions for the causal attention, both in use: the default counts the full T x T
   score and value products (PaLM's appendix B, nanoGPT, and MaxText before it changed);
   `causal_half=True` counts half of them, the unmasked half (MaxText's
   calculate_tflops_training_per_device today: causal_attention_flops = noncausal / 2).
   """
-  layer = sum(_layer_flops(cfg, seq_len, causal_half).values())
-  return float(cfg.n_layers * layer + 2 * cfg.dim * cfg.vocab_size)
+  layers = _layers(cfg, seq_len, causal_half)
+  return float(sum(count * sum(layer.values()) for count, layer in layers)
+               + 2 * cfg.dim * cfg.vocab_size)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_half: bool = False) -> float:
@@ -59,16 +80,18 @@ def recompute_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   projection, whose output nothing in the backward pass reads (XLA drops its rerun: counted in
   the compiled step, tests/test_remat.py). 'full' is thus each layer's forward pass but its
   last matmul; the LM head sits outside the remat scope."""
-  layer = _layer_flops(cfg, seq_len)
   if cfg.remat in ("none", "dots"):
     return 0.0
   if cfg.remat == "dots_no_batch":
-    return float(cfg.n_layers * layer["attention"]) if cfg.attention == "xla" else 0.0
+    return float(cfg.n_layers * _layer_flops(cfg, seq_len)["attention"]
+                 if cfg.attention == "xla" else 0.0)
   kept = set(NAMED_REMATS.get(cfg.remat, OFFLOAD_REMATS.get(cfg.remat, ())))  # 'full': none
   rerun = [("q", "query_proj"), ("kv", "key_proj"), ("out", "out_proj"),
            ("attention", "attention_out" if cfg.attention != "xla" else None)]
-  flops = layer["mlp_in"] + sum(layer[part] for part, name in rerun if name not in kept)
-  return float(cfg.n_layers * flops)
+  # An MoE layer reruns its router and its experts' gate / up products like a dense MLP's.
+  return float(sum(count * (layer["mlp_in"] + layer.get("router", 0.0)
+                            + sum(layer[part] for part, name in rerun if name not in kept))
+                   for count, layer in _layers(cfg, seq_len)))
 
 
 def kaplan_flops_per_token(non_embedding_params: int) -> float:
@@ -119,11 +142,26 @@ def count_params(shape: Mapping[str, Any] | ModelConfig, *, non_embedding: bool 
   non_embedding drops the token embedding, the LM head when untied and learned positions
   (Kaplan et al.'s N)."""
   c = _as_model_config(shape)
+  return _count(c, non_embedding, c.moe_experts)
+
+
+def active_params(shape: Mapping[str, Any] | ModelConfig, *, non_embedding: bool = False) -> int:
+  """Parameters one token goes through: count_params with an MoE layer's experts counted only
+  top_k times (the router and the shared experts always); count_params for a dense model."""
+  c = _as_model_config(shape)
+  return _count(c, non_embedding, c.moe_top_k)
+
+
+def _count(c: ModelConfig, non_embedding: bool, experts: int) -> int:
+  """Parameters with `experts` of each MoE layer's routed experts counted."""
   d, h = c.dim, c.head_dim
   attention = d * c.n_heads * h + 2 * d * c.n_kv_heads * h + c.n_heads * h * d
   mlp = (3 if c.mlp == "swiglu" else 2) * d * c.ffn_dim
+  moe = d * c.moe_experts + 3 * d * c.expert_ffn_dim * (experts + c.moe_shared_experts)
   norm = (1 if c.norm == "rms" else 2) * d
-  total = c.n_layers * (attention + mlp + 2 * norm) + norm
+  n_moe = c.n_moe_layers
+  total = (c.n_layers * (attention + 2 * norm) + (c.n_layers - n_moe) * mlp + n_moe * moe
+           + norm)
   if not non_embedding:
     total += c.vocab_size * d * (1 if c.tie_embeddings else 2)
     if c.position == "learned":

@@ -39,10 +39,9 @@ def population_mesh(mesh_cfg, n_members: int, runs_devices: int, devices=None) -
     raise PopulationError(
         f"runs_devices={runs_devices} must divide both the {n_members} members and the "
         f"{len(devices)} devices (each group of devices trains members/runs_devices of them)")
-  shape = (runs_devices, *sharding.mesh_shape(mesh_cfg, len(devices) // runs_devices))
-  grid = np.asarray(devices).reshape(shape)
-  return Mesh(grid, (RUNS_AXIS, *config_lib.MESH_AXES),
-              axis_types=(AxisType.Auto,) * (1 + len(config_lib.MESH_AXES)))
+  sizes = sharding.mesh_sizes(mesh_cfg, len(devices) // runs_devices)
+  grid = np.asarray(devices).reshape((runs_devices, *sizes.values()))
+  return Mesh(grid, (RUNS_AXIS, *sizes), axis_types=(AxisType.Auto,) * (1 + len(sizes)))
 
 
 def _stacked(shardings):
@@ -237,7 +236,8 @@ def train_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Seq
     writers = [metrics_lib.MetricsWriter(w, enabled=is_main, config=c)
                for w, c in zip(pop.workdirs, pop.configs)]
     tokens_per_step = pop.configs[0].data.batch_size * pop.configs[0].data.seq_len
-    flops = train_lib.model_flops(setup, log)
+    flops = metrics_lib.model_flops(setup.model_cfg, pop.configs[0].data.seq_len, setup.mesh,
+                                    log)
     log(f"population of {pop.size} members, {setup.mesh.shape[RUNS_AXIS]} group(s) of devices "
         f"on the runs axis: lr {pop.values['lr']}")
 
@@ -335,7 +335,7 @@ def train_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Seq
           if at_log:
             stats, tps = jax.device_get(stats), throughput.read()
             for k in at_log:
-              last_stats[k] = train_lib.step_metrics(jax.tree.map(lambda x: x[k], stats),
+              last_stats[k] = metrics_lib.step_metrics(jax.tree.map(lambda x: x[k], stats),
                                                      tps, done - offsets[k], tokens_per_step, flops)
               last_stats[k]["population_size"] = pop.size
               if guard_on:

@@ -49,6 +49,9 @@ def check_members(configs: Sequence[ml_collections.ConfigDict], names: Sequence[
   if any(int(c.lora.rank) > 0 for c in configs):
     raise PopulationError("LoRA runs cannot train as a population yet (its frozen base and "
                           "adapter-only optimizer state are not stacked); run them separately")
+  if any(int(c.model.moe_experts) > 0 for c in configs):
+    raise PopulationError("MoE runs (model.moe_experts > 0) cannot train as a population yet "
+                          "(their expert-parallel layers are not vmapped); run them separately")
   first = shared_values(configs[0])
   for config, name in zip(configs[1:], names[1:]):
     other = shared_values(config)

@@ -14,7 +14,8 @@ import ml_collections
 
 from llama_jax import storage
 from llama_jax.model.config import ModelConfig
-from llama_jax.model.sizes import count_params, flops_per_token, kaplan_flops_per_token
+from llama_jax.model.sizes import (active_params, count_params, flops_per_token,
+                                   kaplan_flops_per_token)
 from llama_jax.sweep.overrides import format_value
 
 # diverged: stopped with a non-finite loss or its rollbacks spent (train.max_rollbacks),
@@ -52,7 +53,8 @@ class Run:
           nonembedding_params=non_embed,
           tokens=tokens,
           flops=flops_per_token(cfg, seq_len) * tokens,
-          kaplan_flops=kaplan_flops_per_token(non_embed) * tokens,
+          # 6 N D with N the parameters a token goes through (an MoE model's active ones)
+          kaplan_flops=kaplan_flops_per_token(active_params(cfg, non_embedding=True)) * tokens,
       )
     return self._sizes
 

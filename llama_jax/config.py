@@ -27,18 +27,24 @@ from llama_jax.model.config import (SIZES, SPLASH_LANES, ModelConfig, parse_lora
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 OPTIMIZERS = ("adamw",)
 MESH_AXES = ("data", "fsdp", "tensor")
-# The expert axis (config.mesh.expert) joins the mesh only when it is larger than 1, between
-# fsdp and tensor, so a dense run's mesh is the three axes above.
+# The expert axis (config.mesh.expert) and the context axis (config.mesh.context: the
+# sequence split, llama_jax/model/context_parallel.py) join the mesh only when larger than 1,
+# between fsdp and tensor, so a dense run's mesh is the three axes above.
 EXPERT_AXIS = "expert"
-ALL_MESH_AXES = ("data", "fsdp", EXPERT_AXIS, "tensor")
+CONTEXT_AXIS = "context"
+OPTIONAL_MESH_AXES = (EXPERT_AXIS, CONTEXT_AXIS)
+ALL_MESH_AXES = ("data", "fsdp", EXPERT_AXIS, CONTEXT_AXIS, "tensor")
 
 # Logical axis -> mesh axes. Parameters are split over fsdp on their `embed` axis (ZeRO-3
 # style) and over tensor on heads / mlp / vocab (Megatron style), an MoE layer's experts over
 # expert; activations are split over data, fsdp and expert on the batch axis (the expert axis
-# is data parallelism outside the MoE layers, as in MaxText) and over tensor on heads / mlp /
-# vocab. A rule's axis the mesh does not have (expert at 1) is left out of it.
+# is data parallelism outside the MoE layers, as in MaxText), over context on the sequence
+# axis, and over tensor on heads / mlp / vocab. The context axis also splits the parameters'
+# embed axis, as fsdp does (it holds no rows of its own to spend memory on otherwise: MaxText
+# shards its weights over it too). A rule's axis the mesh does not have (expert or context at
+# 1) is left out of it.
 SHARDING_RULES = (
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", CONTEXT_AXIS)),
     ("vocab", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -48,7 +54,7 @@ SHARDING_RULES = (
     ("layers", None),
     ("experts", EXPERT_AXIS),
     ("act_batch", ("data", "fsdp", EXPERT_AXIS)),
-    ("act_seq", None),
+    ("act_seq", CONTEXT_AXIS),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
@@ -153,7 +159,9 @@ def defaults(size: str | None = None) -> ml_collections.ConfigDict:
   # ours: wq,wk,wv,wo,w_gate,w_up,w_down); their output is scaled by alpha / rank.
   config.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="q_proj,v_proj"))
 
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+  # context: the devices one row's sequence is split over (llama_jax/model/context_parallel.py,
+  # docs/long_context.md); model.context_strategy says how attention reaches the others' keys.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, context=1))
   config.sharding_rules = SHARDING_RULES
   return config
 
@@ -260,6 +268,7 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
       raise ConfigError(f"mesh.{a}={config.mesh[a]} must be positive or -1 (-1: the devices "
                         "the other axes leave)")
   _validate_expert_axis(config.mesh.expert, model)
+  _validate_context_axis(config, model)
   free = [f"mesh.{a}" for a in ALL_MESH_AXES if config.mesh[a] == -1]
   if len(free) > 1:
     raise ConfigError(f"only one mesh axis may be -1, got {' and '.join(free)}; give the "
@@ -306,6 +315,37 @@ def _validate_expert_axis(expert: int, model: ModelConfig) -> None:
     raise ConfigError(f"model.moe_experts={model.moe_experts} is not divisible by "
                       f"mesh.expert={expert}; each device of the expert axis holds the same "
                       "number of experts")
+
+
+def _validate_context_axis(config, model: ModelConfig) -> None:
+  """mesh.context: the sequence splits into 2 x context chunks (each device holds chunks i and
+  2n - 1 - i: llama_jax/model/context_parallel.py), of whole splash blocks with splash."""
+  m, d = config.mesh, config.data
+  n = m.context
+  if n == 1:
+    return
+  if n == -1:
+    raise ConfigError("mesh.context=-1: give the context axis its size (the devices one row's "
+                      "sequence is split over); -1 is for mesh.data or mesh.fsdp")
+  if d.seq_len % (2 * n):
+    raise ConfigError(f"data.seq_len={d.seq_len} is not divisible by 2 x mesh.context = {2 * n}: "
+                      "the sequence is split into 2 x context equal chunks; make seq_len a "
+                      f"multiple of {2 * n}")
+  chunk = d.seq_len // (2 * n)
+  if model.attention == "splash" and not splash_block(chunk, model.attention_block):
+    raise ConfigError(f"model.attention='splash' with mesh.context={n} splits data.seq_len="
+                      f"{d.seq_len} into chunks of {chunk} tokens, which must be whole blocks of "
+                      f"model.attention_block={model.attention_block} (a multiple of "
+                      f"{SPLASH_LANES}); raise data.seq_len or lower mesh.context")
+  if model.attention == "splash" and model.context_strategy == "ring":
+    raise ConfigError("model.context_strategy='ring' runs the 'blockwise' attention; splash "
+                      "gathers the keys and values (model.context_strategy='all_gather')")
+  if model.attention == "cudnn":
+    raise ConfigError(f"model.attention='cudnn' does not run under mesh.context={n}; use "
+                      "'blockwise' (or 'splash' on TPU)")
+  if model.moe_experts:
+    raise ConfigError(f"mesh.context={n} with an MoE model (model.moe_experts="
+                      f"{model.moe_experts}) is not supported; set mesh.context=1")
 
 
 def _validate_lora(lora, model: ModelConfig) -> None:

@@ -19,7 +19,7 @@ from llama_jax.errors import UserError
 
 def mesh_devices(config, fake_devices: int) -> int:
   """Devices the mesh needs: the product of its axes, or `fake_devices` when one axis is -1."""
-  sizes = [int(config.mesh[a]) for a in ("data", "fsdp", "tensor", "expert")]
+  sizes = [int(config.mesh[a]) for a in ("data", "fsdp", "tensor", "expert", "context")]
   return fake_devices if -1 in sizes else math.prod(sizes)
 
 

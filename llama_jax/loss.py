@@ -7,6 +7,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from llama_jax.model import context_parallel
+
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, z_loss: float = 0.0,
                   weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -43,9 +45,17 @@ def batch_loss_and_stats(model, batch: dict[str, jax.Array], z_loss: float = 0.0
   """(loss, (mean cross-entropy, MoE stats)): batch_loss with the MoE layers' routing
   statistics (llama_jax.model.moe.finalize, stacked over the MoE layers; {} for a dense
   model). The loss adds moe_aux_loss x the Switch loss and moe_z_loss x the router z-loss, each
-  the mean over the MoE layers."""
+  the mean over the MoE layers.
+
+  With the sequence split over the context axis every [B, T] entry of the batch is put in
+  llama_jax.model.context_parallel's load-balanced order first (the loss is a token sum, the
+  same in any order), so the model runs in it and nothing is reordered back."""
   cfg = model.cfg
-  kwargs = dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+  n = context_parallel.degree()
+  if n > 1:
+    batch = {k: context_parallel.load_balance(v, n) for k, v in batch.items()}
+  kwargs = dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                load_balanced=True)
   if not cfg.moe_experts:
     logits, stats = model(batch["inputs"], **kwargs), {}
   else:

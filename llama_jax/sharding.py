@@ -19,7 +19,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from llama_jax import waiting
-from llama_jax.config import ALL_MESH_AXES, EXPERT_AXIS, MESH_AXES, rule_axes
+from llama_jax.config import ALL_MESH_AXES, MESH_AXES, OPTIONAL_MESH_AXES, rule_axes
 from llama_jax.errors import UserError
 
 
@@ -52,10 +52,10 @@ class ShardingError(UserError, ValueError):
 
 def mesh_sizes(mesh_cfg, n_devices: int) -> dict[str, int]:
   """{axis: size} of the mesh in its axis order, with the -1 (at most one, sizes positive:
-  config.validate) replaced by the devices left over: data, fsdp, tensor, and expert between
-  the last two when it is larger than 1 (config.ALL_MESH_AXES; a mesh config without an
-  expert key has none)."""
-  sizes = {a: int(mesh_cfg[a]) if a != EXPERT_AXIS else int(mesh_cfg.get(a, 1))
+  config.validate) replaced by the devices left over: data, fsdp, tensor, and expert and
+  context between the last two when larger than 1 (config.ALL_MESH_AXES; a mesh config without
+  an expert or context key has none)."""
+  sizes = {a: int(mesh_cfg[a]) if a not in OPTIONAL_MESH_AXES else int(mesh_cfg.get(a, 1))
            for a in ALL_MESH_AXES}
   free = [a for a, s in sizes.items() if s == -1]
   fixed = math.prod(s for s in sizes.values() if s != -1)
@@ -64,8 +64,9 @@ def mesh_sizes(mesh_cfg, n_devices: int) -> dict[str, int]:
       raise ShardingError(f"the mesh's fixed axes multiply to {fixed}, which does not divide "
                           f"the {n_devices} devices; mesh.{free[0]}=-1 cannot take the rest")
     sizes[free[0]] = n_devices // fixed
-  if sizes[EXPERT_AXIS] == 1:
-    del sizes[EXPERT_AXIS]
+  for a in OPTIONAL_MESH_AXES:
+    if sizes[a] == 1:
+      del sizes[a]
   if math.prod(sizes.values()) != n_devices:
     raise ShardingError(f"mesh {'*'.join(sizes)} = {'*'.join(map(str, sizes.values()))} = "
                         f"{math.prod(sizes.values())} but there are {n_devices} devices; set "
@@ -74,12 +75,13 @@ def mesh_sizes(mesh_cfg, n_devices: int) -> dict[str, int]:
 
 
 def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, ...]:
-  """The sizes of mesh_sizes: (data, fsdp, tensor), or (data, fsdp, expert, tensor)."""
+  """The sizes of mesh_sizes: (data, fsdp, tensor), with expert and context before tensor
+  when they are larger than 1."""
   return tuple(mesh_sizes(mesh_cfg, n_devices).values())
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  """The (data, fsdp, tensor) mesh. Across TPU slices the data axis spans the slices, so only
+  """The (data, fsdp[, expert][, context], tensor) mesh. Across TPU slices the data axis spans the slices, so only
   the data-parallel gradient reduction crosses the slow inter-slice network (DCN)."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_sizes(mesh_cfg, len(devices))
@@ -105,11 +107,12 @@ def _rule_size(mesh: Mesh, target) -> int:
 
 
 def _on_mesh(target, mesh: Mesh):
-  """A rule's target without the axes the mesh does not have (the expert axis at size 1)."""
+  """A rule's target without the axes the mesh does not have (the expert or context axis at
+  size 1); a single axis left is named alone ('fsdp', not ('fsdp',))."""
   if target is None or isinstance(target, str):
     return target if target is None or target in mesh.shape else None
   kept = tuple(a for a in target if a in mesh.shape)
-  return kept or None
+  return kept[0] if len(kept) == 1 else kept or None
 
 
 def rules_on_mesh(rules, mesh: Mesh) -> tuple:

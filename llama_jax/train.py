@@ -467,8 +467,12 @@ def _sample(setup: Setup, params, tokenizer, t_cfg) -> str | None:
     return None
   from llama_jax.generate.decode import sample_text
   model = nnx.merge(setup.graphdef, params)  # stays sharded on the mesh
-  return sample_text(model, tokenizer, t_cfg.sample_prompt, max_new_tokens=t_cfg.sample_tokens,
-                     temperature=0.8, top_k=40, seed=t_cfg.seed)
+  # Decoding keeps the sequence whole (the context axis splits only training's sequence).
+  rules = tuple((name, None if name == "act_seq" else target) for name, target in setup.rules)
+  with nnx.logical_axis_rules(rules):
+    return sample_text(model, tokenizer, t_cfg.sample_prompt,
+                       max_new_tokens=t_cfg.sample_tokens, temperature=0.8, top_k=40,
+                       seed=t_cfg.seed)
 
 
 def progress_bar(start: int, total: int, enabled: bool):

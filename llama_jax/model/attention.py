@@ -30,6 +30,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
 from llama_jax import sharding
+from llama_jax.model import context_parallel
 from llama_jax.model.config import splash_block
 
 # A finite "minus infinity" for masked scores: exp(_MASKED - max) underflows to 0, and unlike
@@ -38,7 +39,7 @@ _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def attend(q, k, v, *, mask=None, segment_ids=None, is_causal: bool, implementation: str,
-           block: int = 128, chunk: int = 0):
+           block: int = 128, chunk: int = 0, context_strategy: str = "all_gather"):
   """softmax(q k^T / sqrt(H)) v, [B, T, N, H] x [B, S, K, H] -> [B, T, N, H] (N a multiple of K).
 
   Training passes is_causal=True (optionally with segment_ids [B, T] for packed documents, and
@@ -47,8 +48,16 @@ def attend(q, k, v, *, mask=None, segment_ids=None, is_causal: bool, implementat
   divide T and hands the rest (decoding, odd lengths) to `blockwise`, which handles the causal
   training case and hands masks it cannot skip over to `xla`. The implementations are
   llama_jax.model.config.ATTENTIONS; this is the one place that chooses between them.
+  Under a mesh that splits the sequence (mesh.context > 1) the training form runs
+  llama_jax.model.context_parallel's attention by `context_strategy`.
   """
   training = is_causal and mask is None and q.shape[1] == k.shape[1]
+  if training and context_parallel.degree() > 1:
+    block = splash_block(q.shape[1] // (2 * context_parallel.degree()), block) or block
+    kernel = functools.partial(_splash_kernel, interpret=_splash_platform() != "tpu")
+    return context_parallel.attend(q, k, v, segment_ids, implementation=implementation,
+                                   block=block, chunk=chunk, strategy=context_strategy,
+                                   splash_kernel=kernel)
   if implementation == "splash":
     if training and splash_block(q.shape[1], block):
       return splash_attention(q, k, v, segment_ids, block=block, chunk=chunk)
@@ -215,18 +224,23 @@ def _splash_platform() -> str:
   return device.platform if device is not None else jax.default_backend()
 
 
-def _splash_kernel(t: int, group: int, block: int, chunk: int, interpret: bool):
+def _splash_kernel(t: int, group: int, block: int, chunk: int, q_sequence=None, q_shards: int = 1,
+                   *, interpret: bool):
   """The MQA-form kernel for one (batch row, kv head): its `group` query heads over one key and
-  value head, all blocks (forward, dq and dkv kernels) of `block` positions."""
+  value head, all blocks (forward, dq and dkv kernels) of `block` positions. Under context
+  parallelism the query rows are split over `q_shards` devices, row r standing at natural
+  position q_sequence[r] (llama_jax.model.context_parallel)."""
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                             block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                             block_q_dq=block, block_kv_dq=block)
   head = (splash_mask.ChunkedCausalMask((t, t), chunk) if chunk
           else splash_mask.CausalMask((t, t)))
+  if q_sequence is not None:  # the mask's rows at these positions (it computes q >= kv on them)
+    head.q_sequence = np.asarray(q_sequence, np.int32)
   # The kernel names its output and log-sum-exp, the residuals its backward pass reads, so
   # that the remat policies keep them (llama_jax.model.remat) as they keep blockwise's.
   return splash.make_splash_mqa(splash_mask.MultiHeadMask([head] * group), block_sizes=sizes,
-                                head_shards=1, q_seq_shards=1,
+                                head_shards=1, q_seq_shards=q_shards,
                                 residual_checkpoint_name="attention_out", interpret=interpret)
 
 
@@ -234,7 +248,7 @@ def _splash_local(q, k, v, segment_ids, *, block, chunk, interpret):
   """splash_attention on one device's rows and heads: q [b, T, n, H], k, v [b, T, k, H]."""
   b, t, n, h = q.shape
   n_kv = k.shape[2]
-  kernel = _splash_kernel(t, n // n_kv, splash_block(t, block), chunk, interpret)
+  kernel = _splash_kernel(t, n // n_kv, splash_block(t, block), chunk, interpret=interpret)
   qg = (q * h ** -0.5).reshape(b, t, n_kv, n // n_kv, h).transpose(0, 2, 3, 1, 4)  # [b,k,G,T,H]
   kt, vt = _kv_heads_major(k), _kv_heads_major(v)                                  # [b,k,T,H]
   if segment_ids is None:

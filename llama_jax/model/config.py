@@ -30,6 +30,11 @@ REMATS = ("none", "full", "dots", "dots_no_batch", *NAMED_REMATS, *OFFLOAD_REMAT
 # attention (GPU), the blockwise (flash-style) attention written in XLA ops, or jax's splash
 # attention Pallas kernel (TPU; interpreted elsewhere).
 ATTENTIONS = ("xla", "cudnn", "blockwise", "splash")
+# How attention reaches the keys and values of the other devices when the sequence is split
+# over the context mesh axis (llama_jax.model.context_parallel): all gathered at once, or
+# passed around the ring one device's a step (a step's transfer can overlap the previous
+# step's blocks; 'blockwise' only).
+CONTEXT_STRATEGIES = ("all_gather", "ring")
 # The splash kernel's blocks are multiples of the TPU's 128 lanes (checked by the kernel even
 # when interpreted).
 SPLASH_LANES = 128
@@ -130,6 +135,8 @@ class ModelConfig:
   # query rows per block of the `blockwise` attention; splash's query and key blocks (forward
   # and backward kernels), a multiple of 128
   attention_block: int = 128
+  # Under mesh.context > 1: one of CONTEXT_STRATEGIES (no effect on one device's sequence).
+  context_strategy: str = "all_gather"
   # μP / depth scaling (llama_jax.model.parametrization): the base shape the multipliers are
   # relative to; 0 means the model's own value, so the defaults are the model as it is.
   parametrization: str = "sp"
@@ -171,6 +178,7 @@ class ModelConfig:
       raise ValueError(f"RoPE needs an even head dim, got dim/n_heads={self.head_dim}")
     for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("position", POSITIONS),
                           ("remat", REMATS), ("attention", ATTENTIONS), ("dtype", DTYPES),
+                          ("context_strategy", CONTEXT_STRATEGIES),
                           ("param_dtype", DTYPES), ("parametrization", PARAMETRIZATIONS),
                           ("depth_scaling", DEPTH_SCALINGS)):
       if getattr(self, name) not in allowed:

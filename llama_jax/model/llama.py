@@ -19,6 +19,7 @@ counts and FLOPs llama_jax.model.sizes.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -27,13 +28,14 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.model import attention as attention_lib
+from llama_jax.model import context_parallel
 from llama_jax.model import moe as moe_lib
 from llama_jax.model import parametrization as param_lib
 from llama_jax.model import remat as remat_lib
 from llama_jax.model.config import ModelConfig
 from llama_jax.model.positions import (  # noqa: F401  (rope_frequencies: tests import it here)
     apply_rope, rope_angles, rope_frequencies, sinusoidal_embedding)
-from llama_jax.sharding import constrain
+from llama_jax.sharding import ShardingError, constrain
 
 # Parameters get their shardings from `jit(init, out_shardings=...)`, derived from the
 # abstract state and the logical-axis rules (llama_jax.sharding). Flax's eager sharding
@@ -207,7 +209,8 @@ class Attention(nnx.Module):
     out = attention_lib.attend(q, k, v, mask=mask,
                                segment_ids=segment_ids if cache is None else None,
                                is_causal=is_causal, implementation=cfg.attention,
-                               block=cfg.attention_block)
+                               block=cfg.attention_block,
+                               context_strategy=cfg.context_strategy)
     out = checkpoint_name(project(self, "wo", out, n_in=2), "out_proj")
     return out, cache
 
@@ -319,7 +322,7 @@ class Llama(nnx.Module):
                                            rngs.params(), (cfg.dim, cfg.vocab_size), pd))
 
   def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None,
-               output_hidden_states=False, return_moe_stats=False):
+               output_hidden_states=False, return_moe_stats=False, load_balanced=False):
     """Forward pass.
 
     tokens [B, T] int; positions [B, T] (default 0..T-1, or cache['index'] onward with a cache:
@@ -332,13 +335,40 @@ class Llama(nnx.Module):
     (HF's output_hidden_states; the μP coordinate check reads their scales). With
     return_moe_stats (training form), (logits, stats) is returned: the MoE layers' routing
     statistics stacked over them ({} for a dense model; llama_jax.model.moe.finalize).
+
+    Under a mesh that splits the sequence over the context axis (training form only), the
+    sequence runs in llama_jax.model.context_parallel's load-balanced order: `load_balanced`
+    says the caller has put tokens, positions and segment ids in it (llama_jax.loss does, and
+    then reads the logits in that order too); otherwise they are reordered here and the logits
+    (and hidden states) put back in their natural order.
     """
     cfg = self.cfg
     dt = _dtype(cfg.dtype)
     b, t = tokens.shape
+    n = context_parallel.degree()
+    if n > 1 and cache is not None:
+      raise ShardingError(
+          f"decoding with a KV cache does not run with the sequence split over the context "
+          f"axis ({n} devices); decode on a mesh without it (python -m llama_jax.generate "
+          "runs on one device)")
+    if n > 1 and not load_balanced:
+      lb = functools.partial(context_parallel.load_balance, n=n)
+      if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+      out = self(lb(tokens), positions=lb(positions),
+                 segment_ids=None if segment_ids is None else lb(segment_ids),
+                 output_hidden_states=output_hidden_states, return_moe_stats=return_moe_stats,
+                 load_balanced=True)
+      logits, extra = out if isinstance(out, tuple) else (out, None)
+      logits = context_parallel.natural_order(logits, n)
+      if output_hidden_states:  # [L + 1, B, T, D]
+        return logits, context_parallel.natural_order(extra, n, axis=2)
+      return logits if extra is None else (logits, extra)
     if positions is None:
       start = 0 if cache is None else cache["index"]
       positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+      if load_balanced:
+        positions = context_parallel.load_balance(positions, n)
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)  # [B, T, D]
     if cfg.position == "learned":
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)

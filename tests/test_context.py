@@ -244,3 +244,39 @@ def test_a_context_degree_the_devices_cannot_hold_and_decoding_under_context():
       jax.eval_shape(forward, params, tokens, cache=init_cache(setup.model_cfg, 4, 8))
     split = forward(params, tokens)
   np.testing.assert_allclose(split, forward(params, tokens), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- two processes
+
+
+CP_STEPS = 2
+
+
+@pytest.mark.slow
+def test_context_axis_across_two_processes_equals_one_process(tmp_path, monkeypatch):
+  """2 processes x 4 devices on mesh context 2 x tensor 4: the context axis's two shards sit
+  in different processes (device = context x 4 + tensor), so the keys' all-gather and the
+  batch's reorder cross them (gloo). Losses and the eval loss equal one process's context-1
+  run (fsdp 8, in this process) within 1e-5."""
+  from tests import test_multihost as mh
+  monkeypatch.setenv("JAX_DEFAULT_PRNG_IMPL", "unsafe_rbg")
+  monkeypatch.setenv("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+  common = [a for a in mh.ARGS if not a.startswith(("--config.train.", "--config.mesh."))] + [
+      f"--config.train.steps={CP_STEPS}", "--config.train.log_every=1",
+      f"--config.train.eval_every={CP_STEPS}", "--config.train.eval_steps=1",
+      f"--config.train.checkpoint_every={CP_STEPS}", "--config.train.sample_tokens=0",
+      "--config.optim.warmup_steps=1", "--config.mesh.data=1"]
+  split = common + ["--config.mesh.fsdp=1", "--config.mesh.context=2", "--config.mesh.tensor=4"]
+  job = mh.Job(str(tmp_path / "hosts"), str(tmp_path / "two"), "context", args=split)
+  # The reference, fsdp over this process's 8 devices, trains while the job starts.
+  config = mh._config_of(common + ["--config.mesh.fsdp=-1", "--config.mesh.tensor=1"])
+  config_lib.validate(config)
+  train.train(config, str(tmp_path / "one"), log=lambda *a: None)
+  assert job.wait(timeout=300) == [0, 0], job.tail()
+  two, one = mh._lines(str(tmp_path / "two")), mh._lines(str(tmp_path / "one"))
+  assert [d["step"] for d in one if "loss" in d] == list(range(1, CP_STEPS + 1))
+  assert [d["step"] for d in two] == [d["step"] for d in one]
+  for a, b in zip(two, one):
+    for k in ("loss", "grad_norm", "eval_loss"):
+      if k in b:
+        assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a["step"], k)

@@ -38,6 +38,7 @@ ENTRY_POINTS = {
     "llama_jax/data/docstrings.py": "docs/fine_tuning.md",
     "llama_jax/data/cldr.py": "docs/translation.md",
     "llama_jax/goodput/__main__.py": "docs/robustness.md",
+    "llama_jax/passkey.py": "docs/long_context.md",
 }
 
 # Keys that are not in the schema but that a page names on purpose: (page, key) -> why.

@@ -81,8 +81,9 @@ def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  """The (data, fsdp[, expert][, context], tensor) mesh. Across TPU slices the data axis spans the slices, so only
-  the data-parallel gradient reduction crosses the slow inter-slice network (DCN)."""
+  """The (data, fsdp[, expert][, context], tensor) mesh. Across TPU slices the data axis spans
+  the slices, so only the data-parallel gradient reduction crosses the slow inter-slice
+  network (DCN)."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_sizes(mesh_cfg, len(devices))
   shape = tuple(sizes.values())

@@ -204,6 +204,39 @@ def test_training_losses_under_context_equal_the_unsplit_run():
       np.testing.assert_allclose(losses, ref, rtol=1e-5, err_msg=f"{mesh} {model} {packing=}")
 
 
+# ---------------------------------------------------------------------------- long rows
+
+
+def test_the_loader_packs_rows_of_131072_tokens():
+  """Rows of 131,072 tokens with packing: a segment per BOS, positions restarting at each, as
+  computed from the token file here; the loader's peak heap bytes per token at 131,072 within
+  20% of 8,192's (benchmarks/long_rows.py's measure, on a smaller file)."""
+  import os
+  import sys
+  from llama_jax.data import cache, loader
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+  import long_rows
+  n, t = 600_000, 131_072
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(2, 30_000, n).astype(np.uint16)
+  tokens[rng.choice(n, 100, replace=False)] = long_rows.BOS
+  f = cache.TokenFile("memory", tokens, n_docs=100, n_tokens=n, n_bytes=n)
+  ld = loader.TokenLoader(f, seed=0, shuffle=True, bos_id=long_rows.BOS, seq_len=t,
+                          batch_size=2, packing=True)
+  batch = ld.local_batch(3)
+  for row, start in zip(range(2), ld.window_ids(3) * t):
+    window = tokens[start:start + t]
+    np.testing.assert_array_equal(batch["inputs"][row], window)
+    bos = np.flatnonzero(window == long_rows.BOS)
+    assert batch["segment_ids"][row].max() == 1 + len(bos[bos > 0])
+    for a in bos[bos > 0]:
+      assert batch["positions"][row, a] == 0 and batch["positions"][row, a - 1] > 0
+      assert batch["segment_ids"][row, a] == batch["segment_ids"][row, a - 1] + 1
+  short, long = (long_rows.measure(f, s, t, steps=1) for s in (8_192, t))
+  assert long["rows"] == 1 and short["rows"] == 16
+  assert abs(long["peak_bytes_per_token"] / short["peak_bytes_per_token"] - 1) < 0.2, (short, long)
+
+
 # ---------------------------------------------------------------------------- bad input
 
 

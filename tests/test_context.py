@@ -2,11 +2,12 @@
 devices (llama_jax/model/context_parallel.py).
 
 The order and its inverse; the attention of every implementation and strategy under context
-2 / 4 / 8 against the unsplit attention, values and gradients (with a control: the same inputs
+2 / 4 against the unsplit attention, values and gradients (with a control: the same inputs
 not put in the load-balanced order give another result); the causal blocks each device
 computes, read from the compiled program; training losses of context 1 / 2 / 4 beside data,
 fsdp and tensor, with and without packed documents, within 1e-5 of the unsplit run; the bad
-inputs' one-line errors. The two-process case: 2 processes x 4 devices, the context axis across them.
+inputs' one-line errors; rows of 131,072 tokens from the loader. The two-process case: 2
+processes x 4 devices, the context axis across them.
 """
 
 import re

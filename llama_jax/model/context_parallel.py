@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import spmd as core_spmd
 from jax.ad_checkpoint import checkpoint_name
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -284,7 +285,6 @@ def attend(q, k, v, segment_ids=None, *, implementation: str, block: int, chunk:
 def _splash_local(q, k, v, seg, kernel, *, axes, n):
   """The splash kernel on this device's rows [b, 2C, N, H] against all keys in their natural
   order (the kernel's mask knows the rows' natural positions)."""
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   b, r, nq, h = q.shape
   kv = k.shape[2]
   k, v = _gather_natural(k, axes, n), _gather_natural(v, axes, n)

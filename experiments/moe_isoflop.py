@@ -121,3 +121,149 @@ def sweep(add):
                  "train.eval_every": math.ceil(steps / EVALS_PER_RUN),
                  "train.checkpoint_every": max(50, steps // 4),
                  "train.log_every": max(1, min(10, steps // 20))})
+
+
+# ---------------------------------------------------------------------------- analysis
+
+# The columns of OUT/results.csv (issue 33), then the run's name, status and wall time.
+COLUMNS = ["arch", "experts", "top_k", "params", "active_params", "tokens", "flops",
+           "flops_budget", "seed", "final_eval_loss", "name", "status", "wall_s"]
+# The dense grid of experiments/scaling_isoflop.py (40 runs on the code of 372fa79): with the
+# new dense runs, the data of Chinchilla's three approaches.
+DENSE_BEFORE = "experiments/results/scaling_isoflop/results.csv"
+
+
+def _finished(rows):
+  out = []
+  for r in rows:
+    if r.get("status", "done") == "done" and math.isfinite(float(r["final_eval_loss"])):
+      out.append(dict(r, loss=float(r["final_eval_loss"])))
+  return out
+
+
+def analyze(workdir, out_dir="experiments/results/moe_isoflop", *, bootstrap=1000, seed=0,
+            dense_before=DENSE_BEFORE):
+  """The sweep's results.csv -> OUT/{results.csv, report.md, isoflop.png, multiplier.png}."""
+  from llama_jax import storage
+  from llama_jax.scaling import approaches, compare, fit, plots
+  from llama_jax.sweep.results import read_results
+
+  rows = read_results(os.path.join(workdir, "results.csv"))
+  os.makedirs(out_dir, exist_ok=True)
+  lines = [",".join(COLUMNS)] + [",".join(_cell(r.get(c)) for c in COLUMNS) for r in rows]
+  storage.write_text(os.path.join(out_dir, "results.csv"), "\n".join(lines) + "\n")
+
+  done = _finished(rows)
+  by_family = {f: [r for r in done if r["arch"] == f] for f in FAMILIES}
+  by_family = {f: rs for f, rs in by_family.items() if rs}
+  fits, points = {}, {}
+  for f, rs in by_family.items():
+    points[f] = fit.points_from_rows(rs, "active")
+    fits[f] = fit.fit_isoflop(points[f], convention="active", bootstrap=bootstrap, seed=seed)
+  comparisons = [compare.compare_families(points[f], points["dense"], family=f,
+                                          reference="dense", bootstrap=bootstrap, seed=seed)
+                 for f in by_family if f != "dense"]
+  before = [dict(r, arch="dense") for r in _finished(read_results(dense_before))]
+  dense_all = approaches.three_approaches(before + by_family["dense"], run_root=workdir,
+                                          bootstrap=bootstrap, seed=seed)
+  dense_new = approaches.three_approaches(by_family["dense"], run_root=workdir,
+                                          bootstrap=bootstrap, seed=seed)
+
+  plots.plot_families({f: (fits[f], points[f]) for f in fits}, os.path.join(out_dir,
+                                                                           "isoflop.png"))
+  plots.plot_multiplier(comparisons, os.path.join(out_dir, "multiplier.png"))
+  text = report(rows, done, fits, comparisons, dense_all, dense_new, len(before))
+  storage.write_text(os.path.join(out_dir, "report.md"), text)
+  return {"fits": fits, "comparisons": comparisons, "dense_all": dense_all,
+          "dense_new": dense_new}
+
+
+def _cell(v):
+  if v is None or (isinstance(v, float) and math.isnan(v)):
+    return ""
+  return repr(v) if isinstance(v, float) else str(v)
+
+
+def verdict(comparisons):
+  """The prediction, item by item: [(claim, held, the numbers)]."""
+  out = []
+  for cmp in comparisons:
+    gaps = ", ".join(f"{b.budget:.3g}: {b.gap:+.4f} [{b.gap_ci[0]:+.4f}, {b.gap_ci[1]:+.4f}]"
+                     for b in cmp.budgets)
+    out.append((f"{cmp.family}'s IsoFLOP minimum below dense's at every budget",
+                all(b.gap < 0 for b in cmp.budgets), f"loss gaps {gaps}"))
+    lo, hi = cmp.mean_multiplier_ci
+    each = ", ".join(f"{b.budget:.3g}: {b.multiplier:.2f} [{b.multiplier_ci[0]:.2f}, "
+                     f"{b.multiplier_ci[1]:.2f}]" for b in cmp.budgets)
+    out.append((f"{cmp.family}'s compute multiplier interval above 1",
+                lo > 1 and all(b.multiplier_ci[0] > 1 for b in cmp.budgets),
+                f"geometric mean {cmp.mean_multiplier:.2f} [{lo:.2f}, {hi:.2f}]; {each}"))
+  return out
+
+
+def report(rows, done, fits, comparisons, dense_all, dense_new, n_before):
+  from llama_jax.scaling import approaches
+  wall = sum(float(r["wall_s"]) for r in rows if _num(r.get("wall_s")))
+  lines = ["# Dense vs MoE IsoFLOP study (experiments/moe_isoflop.py)", "",
+           f"{len(done)} of {len(rows)} runs finished ({wall / 3600:.2f} h of run wall time "
+           "on the shared 2-core CPU). N is the active parameter count (all parameters for "
+           "dense), C the exact active training FLOPs (llama_jax.model.sizes), the loss the "
+           "final validation loss.", "", "## The prediction (stated before any run)", "",
+           "| claim | held | numbers (95% bootstrap intervals) |", "|---|---|---|"]
+  for claim, held, numbers in verdict(comparisons):
+    lines.append(f"| {claim} | {'yes' if held else '**no**'} | {numbers} |")
+  lines += ["", "## Per-budget minima", "",
+            "| family | C | runs | N range (active) | N* | D* | loss* | minimum |",
+            "|---|---:|---:|---|---:|---:|---:|---|"]
+  for f, ft in fits.items():
+    for b in ft.budgets:
+      where = "interior" if b.interior else "edge" if b.valid else "none (concave)"
+      lines.append(f"| {f} | {b.budget:.3g} | {b.n_runs} | {10 ** b.log_n_range[0]:.3g} – "
+                   f"{10 ** b.log_n_range[1]:.3g} | {b.n_opt:.4g} | {b.d_opt:.4g} | "
+                   f"{b.loss_opt:.4f} | {where} |")
+  lines += ["", "## Power laws per family (approach 2, N = active parameters)", "",
+            "| family | a (N* ∝ C^a) | b (D* ∝ C^b) | budgets used |", "|---|---|---|---:|"]
+  for f, ft in fits.items():
+    lines.append(f"| {f} | {_law(ft.n_opt)} | {_law(ft.d_opt)} | {len(ft.used)} |")
+  lines += ["", "## Effective compute multiplier over dense", "",
+            "Dense compute that reaches the family's IsoFLOP minimum loss, over the family's "
+            "compute (dense frontier: its budgets' minima, piecewise linear in (loss, log C)); "
+            "residual bootstrap of every budget's parabola of both families.", "",
+            "| family | C | loss* | dense loss* | gap | multiplier | dense frontier |",
+            "|---|---:|---:|---:|---|---|---|"]
+  for cmp in comparisons:
+    for b in cmp.budgets:
+      lines.append(f"| {cmp.family} | {b.budget:.3g} | {b.loss:.4f} | {b.reference_loss:.4f} | "
+                   f"{b.gap:+.4f} [{b.gap_ci[0]:+.4f}, {b.gap_ci[1]:+.4f}] | "
+                   f"{b.multiplier:.2f} [{b.multiplier_ci[0]:.2f}, {b.multiplier_ci[1]:.2f}] | "
+                   f"{'extrapolated' if b.extrapolated else 'interpolated'} |")
+    lo, hi = cmp.mean_multiplier_ci
+    lines.append(f"| {cmp.family} | geometric mean | | | | **{cmp.mean_multiplier:.2f} "
+                 f"[{lo:.2f}, {hi:.2f}]** | {cmp.n_bootstrap_used}/{cmp.n_bootstrap} draws |")
+  lines += [""] + approaches.markdown(
+      dense_all, f"Chinchilla's three approaches on dense: {n_before} runs of "
+      f"scaling_isoflop and {dense_all.one.n_runs - n_before} new ones")
+  lines += approaches.markdown(dense_new, "The same on the new dense runs alone")
+  notes = [f"{f}: {n}" for f, ft in fits.items() for n in ft.notes]
+  if notes:
+    lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+  return "\n".join(lines)
+
+
+def _law(law):
+  return f"{law.exponent:.3f} [{law.ci[0]:.3f}, {law.ci[1]:.3f}]"
+
+
+def _num(v):
+  try:
+    return math.isfinite(float(v))
+  except (TypeError, ValueError):
+    return False
+
+
+if __name__ == "__main__":
+  if len(sys.argv) not in (2, 3):
+    sys.exit("usage: python experiments/moe_isoflop.py SWEEP_WORKDIR [OUT_DIR]")
+  result = analyze(*sys.argv[1:])
+  for claim, held, numbers in verdict(result["comparisons"]):
+    print(f"{'HELD' if held else 'MISSED'}: {claim}: {numbers}")

@@ -38,7 +38,7 @@ def result_row(run: Run) -> dict[str, Any]:
   return row
 
 
-_SIZE_COLUMNS = ["params", "nonembedding_params", "tokens", "flops", "kaplan_flops", "steps",
+_SIZE_COLUMNS = ["params", "active_params", "nonembedding_params", "tokens", "flops", "kaplan_flops", "steps",
                  "final_step", "final_loss", "final_eval_loss", "wall_s", "status", "attempts",
                  "rollbacks", "error"]
 

@@ -45,13 +45,26 @@ History (what ran, in what order, what changed after seeing what):
   09:20  stopped (the helper running it was stopped) after 11 dense runs: 1e11 (5), 3.16e11 (5),
          1e12 d24L1; d32L2 at 1e12 had trained but not been marked done. The pace: 733 s of
          wall for those 11 on the CPU shared with CI and other helpers, MoE steps 1-3x dense's.
-  09:45  PHASES cut to phases 1 and 2 (seed 0 of dense and moe8 at 3 budgets, dense at
+  09:41  PHASES cut to phases 1 and 2 (seed 0 of dense and moe8 at 3 budgets, dense at
          3.16e12) for a deadline; phases 3 (seed 1) and 4 (moe16) are in DROPPED_PHASES, not
          run. Decided from the measured time alone: no MoE run had finished, no fit was made.
          The same command resumed the sweep; finished runs were skipped.
+  09:56, 10:11, 10:34  looks at the analysis of the runs finished so far (smoke tests of the
+         analysis at bootstrap 50, then phase 1 complete at 1000: the fallback if phase 2 could
+         not finish; it gave the multiplier at 1e12 as 1.28 [1.09, 1.50] on an extrapolated
+         dense frontier). Nothing in the grid or the analysis was changed after them.
+  10:42  phase 2 done (the resumed sweep: 3,555 s; 35 runs, 2.17 h of run time at --parallel
+         2); the analysis below, 43 s, bootstrap 1000.
+
+Result (experiments/results/moe_isoflop/report.md, docs/moe_isoflop.md): claim 1 held (gaps
+-0.063, -0.082, -0.072 at 1e11, 3.16e11, 1e12; only 1e12's interval excludes 0); claim 2 missed:
+the geometric mean multiplier 1.35 [1.06, 1.75] is above 1 and inside my guess, but 1e11's
+1.22 [0.67, 2.09] and 3.16e11's 1.32 [0.95, 1.97] contain 1 (1e12: 1.52 [1.18, 1.87]). One seed
+and 5 noisy final losses a budget leave the per-budget minima about as uncertain as the gap.
 
   python -m llama_jax.sweep experiments/moe_isoflop.py --workdir /tmp/moe_isoflop --dry
-  nice -n 19 python -m llama_jax.sweep experiments/moe_isoflop.py --workdir /tmp/moe_isoflop
+  nice -n 19 python -m llama_jax.sweep experiments/moe_isoflop.py --workdir /tmp/moe_isoflop --parallel 2
+  python experiments/moe_isoflop.py /tmp/moe_isoflop experiments/results/moe_isoflop
 """
 
 import math

@@ -338,7 +338,8 @@ def test_moe_isoflop_grid_and_its_results_columns(tmp_path):
               "flops_budget", "seed", "final_eval_loss"):
     assert col in rows[0], col
   assert [(r["arch"], r["experts"], r["top_k"]) for r in rows] == [("dense", 0, 0), ("moe8", 8, 2)]
-  assert rows[1]["params"] > rows[1]["active_params"] > rows[0]["active_params"] == rows[0]["params"]
+  assert (rows[1]["params"] > rows[1]["active_params"] > rows[0]["active_params"]
+          == rows[0]["params"])
   # Kaplan's 6 N D counts the active non-embedding parameters of the MoE.
   active_nonembed = rows[1]["nonembedding_params"] - (rows[1]["params"] - rows[1]["active_params"])
   assert rows[1]["kaplan_flops"] == pytest.approx(6 * active_nonembed * rows[1]["tokens"])

@@ -39,13 +39,15 @@ def batch_loss(model, batch: dict[str, jax.Array],
   return loss, ce
 
 
-def batch_loss_and_stats(model, batch: dict[str, jax.Array], z_loss: float = 0.0):
+def batch_loss_and_stats(model, batch: dict[str, jax.Array], z_loss: float = 0.0,
+                         dropout_rng=None):
   """(loss, (mean cross-entropy, MoE stats)): batch_loss with the MoE layers' routing
   statistics (llama_jax.model.moe.finalize, stacked over the MoE layers; {} for a dense
   model). The loss adds moe_aux_loss x the Switch loss and moe_z_loss x the router z-loss, each
-  the mean over the MoE layers."""
+  the mean over the MoE layers. `dropout_rng` (the train step's) turns model.dropout on."""
   cfg = model.cfg
-  kwargs = dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+  kwargs = dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                dropout_rng=dropout_rng)
   if not cfg.moe_experts:
     logits, stats = model(batch["inputs"], **kwargs), {}
   else:

@@ -165,8 +165,8 @@ def config_from_hf(c: Mapping[str, Any], **overrides) -> ModelConfig:
       norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
       tie_embeddings=bool(c.get("tie_word_embeddings", False)))
   try:
-    kw.update({"mixtral": mixtral.config_kwargs, "llama4": llama4.config_kwargs}.get(
-        family, dict)(c))
+    if family != "llama":
+      kw.update({"mixtral": mixtral.config_kwargs, "llama4": llama4.config_kwargs}[family](c))
     kw.update({k: v for k, v in overrides.items() if v is not None})
     return ModelConfig(**kw)
   except ValueError as e:

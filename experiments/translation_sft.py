@@ -72,20 +72,9 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 40, "Tokens generated per tran
 # The pretraining's data: the default corpus and the set's monolingual documents, 3:1 rows.
 MIXTURE = "python_stdlib=3,files:{mono}=1"
 
-# A short fine-tune for a 2-core CPU: 200 steps of 16 x 256 tokens (819k tokens; the ~6.6k
-# training pairs are ~190k tokens in the template, so ~4 epochs), packed so each pair
-# attends only to itself.
-SFT = {
-    "data.name": "text_files",
-    "data.packing": True,
-    "train.steps": 200,
-    "optim.lr": 1e-3,
-    "optim.warmup_steps": 20,
-    "train.eval_every": 100,
-    "train.eval_steps": 5,
-    "train.checkpoint_every": 100,
-    "train.sample_tokens": 0,
-}
+# sft_demo.SFT: 200 steps of 16 x 256 tokens; the ~6.6k training pairs are ~190k tokens in
+# the template, so ~4 epochs.
+SFT = sft_demo.SFT
 
 
 def _file_config():

@@ -58,9 +58,11 @@ class Checkpointer:
   def save(self, step: int, state: Any, config: ml_collections.ConfigDict) -> None:
     if step in self.manager.all_steps():
       return  # already saved (e.g. final step == a periodic step)
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        config=ocp.args.JsonSave(config.to_dict())), force=True)
+    # Orbax waits for the previous save, on every process (its barriers), before this one.
+    with waiting.announced(f"the checkpoints before step {step} to be committed"):
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          config=ocp.args.JsonSave(config.to_dict())), force=True)
 
   def restore(self, step: int, abstract_state: Any) -> Any:
     """The state at `step`, laid out as `abstract_state`'s shardings (any mesh shape)."""
@@ -142,7 +144,8 @@ class Checkpointer:
     return config_lib.from_dict(restored["config"])
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    with waiting.announced(f"the last checkpoint in {self.directory} to be committed"):
+      self.manager.wait_until_finished()
     # The manager starts deleting unfinished steps in a thread when it is made, and only a
     # save waits for that; a process that exits without saving (an error on the first steps)
     # would have the thread die at interpreter shutdown with a traceback on stderr. Orbax

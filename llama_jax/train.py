@@ -287,11 +287,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log=print) -> dict
   is_main = jax.process_index() == 0
   log_all, log = log, log if is_main else (lambda *a, **k: None)  # log_all: on every process
   stop = StopSignal()  # with several processes it listens from here on
-  ledger = goodput.Ledger.of_workdir(workdir, is_main)  # where the wall time goes
+  storage.check_writable(workdir, "--workdir")  # a missing bucket fails here, not in Orbax
+  ledger = goodput.Ledger.of_workdir(workdir, is_main)  # where the wall time goes (reads it)
 
   # ---- mesh, shardings (the checks that need the devices, before data or params) --------
   setup = make_setup(config, log=log)
-  storage.check_writable(workdir, "--workdir")  # a missing bucket fails here, not in Orbax
   if config.data.data_dir:
     storage.check_bucket(config.data.data_dir, "data.data_dir")
   config_lib.check_workdir(config, workdir)

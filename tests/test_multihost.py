@@ -22,7 +22,7 @@ import time
 import pytest
 
 from llama_jax import sharding, storage
-from tests import object_store
+from tests import metrics_lines, object_store
 from tests.object_store import gcs  # noqa: F401  (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +40,6 @@ ARGS = [
     "--config.train.sample_tokens=0", "--config.optim.warmup_steps=2",
     "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.tensor=1",
 ]
-_TIMING = ("tokens_per_s", "mfu", "mfu_causal_half")
 
 
 def _free_port() -> int:
@@ -99,10 +98,7 @@ def _lines(workdir):
   """metrics.jsonl less its timings; a step logged again (after a resume) keeps its last line."""
   text = storage.read_text(f"{workdir}/metrics.jsonl") if storage.exists(
       f"{workdir}/metrics.jsonl") else ""
-  by_key = {}
-  for d in (json.loads(x) for x in text.splitlines() if x.strip()):
-    by_key[(d["step"], "eval_loss" in d)] = {k: v for k, v in d.items() if k not in _TIMING}
-  return [by_key[k] for k in sorted(by_key)]
+  return metrics_lines.last_per_step([json.loads(x) for x in text.splitlines() if x.strip()])
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from tests import slurm_cluster
+from tests import metrics_lines, slurm_cluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
@@ -40,16 +40,12 @@ EXPERIMENT = textwrap.dedent(f'''
       add(name="requeued", **{{"train.checkpoint_every": 2}})
       add(name="reference", **{{"train.checkpoint_every": 4}})
 ''')
-_TIMING = ("tokens_per_s", "mfu", "mfu_causal_half")
 
 
 def _lines(run_dir):
   """metrics.jsonl less timings; a step logged again after the restart keeps its last line."""
-  by_key = {}
   with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-    for d in (json.loads(x) for x in f if x.strip()):
-      by_key[(d["step"], "eval_loss" in d)] = {k: v for k, v in d.items() if k not in _TIMING}
-  return [by_key[k] for k in sorted(by_key)]
+    return metrics_lines.last_per_step([json.loads(x) for x in f if x.strip()])
 
 
 def _wait(what, predicate, timeout, log=lambda: ""):

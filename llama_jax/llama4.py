@@ -66,14 +66,14 @@ def text_config(c: Mapping[str, Any]) -> Mapping[str, Any]:
   return c.get("text_config") or {} if c.get("model_type") == "llama4" else c
 
 
-def _interval(flags: list[int], name: str, what: str, default: int) -> int:
+def _interval(flags: list[int], name: str, shown, what: str, default: int) -> int:
   """N such that flags[i] is set exactly where (i + 1) % N == 0 (N = len + 1 > any layer: none
   set); a pattern of another shape is a ValueError (llama_jax places them every N-th)."""
   n_layers = len(flags)
   for n in range(1, n_layers + 2):
     if [int((i + 1) % n == 0) for i in range(n_layers)] == [int(bool(f)) for f in flags]:
       return n if n <= n_layers else 0
-  raise ValueError(f"config {name}={flags} is not every N-th layer ({what}, as llama_jax "
+  raise ValueError(f"config {name}={shown} is not every N-th layer ({what}, as llama_jax "
                    f"places them; HF's default is every {default}-th)")
 
 
@@ -85,11 +85,11 @@ def config_kwargs(c: Mapping[str, Any]) -> dict[str, Any]:
   moe_layers = c.get("moe_layers")
   moe_layers = list(range(step - 1, n_layers, step)) if moe_layers is None else moe_layers
   moe_every = _interval([int(i in moe_layers) for i in range(n_layers)], "moe_layers",
-                        "MoE layers", 1)
+                        list(moe_layers), "MoE layers", 1)
   interval = int(c.get("no_rope_layer_interval", 4))
   no_rope = c.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n_layers)]
   nope_every = _interval([1 - int(f) for f in no_rope[:n_layers]], "no_rope_layers",
-                         "0 for a NoPE layer", 4)
+                         list(no_rope), "0 for a NoPE layer", 4)
   kw = dict(ffn_dim=int(c.get("intermediate_size_mlp", c["intermediate_size"])),
             nope_every=nope_every, attention_chunk=int(c.get("attention_chunk_size") or 0),
             qk_norm="l2" if c.get("use_qk_norm", True) else "none",

@@ -107,7 +107,7 @@ def _next_logits(graphdef, params, carry):
 
 # ---------------------------------------------------------------------------- cache == forward
 
-@pytest.mark.parametrize("cfg", [GQA, LEARNED, LLAMA4],
+@pytest.mark.parametrize("cfg", [GQA, LEARNED, pytest.param(LLAMA4, marks=pytest.mark.slow)],
                          ids=["gqa_scan", "learned_tied_unscanned", "llama4"])
 def test_cached_decoding_matches_full_forward(cfg):
   """Every step's logits (prefill and each one-token cached step) equal the uncached forward

@@ -84,6 +84,7 @@ def _as_conditional_generation(directory):
        "text_config": text}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_llama4_logits_match_transformers_both_ways(case, tmp_path):
   ref = _llama4(case)
@@ -121,6 +122,27 @@ def test_llama4_logits_match_transformers_both_ways(case, tmp_path):
   other = nnx.merge(nnx.graphdef(abstract_model(dataclasses.replace(cfg, **off))),
                     nnx.state(model))
   assert np.abs(_logits(other, tokens) - want).max() > 100 * TOL
+
+
+def test_config_round_trip_and_what_hf_cannot_express():
+  """The config.json save_hf writes reads back as the same model, for both shapes; transformers
+  takes it as a Llama4TextConfig; an irregular moe_layers list and a softmax-routed shared
+  expert are one-line errors (the control: the same without the fault converts)."""
+  for case in CASES:
+    cfg = hf.config_from_hf(transformers.Llama4TextConfig(**CASES[case]).to_dict())
+    c = hf.config_to_hf(cfg)
+    assert hf.config_from_hf(c) == cfg
+    assert transformers.Llama4TextConfig(**c).no_rope_layers == [
+        int(not cfg.is_nope_layer(i)) for i in range(cfg.n_layers)]
+  c = dict(CASES["maverick"], model_type="llama4_text", architectures=["Llama4ForCausalLM"])
+  with pytest.raises(hf.HFError, match=r"moe_layers=\[0, 3\] is not every N-th layer"):
+    hf.config_from_hf(dict(c, moe_layers=[0, 3]))
+  assert hf.config_from_hf(dict(c, moe_layers=[1, 3])).moe_every == 2
+  shared = ModelConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=40, vocab_size=101,
+                       moe_experts=4, moe_shared_experts=1, nope_every=2)
+  with pytest.raises(hf.HFError, match="model.moe_router='softmax' cannot be exported"):
+    hf.config_to_hf(shared)
+  assert hf.config_to_hf(dataclasses.replace(shared, moe_router="sigmoid"))["use_qk_norm"] is False
 
 
 # Scout and Maverick, text part, from the published dimensions (module SIZES), re-derived:

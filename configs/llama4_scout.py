@@ -9,9 +9,12 @@ Launch on a pod slice with a prepared tfds corpus (one command per host; llama_j
 launchers):
   python run_train.py --config=configs/llama4_scout.py --workdir=gs://BUCKET/scout \
     --config.data.name=c4 --config.data.data_dir=gs://BUCKET/tfds
-Check the TPU plan first (the compiler's, on this machine; needs libtpu): the settings that fit
-a v5p-64 (docs/memory_plans.md):
+Check the TPU plan first (the compiler's, on this machine; needs libtpu): on a v5p-64 --fit
+chose splash attention, full remat and 32 microbatches (one sequence a chip each; peak 92.0 of
+95.7 GiB a chip; docs/memory_plans.md):
   python run_train.py --config=configs/llama4_scout.py --dry_run --topology=v5p-64 --fit
+  python run_train.py --config=configs/llama4_scout.py --workdir=gs://BUCKET/scout \
+    --config.model.attention=splash --config.optim.grad_accum=32
 Should reach: Meta published no loss curve; compare downstream evaluations, or start from the
 released weights with train.init_from=hf:DIR (a Llama4ForCausalLM directory).
 Mesh: fsdp=-1 (every chip; the 16 experts of a layer are gathered like its other weights).

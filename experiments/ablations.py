@@ -29,7 +29,9 @@ plot shows the final losses as bars (points: seeds) and the validation-loss curv
 Result (experiments/results/ablations/report.md; final validation loss, mean ± std over 2
 seeds, Δ seed-paired vs the baseline's 4.718): learned positions +0.258, sinusoidal +0.304,
 GELU +0.033, ReLU +0.061, LayerNorm -0.008 ± 0.004 (a tie). SwiGLU > GELU > ReLU is Shazeer
-(2020)'s direction; RoPE's lead over absolute positions is Su et al. (2021)'s.
+(2020)'s direction; RoPE's lead over absolute positions is Su et al. (2021)'s. Dropout 0.1,
+run later against a baseline rerun on its own code (experiments/results/ablations_dropout):
++0.064 ± 0.008.
 """
 
 import math

@@ -148,6 +148,7 @@ def _loss_and_grads(cfg, tokens, segment_ids=None):
                         for p, v in nnx.to_flat_state(grads)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "dots_no_batch", "dots", "full"])
 def test_model_blockwise_equals_xla(remat):
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 139, (2, 40)), jnp.int32)

@@ -204,6 +204,7 @@ def test_greedy_matches_transformers_generate():
 
 # ---------------------------------------------------------------------------- sampling
 
+@pytest.mark.slow
 def test_sampling_reproducible_and_seed_dependent(model):
   prompts = _prompts(GQA.vocab_size, (4, 9), seed=3)
   kw = dict(max_new_tokens=12, temperature=1.0)
@@ -344,6 +345,7 @@ def _byte_level_tokenizer_json(path):
   return tk.get_vocab_size()
 
 
+@pytest.mark.slow
 def test_cli_hf_dir(tmp_path):
   """python -m llama_jax.generate --hf_dir: a saved transformers model and its tokenizer.json;
   the greedy text equals our in-process greedy continuation decoded by the same tokenizer."""
@@ -373,3 +375,29 @@ def test_cli_hf_dir(tmp_path):
                        text=True, cwd=REPO, env=env, timeout=600)
   assert bad.returncode == 2 and "max_seq_len=32" in bad.stderr  # a user error: one line, 2
   assert "Traceback" not in bad.stderr
+
+
+def test_load_reads_an_hf_dir_and_refuses_what_it_cannot_read(tmp_path):
+  """generate.load (what the CLI and lm_eval read), in process: an HF directory gives its
+  weights (the logits of transformers' model) and tokenizer; bad arguments are one line."""
+  from llama_jax.errors import UserError
+  from llama_jax.generate.load import load
+  vocab = _byte_level_tokenizer_json(tmp_path)
+  config = transformers.LlamaConfig(
+      hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+      vocab_size=vocab, num_hidden_layers=1, max_position_embeddings=16, bos_token_id=1,
+      eos_token_id=2, pad_token_id=0)
+  torch.manual_seed(0)
+  theirs = transformers.LlamaForCausalLM(config)
+  theirs.save_pretrained(tmp_path)
+  model, tok = load(None, str(tmp_path), None, None)
+  ids = tok.encode("the lazy dog")
+  with torch.no_grad():
+    expected = theirs(torch.tensor([ids])).logits.numpy()
+  np.testing.assert_allclose(np.asarray(model(np.array([ids]))), expected, atol=TOL)
+  with pytest.raises(UserError, match="exactly one of --workdir"):
+    load(None, None, None, None)
+  with pytest.raises(UserError, match="is not a directory"):
+    load(None, str(tmp_path / "missing"), None, None)
+  with pytest.raises(UserError, match="no checkpoint under .*train first"):  # never trained
+    load(str(tmp_path / "no_run"), None, None, None)

@@ -138,6 +138,7 @@ def test_init_from_mismatch_and_syntax(chat, source, tmp_path):
     init_from.load_params(init_from.parse(f"{source}@5"), train.make_setup(run_config(chat)))
 
 
+@pytest.mark.slow
 def test_fine_tune_reads_the_source_tokenizer(chat, tmp_path):
   """With data.tokenizer left at 'spm', a fine-tune from hf:DIR takes DIR's tokenizer.model
   (not one trained on the fine-tuning data, which would read the embeddings through other

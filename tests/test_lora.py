@@ -101,6 +101,7 @@ def _compiled_step(c):
   return setup, compiled
 
 
+@pytest.mark.slow
 def test_a_train_step_changes_only_the_adapters():
   c = lora_config()
   setup, step = _compiled_step(c)
@@ -137,6 +138,7 @@ def test_a_train_step_changes_only_the_adapters():
 # ---------------------------------------------------------------------------- checkpoints
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_only_the_adapters_and_resume_exactly(tmp_path):
   """A 4-step run checkpointing at 2 and 4 saves only the adapters (and their optimizer
   state); a run resumed from step 2 reaches step 4's adapters bitwise; restore_params rebuilds

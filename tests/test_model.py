@@ -156,6 +156,7 @@ def test_scan_equals_loop():
   np.testing.assert_allclose(_fwd(scanned, tokens), _fwd(looped, tokens), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_remat_matches_no_remat():
   tokens = _tokens()
 

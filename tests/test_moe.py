@@ -152,6 +152,7 @@ def _count(cfg):
       nnx.state(abstract_model(cfg), nnx.Param)))
 
 
+@pytest.mark.slow
 def test_layer_placement_sizes_scan_and_decode():
   """moe_every=2 makes layers 1 and 3 MoE (the later of each pair, as HF's Llama 4); the
   analytic counts equal the traced model's; scan equals loop; a cached decode equals the full

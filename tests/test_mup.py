@@ -117,6 +117,7 @@ def _tiny_run(parametrization: str):
   return losses, jax.device_get(state["params"])
 
 
+@pytest.mark.slow
 def test_mup_at_its_base_shape_trains_bitwise_like_sp():
   sp_losses, sp_params = _tiny_run("sp")
   mup_losses, mup_params = _tiny_run("mup")

@@ -72,6 +72,7 @@ def test_traced_schedule_matches_optax():
       np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12, err_msg=f"{schedule} {warmup}")
 
 
+@pytest.mark.slow
 def test_members_equal_runs_alone(population, tmp_path):
   root, configs, workdirs, summaries = population
   assert [s["step"] for s in summaries] == [6, 6] and not any(s["diverged"] for s in summaries)

@@ -316,7 +316,8 @@ def test_results_csv(tmp_path, fake):
   back = results_lib.read_results(str(out / "results.csv"))
   header = open(out / "results.csv").readline().strip().split(",")
   assert header == ["name", "data.seq_len", "model.max_seq_len", "train.steps", "model.position",
-                    "train.seed", "budget", "params", "nonembedding_params", "tokens", "flops",
+                    "train.seed", "budget", "params", "active_params", "nonembedding_params",
+                    "tokens", "flops",
                     "kaplan_flops", "steps", "final_step", "final_loss", "final_eval_loss",
                     "wall_s", "status", "attempts", "rollbacks", "error"]
   assert [r["status"] for r in back] == ["done", "done", "done", "pending"]
@@ -325,7 +326,7 @@ def test_results_csv(tmp_path, fake):
     cfg = ModelConfig.from_dict(run.config.model)
     tokens = 6 * run.config.data.batch_size * 32
     assert row["tokens"] == tokens
-    assert row["params"] == count_params(cfg)
+    assert row["params"] == row["active_params"] == count_params(cfg)  # dense: all active
     assert row["nonembedding_params"] == count_params(cfg, non_embedding=True)
     assert row["flops"] == pytest.approx(flops_per_token(cfg, 32) * tokens)
     assert row["kaplan_flops"] == pytest.approx(6 * row["nonembedding_params"] * tokens)

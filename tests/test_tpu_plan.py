@@ -272,6 +272,7 @@ def test_fit_from_the_command_line():
 # ---------------------------------------------------------------------------- kernels and offload
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_splash_and_offload_compile_for_a_tpu_slice():
   """The TPU compiler takes the splash kernel (a Mosaic custom call, not the interpreter) and an

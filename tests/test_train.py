@@ -63,6 +63,7 @@ def test_schedules_values():
     optim.make_schedule(o, 10)
 
 
+@pytest.mark.slow
 def test_decay_mask_skips_norms_and_embeddings():
   cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=40, vocab_size=50,
                     norm="layer")
@@ -152,6 +153,7 @@ def test_train_in_process_writes_metrics_and_checkpoints(tmp_path):
   assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
   # lr 1e30 without clipping: step 1's loss is finite (initial params), its update blows the
   # params up, so the loss of step 2 is NaN/Inf.

@@ -73,7 +73,23 @@ CONVENTIONS = {
     "exact": ("params", "flops", "N = all parameters, C = exact training FLOPs"),
     "kaplan": ("nonembedding_params", "kaplan_flops",
                "N = non-embedding parameters, C = 6 N D"),
+    "active": ("active_params", "flops",
+               "N = active parameters (an MoE's top_k experts and router), C = exact FLOPs"),
 }
+# For a dense model active_params = params. C is always the active FLOPs (sizes.flops_per_token:
+# an MoE's top_k routed and its shared experts and the router, the FLOPs the MFU counts), and
+# Kaplan's N for an MoE is its active non-embedding count, as kaplan_flops = 6 N D counts it.
+
+
+def n_value(row: Mapping[str, Any], convention: str) -> float:
+  """N of a results row in a convention; rows written before the active_params column (dense
+  sweeps) count all parameters as active."""
+  n_key = CONVENTIONS[convention][0]
+  if n_key == "active_params" and not _finite(row.get(n_key)):
+    return float(row["params"])
+  if convention == "kaplan" and _finite(row.get("active_params")):
+    return float(row[n_key]) - (float(row["params"]) - float(row["active_params"]))
+  return float(row[n_key])
 
 
 def budget_groups(rows: Sequence[Mapping[str, Any]], *, budget_key: str = "flops_budget",
@@ -104,9 +120,9 @@ def _finite(v: Any) -> bool:
 def points_from_rows(rows: Sequence[Mapping[str, Any]], convention: str = "exact", *,
                      loss_key: str = "loss", budget_key: str = "flops_budget") -> list[Point]:
   """Rows with N / tokens / FLOPs / loss columns (results.csv names) -> Points of a convention."""
-  n_key, c_key, _ = CONVENTIONS[convention]
+  _, c_key, _ = CONVENTIONS[convention]
   groups = budget_groups(rows, budget_key=budget_key)
-  return [Point(name=str(r.get("name", i)), group=g, log_n=math.log10(float(r[n_key])),
+  return [Point(name=str(r.get("name", i)), group=g, log_n=math.log10(n_value(r, convention)),
                 log_d=math.log10(float(r["tokens"])), log_c=math.log10(float(r[c_key])),
                 loss=float(r[loss_key]))
           for i, (r, g) in enumerate(zip(rows, groups))]

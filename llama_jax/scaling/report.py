@@ -1,92 +1,23 @@
-"""Presentation of IsoFLOP fits: plots, the markdown report, and `analyze`, which turns a
-sweep's results.csv into them (the method: llama_jax.scaling.fit)."""
+"""The IsoFLOP report: the markdown of the fits, and `analyze`, which turns a sweep's
+results.csv into the report and its plots (the methods: llama_jax.scaling.fit and .approaches;
+the figures: llama_jax.scaling.plots)."""
 
 from __future__ import annotations
 
-import argparse
 import csv
+import dataclasses
 import io
 import math
 import os
-import sys
 from typing import Sequence
 
-import numpy as np
-
 from llama_jax import storage
-from llama_jax.scaling.fit import (BOOTSTRAP_METHODS, CONVENTIONS, REFERENCES, ScalingError,
-                                   IsoFLOPFit, Point, PowerLaw, _finite, _group, fit_isoflop,
+from llama_jax.scaling.approaches import Approaches, three_approaches
+from llama_jax.scaling.approaches import markdown as approaches_markdown
+from llama_jax.scaling.fit import (BOOTSTRAP_METHODS, CONVENTIONS, REFERENCES, IsoFLOPFit,
+                                   PowerLaw, ScalingError, _finite, fit_isoflop,
                                    points_from_rows)
-
-
-# ---------------------------------------------------------------------------- plots
-
-
-def _pyplot():
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
-
-
-def plot_isoflop(fit: IsoFLOPFit, points: Sequence[Point], path: str) -> None:
-  """Loss against N for each budget, the fitted parabolas and their minima."""
-  plt = _pyplot()
-  groups = _group(points)
-  fig, ax = plt.subplots(figsize=(7, 4.8))
-  colors = plt.cm.viridis(np.linspace(0, 0.9, len(fit.budgets)))
-  for color, f in zip(colors, fit.budgets):
-    g = groups[f.budget]
-    ax.scatter([10 ** p.log_n for p in g], [p.loss for p in g], color=color, s=18,
-               label=f"C = {f.budget:.2g}")
-    lo, hi = f.log_n_range
-    xs = np.linspace(lo - 0.1, hi + 0.1, 100)
-    ax.plot(10 ** xs, np.polyval(f.coeffs, xs), color=color, lw=1)
-    if f.valid:
-      ax.scatter([f.n_opt], [f.loss_opt], color=color, marker="*", s=150,
-                 edgecolor="black" if f.interior else "red", linewidth=0.8, zorder=3)
-  ax.set_xscale("log")
-  ax.set_xlabel("parameters N" + (" (non-embedding)" if fit.convention == "kaplan" else ""))
-  ax.set_ylabel("final loss")
-  ax.set_title("IsoFLOP curves (stars: fitted minima; red edge: not interior)")
-  ax.legend(fontsize=8)
-  ax.grid(alpha=0.3, which="both")
-  fig.tight_layout()
-  storage.write_png(path, fig, dpi=120)
-  plt.close(fig)
-
-
-def plot_optimal(fits: Sequence[IsoFLOPFit], path: str) -> None:
-  """N*(C) and D*(C) of each convention, log-log, with the fitted power laws."""
-  plt = _pyplot()
-  fig, axes = plt.subplots(len(fits), 2, figsize=(10, 4 * len(fits)), squeeze=False)
-  for row, fit in zip(axes, fits):
-    for ax, law, what, attr in ((row[0], fit.n_opt, "N*", "n_opt"),
-                                (row[1], fit.d_opt, "D*", "d_opt")):
-      used = [f for f in fit.budgets if f.budget in fit.used]
-      rest = [f for f in fit.budgets if f.valid and f.budget not in fit.used]
-      ax.scatter([f.c_opt for f in used], [getattr(f, attr) for f in used], color="C0",
-                 label="budget minima")
-      if rest:
-        ax.scatter([f.c_opt for f in rest], [getattr(f, attr) for f in rest], color="red",
-                   marker="x", label="edge minima (left out)")
-      cs = np.array([f.c_opt for f in fit.budgets if f.valid])
-      grid = np.logspace(np.log10(cs.min()) - 0.2, np.log10(cs.max()) + 0.2, 50)
-      lo, hi = law.ci
-      ax.plot(grid, law(grid), color="C0",
-              label=f"{what} ∝ C^{law.exponent:.3f} [{lo:.2f}, {hi:.2f}]")
-      ax.set_xscale("log")
-      ax.set_yscale("log")
-      ax.set_xlabel("C (exact FLOPs)" if fit.convention == "exact" else "C = 6ND")
-      kind = ("non-embedding parameters" if fit.convention == "kaplan" else "parameters") \
-          if what == "N*" else "tokens"
-      ax.set_ylabel(f"{what} ({kind})")
-      ax.set_title(f"{fit.convention} convention")
-      ax.legend(fontsize=8)
-      ax.grid(alpha=0.3, which="both")
-  fig.tight_layout()
-  storage.write_png(path, fig, dpi=120)
-  plt.close(fig)
+from llama_jax.scaling.plots import plot_isoflop, plot_optimal
 
 
 # ---------------------------------------------------------------------------- report
@@ -168,16 +99,67 @@ def report_markdown(fits: Sequence[IsoFLOPFit], *, source: str = "", n_runs: int
 # ---------------------------------------------------------------------------- from a sweep
 
 
+@dataclasses.dataclass
+class Analysis:
+  fits: dict[str, IsoFLOPFit]          # approach 2 by convention
+  approaches: Approaches | None        # Chinchilla's three, side by side
+  rows: list[dict]                     # the runs fitted
+
+
+def families(rows: Sequence[dict]) -> dict[tuple, int]:
+  """The architectures among rows: (experts, top_k) -> runs (a dense sweep: one family)."""
+  out: dict[tuple, int] = {}
+  for r in rows:
+    key = tuple(_int_or_zero(r.get(k)) for k in ("model.moe_experts", "model.moe_top_k"))
+    out[key] = out.get(key, 0) + 1
+  return out
+
+
+def _int_or_zero(v) -> int:
+  return int(v) if _finite(v) else 0
+
+
+def select(rows: Sequence[dict], where: Sequence[str]) -> list[dict]:
+  """The rows whose column KEY equals VALUE for every 'KEY=VALUE' of `where` (numbers compared
+  as numbers)."""
+  out = list(rows)
+  for cond in where:
+    key, sep, value = cond.partition("=")
+    if not sep or not key:
+      raise ScalingError(f"--where {cond!r}: give KEY=VALUE, e.g. model.moe_experts=8")
+    if rows and key not in rows[0]:
+      raise ScalingError(f"--where {cond!r}: results.csv has no column {key!r}")
+    out = [r for r in out if _same(r.get(key), value)]
+  return out
+
+
+def _same(cell, value: str) -> bool:
+  try:
+    return float(cell) == float(value)
+  except (TypeError, ValueError):
+    return str(cell) == value
+
+
 def analyze(results: str, out_dir: str | None = None, *, loss: str = "eval",
-            bootstrap: int = 1000, seed: int = 0,
-            bootstrap_method: str = "residual") -> dict[str, IsoFLOPFit]:
+            bootstrap: int = 1000, seed: int = 0, bootstrap_method: str = "residual",
+            where: Sequence[str] = (), approaches: bool = True,
+            approaches_grid: dict | None = None) -> Analysis:
   """results.csv (or the sweep directory holding it) -> OUT/{results.csv, report.md,
-  isoflop.png, optimal.png}; returns the fits by convention. OUT defaults to a folder
-  `scaling` beside the results.csv."""
+  isoflop.png, optimal.png}. OUT defaults to a folder `scaling` beside the results.csv.
+
+  where: 'KEY=VALUE' filters (one architecture of a sweep of several); an MoE family adds the
+  `active` convention (N = active parameters). approaches: also Chinchilla's approaches 1 and 3
+  (llama_jax.scaling.approaches; approach 1 reads the runs' metrics.jsonl beside results.csv;
+  approaches_grid: approach 3's starts, default parametric.DEFAULT_GRID)."""
   from llama_jax.sweep.results import read_results
   path = os.path.join(results, "results.csv") if storage.isdir(results) else results
   out_dir = out_dir or default_out(path)
-  rows = read_results(path)
+  rows = select(read_results(path), where)
+  archs = families(rows)
+  if len(archs) > 1:
+    listed = ", ".join(f"model.moe_experts={e}" for e, _ in sorted(archs))
+    raise ScalingError(f"{path} mixes {len(archs)} architectures ({listed}): fit one at a time "
+                       f"with --where model.moe_experts=N")
   loss_key = "final_eval_loss" if loss == "eval" else "final_loss"
   used, dropped = [], []
   for r in rows:
@@ -188,25 +170,37 @@ def analyze(results: str, out_dir: str | None = None, *, loss: str = "eval",
     raise ScalingError(f"{path}: no finished run with a {loss_key}")
   for r in used:
     r["loss"] = float(r[loss_key])
+  moe = any(e for e, _ in archs)
+  conventions = ["exact", "kaplan"] + (["active"] if moe else [])
   fits, alternates, points = {}, [], {}
   other = next(m for m in BOOTSTRAP_METHODS if m != bootstrap_method)
-  for conv in CONVENTIONS:
+  for conv in conventions:
     points[conv] = points_from_rows(used, conv)
     fits[conv] = fit_isoflop(points[conv], convention=conv, bootstrap=bootstrap, seed=seed,
                              bootstrap_method=bootstrap_method)
     alternates.append(fit_isoflop(points[conv], convention=conv, bootstrap=bootstrap, seed=seed,
                                   bootstrap_method=other))
+  three = None
+  if approaches:
+    run_root = os.path.dirname(storage.resolve(path))
+    three = three_approaches(used, convention="active" if moe else "exact", run_root=run_root,
+                             bootstrap=bootstrap, seed=seed, bootstrap_method=bootstrap_method,
+                             loss_key="eval_loss" if loss == "eval" else "loss",
+                             grid=approaches_grid)
 
-  columns = list(rows[0].keys())
+  columns = list(rows[0].keys()) if rows else ["name", "used"]
   f = io.StringIO(newline="")
   w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
   w.writeheader()
   for r in rows:
     w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
   storage.write_text(os.path.join(out_dir, "results.csv"), f.getvalue())
-  plot_isoflop(fits["exact"], points["exact"], os.path.join(out_dir, "isoflop.png"))
+  main = fits["active" if moe else "exact"]
+  plot_isoflop(main, points[main.convention], os.path.join(out_dir, "isoflop.png"))
   plot_optimal(list(fits.values()), os.path.join(out_dir, "optimal.png"))
-  storage.write_text(os.path.join(out_dir, "report.md"), report_markdown(
-      list(fits.values()), source=path, n_runs=len(used), loss=loss,
-      dropped=[str(r.get("name")) for r in dropped], alternates=alternates))
-  return fits
+  text = report_markdown(list(fits.values()), source=path, n_runs=len(used), loss=loss,
+                         dropped=[str(r.get("name")) for r in dropped], alternates=alternates)
+  if three is not None:
+    text += "\n" + "\n".join(approaches_markdown(three))
+  storage.write_text(os.path.join(out_dir, "report.md"), text)
+  return Analysis(fits=fits, approaches=three, rows=used)

@@ -38,9 +38,9 @@ def result_row(run: Run) -> dict[str, Any]:
   return row
 
 
-_SIZE_COLUMNS = ["params", "nonembedding_params", "tokens", "flops", "kaplan_flops", "steps",
-                 "final_step", "final_loss", "final_eval_loss", "wall_s", "status", "attempts",
-                 "rollbacks", "error"]
+_SIZE_COLUMNS = ["params", "active_params", "nonembedding_params", "tokens", "flops",
+                 "kaplan_flops", "steps", "final_step", "final_loss", "final_eval_loss", "wall_s",
+                 "status", "attempts", "rollbacks", "error"]
 
 
 def collect_results(runs: Sequence[Run], path: str) -> list[dict[str, Any]]:

@@ -42,7 +42,10 @@ class Run:
     return ModelConfig.from_dict(self.config.model)
 
   def sizes(self) -> dict[str, float]:
-    """params, non-embedding params, tokens, exact and Kaplan FLOPs (cached)."""
+    """params (all of them, an MoE's every expert), active_params (those a token goes
+    through: an MoE layer's top_k routed experts, its router and shared experts), non-embedding
+    params, tokens, exact FLOPs (the active ones: llama_jax.model.sizes, as the MFU counts) and
+    Kaplan's 6 N D (cached)."""
     if self._sizes is None:
       cfg = self.model_config
       seq_len = int(self.config.data.seq_len)
@@ -50,6 +53,7 @@ class Run:
       non_embed = count_params(cfg, non_embedding=True)
       self._sizes = dict(
           params=count_params(cfg),
+          active_params=active_params(cfg),
           nonembedding_params=non_embed,
           tokens=tokens,
           flops=flops_per_token(cfg, seq_len) * tokens,

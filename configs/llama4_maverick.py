@@ -9,11 +9,10 @@ Launch on a pod slice with a prepared tfds corpus (one command per host; llama_j
 launchers):
   python run_train.py --config=configs/llama4_maverick.py --workdir=gs://BUCKET/maverick \
     --config.data.name=c4 --config.data.data_dir=gs://BUCKET/tfds
-Check the TPU plan first (the compiler's, on this machine; needs libtpu). A v5p-512 fits splash
-attention, full remat and 4 microbatches (one sequence a chip each; peak 65.3 of 95.7 GiB a
-chip); a v5p-256 does not fit one sequence a chip (107.2 GiB; docs/memory_plans.md):
-  python run_train.py --config=configs/llama4_maverick.py --dry_run --topology=v5p-512 \
-    --config.model.attention=splash --config.optim.grad_accum=4
+Check the TPU plan first (the compiler's, on this machine; needs libtpu). On a v5p-512 --fit
+chose splash attention and full remat without accumulation (4 sequences a chip; peak 77.9 of
+95.7 GiB a chip); a v5p-256 does not fit one sequence a chip (107.2 GiB; docs/memory_plans.md):
+  python run_train.py --config=configs/llama4_maverick.py --dry_run --topology=v5p-512 --fit
 Should reach: Meta published no loss curve; compare downstream evaluations, or start from the
 released weights with train.init_from=hf:DIR (a Llama4ForCausalLM directory).
 Mesh: expert=8 (16 of a layer's 128 experts per group of devices), fsdp=-1 (the rest).

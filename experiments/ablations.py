@@ -6,13 +6,14 @@ SwiGLU with ffn 688, RMSNorm), shortened to 200 steps of 8 x 256 tokens (BASE):
   mlp       swiglu, ffn 688 (baseline) | gelu, ffn 1032 | relu, ffn 1032
             equal parameters and FLOPs: 3 matrices x 688 = 2 x 1032 (LLaMA's 2/3 rule)
   norm      rms (baseline) | layer
+  regularisation  none (baseline) | dropout 0.1 (the seed's sketch; Llama trains without)
 Each variant with SEEDS (train.seed: the initialisation; the data order, data.seed, is shared, so
 variants are compared on the same batches and the seed-paired difference to the baseline is
 reported next to the spread). Every run has the same steps, batch and sequence length, so the
 same exact training FLOPs (1.1e13 each, flops_per_token = 26.8M at seq 256); learned positions
 add 65k parameters (a 256 x 256 table), LayerNorm 2.3k biases.
 
-Cost: 12 runs x 1.1e13 = 1.3e14 FLOPs (the --dry listing turns it into hours at a CPU's
+Cost: 14 runs x 1.1e13 = 1.5e14 FLOPs (the --dry listing turns it into hours at a CPU's
 rate). Launch from the repository root (CONFIG is relative to it), then summarise:
 
   python -m llama_jax.sweep experiments/ablations.py --workdir /tmp/ablations
@@ -28,7 +29,9 @@ plot shows the final losses as bars (points: seeds) and the validation-loss curv
 Result (experiments/results/ablations/report.md; final validation loss, mean ± std over 2
 seeds, Δ seed-paired vs the baseline's 4.718): learned positions +0.258, sinusoidal +0.304,
 GELU +0.033, ReLU +0.061, LayerNorm -0.008 ± 0.004 (a tie). SwiGLU > GELU > ReLU is Shazeer
-(2020)'s direction; RoPE's lead over absolute positions is Su et al. (2021)'s.
+(2020)'s direction; RoPE's lead over absolute positions is Su et al. (2021)'s. Dropout 0.1,
+run later against a baseline rerun on its own code (experiments/results/ablations_dropout):
++0.064 ± 0.008.
 """
 
 import math
@@ -58,6 +61,9 @@ VARIANTS = {
     "mlp_gelu": ("mlp", {"model.mlp": "gelu", "model.ffn_dim": 1032}),
     "mlp_relu": ("mlp", {"model.mlp": "relu", "model.ffn_dim": 1032}),
     "norm_layer": ("norm", {"model.norm": "layer"}),
+    # The seed's sketch of the layer: dropout 0.1 on the embeddings and on the attention and MLP
+    # outputs before the residual add (model.dropout; masks from (train.seed, step)).
+    "dropout": ("regularisation", {"model.dropout": 0.1}),
 }
 
 def sweep(add):

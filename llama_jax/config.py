@@ -234,6 +234,12 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
                       f"data.seq_len={d.seq_len} and be a multiple of {SPLASH_LANES}; set "
                       "data.seq_len to a multiple of model.attention_block, or model.attention="
                       "'blockwise'")
+  chunk = model.attention_chunk
+  if chunk and model.attention in ("blockwise", "splash") and chunk % block and block % chunk:
+    raise ConfigError(f"model.attention_chunk={chunk} and the attention's blocks of {block} "
+                      "tokens (model.attention_block, at most data.seq_len) must nest, one "
+                      "dividing the other, so that the blocks a query skips are whole: choose "
+                      "a chunk that is a multiple or a divisor of the block")
   for key, value in (("data.seq_len", d.seq_len), ("data.batch_size", d.batch_size),
                      ("train.steps", t.steps), ("train.log_every", t.log_every),
                      ("train.eval_every", t.eval_every), ("train.eval_steps", t.eval_steps),

@@ -1,4 +1,5 @@
-"""Hugging Face Llama and Mixtral import/export (safetensors), Meta original-checkpoint import.
+"""Hugging Face Llama, Mixtral and Llama 4 import/export (safetensors), Meta original-checkpoint
+import.
 
     model, model_config = load_hf("path/to/Llama-3.1-8B")   # or an in-memory LlamaForCausalLM
     save_hf(model, model_config, "out_dir")   # then LlamaForCausalLM.from_pretrained("out_dir")
@@ -13,7 +14,11 @@ axis. Both sides use the same RoPE layout (HF's half-split), so q/k need no perm
 interleaved layout is permuted once, on import.
 
 A Mixtral (an MoE model, model.moe_experts > 0) converts the same way, its MoE tensors named by
-llama_jax.mixtral (per-expert tensors stacked on our `experts` axis after `layers`).
+llama_jax.mixtral (per-expert tensors stacked on our `experts` axis after `layers`). A Llama 4
+(Llama4ForCausalLM, or the text part of a Llama4ForConditionalGeneration directory) has its own
+table, layouts and config fields in llama_jax.llama4; a model with a Llama 4 feature (NoPE
+layers, chunked attention, L2 qk-norm, a sigmoid router, shared experts, interleaved MoE layers)
+is exported as one.
 
 Tensors are read with the `safetensors` library as numpy (bf16 via ml_dtypes) or taken from
 torch; torch itself is needed only for `load_meta` and in-memory models.
@@ -32,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax import mixtral
+from llama_jax import llama4, mixtral
 from llama_jax.errors import UserError
 from llama_jax.model import parametrization as param_lib
 from llama_jax.model.config import ModelConfig, RopeScaling
@@ -74,9 +79,11 @@ def _to_hf(w: np.ndarray, n_in: int) -> np.ndarray:
   return np.ascontiguousarray(w.reshape(math.prod(w.shape[:n_in]), -1).T)
 
 
-def _expected_names(cfg: ModelConfig) -> list[tuple[str, str, int, tuple[int, ...]]]:
+def _expected_names(cfg: ModelConfig, family: str) -> list[tuple[str, str, int, tuple[int, ...]]]:
   """(HF name, our path, input axes, index into our stacked parameter: () or (layer,) or
-  (layer, expert)) for every tensor cfg needs."""
+  (layer, expert)) for every tensor cfg needs, in a checkpoint of `family` (_family)."""
+  if family == "llama4":
+    return llama4.tensor_table(cfg)
   out = []
   table = HF_TENSORS if not cfg.moe_experts else (
       tuple(t for t in HF_TENSORS if not mixtral.DENSE_MLP.search(t[0])) + mixtral.MOE_TENSORS)
@@ -113,14 +120,31 @@ def _rope_from_hf(c: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
       original_max_position_embeddings=int(scaling["original_max_position_embeddings"]))
 
 
-def config_from_hf(c: Mapping[str, Any], **overrides) -> ModelConfig:
-  """ModelConfig from a transformers Llama config dict; a non-Llama feature is a ValueError."""
+def _family(c: Mapping[str, Any]) -> str:
+  """'llama', 'mixtral' or 'llama4': which tensor table a config.json's checkpoint uses."""
   model_type = c.get("model_type")
+  if llama4.is_llama4(c):
+    return "llama4"
   if model_type not in ("llama", "mixtral"):
-    raise HFError(f"not a Llama or Mixtral checkpoint: config model_type is {model_type!r}, "
-                  "expected 'llama' or 'mixtral'")
-  arch = "MixtralForCausalLM" if model_type == "mixtral" else "LlamaForCausalLM"
-  archs = c.get("architectures") or [arch]
+    raise HFError(f"not a Llama, Mixtral or Llama 4 checkpoint: config model_type is "
+                  f"{model_type!r}, expected 'llama', 'mixtral', 'llama4_text' or 'llama4'")
+  return model_type
+
+
+def _export_family(cfg: ModelConfig) -> str:
+  if llama4.is_exported_as_llama4(cfg) or cfg.qk_norm != "none":
+    return "llama4"
+  return "mixtral" if cfg.moe_experts else "llama"
+
+
+def config_from_hf(c: Mapping[str, Any], **overrides) -> ModelConfig:
+  """ModelConfig from a transformers Llama, Mixtral or Llama 4 config dict (a Llama4Config's
+  text_config); a feature llama_jax lacks is a ValueError."""
+  family = _family(c)
+  c = llama4.text_config(c)
+  arch = {"mixtral": "MixtralForCausalLM", "llama4": llama4.ARCH}.get(family, "LlamaForCausalLM")
+  archs = [a.replace("ForConditionalGeneration", "ForCausalLM")
+           for a in (c.get("architectures") or [arch])]
   if arch not in archs:
     raise HFError(f"config architectures is {archs}, expected {arch}")
   for key in ("attention_bias", "mlp_bias"):
@@ -140,19 +164,20 @@ def config_from_hf(c: Mapping[str, Any], **overrides) -> ModelConfig:
       max_seq_len=int(c.get("max_position_embeddings", 2048)),
       norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
       tie_embeddings=bool(c.get("tie_word_embeddings", False)))
-  if model_type == "mixtral":
-    try:
-      kw.update(mixtral.config_kwargs(c))
-    except ValueError as e:
-      raise HFError(str(e)) from None
-  kw.update({k: v for k, v in overrides.items() if v is not None})
-  return ModelConfig(**kw)
+  try:
+    if family != "llama":
+      kw.update({"mixtral": mixtral.config_kwargs, "llama4": llama4.config_kwargs}[family](c))
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return ModelConfig(**kw)
+  except ValueError as e:
+    raise HFError(str(e)) from None
 
 
 def config_to_hf(cfg: ModelConfig, router_bias=None) -> dict[str, Any]:
   """A config.json that transformers 5 (rope_parameters) and 4.x (rope_theta, rope_scaling)
-  both load; each version ignores the other's keys. An MoE model's is a Mixtral's (its
-  router_bias, when given, must be 0: Mixtral has none)."""
+  both load; each version ignores the other's keys. A model with a Llama 4 feature gets a
+  Llama4TextConfig's, another MoE model a Mixtral's (its router_bias, when given, must be 0:
+  neither has one)."""
   for name, want in (("norm", "rms"), ("mlp", "swiglu"), ("position", "rope")):
     if getattr(cfg, name) != want:
       raise HFError(f"model.{name}={getattr(cfg, name)!r} cannot be exported to a HF Llama "
@@ -162,8 +187,10 @@ def config_to_hf(cfg: ModelConfig, router_bias=None) -> dict[str, Any]:
       "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
       "high_freq_factor": s.high_freq_factor,
       "original_max_position_embeddings": s.original_max_position_embeddings}
+  family = _export_family(cfg)
   try:
-    moe = mixtral.hf_fields(cfg, router_bias) if cfg.moe_experts else {}
+    moe = ({"llama4": llama4.hf_fields, "mixtral": mixtral.hf_fields}[family](cfg, router_bias)
+           if family != "llama" else {})
   except ValueError as e:
     raise HFError(str(e)) from None
   return {
@@ -183,9 +210,15 @@ def config_to_hf(cfg: ModelConfig, router_bias=None) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- building
 
-def _build(cfg: ModelConfig, get: Callable[[str], np.ndarray], available: set[str]) -> Llama:
-  """A Llama whose parameters are the named tensors, converted through HF_TENSORS."""
-  expected = _expected_names(cfg)
+def _build(cfg: ModelConfig, get: Callable[[str], np.ndarray], available: set[str],
+           family: str) -> Llama:
+  """A Llama whose parameters are the named tensors of a `family` checkpoint, converted through
+  its table (HF_TENSORS, llama_jax.mixtral's, llama_jax.llama4's)."""
+  if family == "llama4":
+    get, available = llama4.view(get, available, cfg, meta_qk_to_hf)
+  else:
+    get, available = mixtral.per_expert_view(get, available)
+  expected = _expected_names(cfg, family)
   missing = [name for name, *_ in expected if name not in available]
   if missing:
     raise HFError(f"checkpoint is missing {len(missing)} tensor(s): {missing[:12]}"
@@ -237,8 +270,8 @@ def load_hf(path_or_model, *, dtype: str | None = None, param_dtype: str | None 
     hf = path_or_model
     cfg = config_from_hf(hf.config.to_dict(), **overrides)
     tensors = dict(hf.state_dict())
-    get, names = mixtral.per_expert_view(lambda n: _torch_to_numpy(tensors[n]), set(tensors))
-    return _build(cfg, get, names), cfg
+    return _build(cfg, lambda n: _torch_to_numpy(tensors[n]), set(tensors),
+                  _family(hf.config.to_dict())), cfg
 
   from safetensors import safe_open
   path = os.fspath(path_or_model)
@@ -246,7 +279,8 @@ def load_hf(path_or_model, *, dtype: str | None = None, param_dtype: str | None 
   if not os.path.exists(config_path):
     raise HFError(f"{path} has no config.json: not a Hugging Face model directory")
   with open(config_path) as f:
-    cfg = config_from_hf(json.load(f), **overrides)
+    hf_config = json.load(f)
+  cfg = config_from_hf(hf_config, **overrides)
   index_path = os.path.join(path, "model.safetensors.index.json")
   if os.path.exists(index_path):
     with open(index_path) as f:
@@ -265,7 +299,7 @@ def load_hf(path_or_model, *, dtype: str | None = None, param_dtype: str | None 
       handles[file] = safe_open(os.path.join(path, file), framework="np")
     return handles[file].get_tensor(name)
 
-  return _build(cfg, *mixtral.per_expert_view(get, set(weight_map))), cfg
+  return _build(cfg, get, set(weight_map), _family(hf_config)), cfg
 
 
 def _multiplier_folded_into(hf_name: str, cfg: ModelConfig) -> float:
@@ -276,6 +310,7 @@ def _multiplier_folded_into(hf_name: str, cfg: ModelConfig) -> float:
   branch = param_lib.branch_multiplier(cfg)
   for suffix, m in (("q_proj.weight", param_lib.query_multiplier(cfg)),
                     ("o_proj.weight", branch), ("down_proj.weight", branch), ("w2.weight", branch),
+                    ("experts.down_proj", branch),
                     ("lm_head.weight", param_lib.logit_multiplier(cfg))):
     if hf_name.endswith(suffix):
       return m
@@ -294,11 +329,13 @@ def save_hf(model: Llama, model_config: ModelConfig, out_dir: str, *,
   hf_config = config_to_hf(model_config, *(np.asarray(v[...]) for p, v in state.items()
                                            if p.endswith(".router_bias")))
   params = {p: np.asarray(v[...]) for p, v in state.items() if isinstance(v, nnx.Param)}
-  tensors = {}
-  for name, path, n_in, index in _expected_names(model_config):
+  tensors, family = {}, _export_family(model_config)
+  for name, path, n_in, index in _expected_names(model_config, family):
     w = params[path][index]
     w, m = _to_hf(w, n_in), _multiplier_folded_into(name, model_config)
     tensors[name] = w if m == 1.0 else (w.astype(np.float32) * m).astype(w.dtype)
+  if family == "llama4":
+    tensors = llama4.to_hf_tensors(tensors, model_config)
 
   os.makedirs(out_dir, exist_ok=True)
   for stale in glob.glob(os.path.join(out_dir, "model*.safetensors*")):
@@ -434,4 +471,4 @@ def load_meta(path: str, *, dtype: str | None = None, param_dtype: str | None = 
                    and k != "rope.freqs")  # Llama 2 ships its RoPE table; we recompute it.
   if unknown:
     raise HFError(f"Meta checkpoint has tensor(s) llama_jax does not use: {unknown[:12]}")
-  return _build(cfg, get, set(to_hf)), cfg
+  return _build(cfg, get, set(to_hf), "llama"), cfg

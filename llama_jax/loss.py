@@ -41,11 +41,12 @@ def batch_loss(model, batch: dict[str, jax.Array],
   return loss, ce
 
 
-def batch_loss_and_stats(model, batch: dict[str, jax.Array], z_loss: float = 0.0):
+def batch_loss_and_stats(model, batch: dict[str, jax.Array], z_loss: float = 0.0,
+                         dropout_rng=None):
   """(loss, (mean cross-entropy, MoE stats)): batch_loss with the MoE layers' routing
   statistics (llama_jax.model.moe.finalize, stacked over the MoE layers; {} for a dense
   model). The loss adds moe_aux_loss x the Switch loss and moe_z_loss x the router z-loss, each
-  the mean over the MoE layers.
+  the mean over the MoE layers. `dropout_rng` (the train step's) turns model.dropout on.
 
   With the sequence split over the context axis every [B, T] entry of the batch is put in
   llama_jax.model.context_parallel's load-balanced order first (the loss is a token sum, the
@@ -55,7 +56,7 @@ def batch_loss_and_stats(model, batch: dict[str, jax.Array], z_loss: float = 0.0
   if n > 1:
     batch = {k: context_parallel.load_balance(v, n) for k, v in batch.items()}
   kwargs = dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-                load_balanced=True)
+                load_balanced=True, dropout_rng=dropout_rng)
   if not cfg.moe_experts:
     logits, stats = model(batch["inputs"], **kwargs), {}
   else:

@@ -172,22 +172,23 @@ def train_step_fn(config: ml_collections.ConfigDict, graphdef, optimizer: optax.
   """
   accum, z_loss = config.optim.grad_accum, config.optim.z_loss
 
-  def loss_fn(params, batch):  # (loss, (mean cross-entropy, MoE stats))
-    return batch_loss_and_stats(nnx.merge(graphdef, params), batch, z_loss)
+  def loss_fn(params, batch, rng):  # (loss, (mean cross-entropy, MoE stats))
+    return batch_loss_and_stats(nnx.merge(graphdef, params), batch, z_loss, rng)
 
   # Differentiated: the trainable part only. Under LoRA the frozen base enters as a constant,
   # so the backward pass computes no weight gradient for it, only the adapters' (and the
   # activations' gradients that reach them).
   spec = lora
   grad_fn = jax.value_and_grad(
-      lambda trained, params, batch: loss_fn(_with_trained(spec, params, trained), batch),
-      has_aux=True)
+      lambda trained, params, batch, rng: loss_fn(_with_trained(spec, params, trained), batch,
+                                                  rng), has_aux=True)
 
   def train_step(state, batch):
     params = state["params"]
     trained = _trainable(spec, params)
+    rng = dropout_key(config, state["step"])
     if accum == 1:
-      (_, (loss, moe_stats)), grads = grad_fn(trained, params, batch)
+      (_, (loss, moe_stats)), grads = grad_fn(trained, params, batch, rng)
     else:
       micro = jax.tree.map(
           lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
@@ -196,17 +197,19 @@ def train_step_fn(config: ml_collections.ConfigDict, graphdef, optimizer: optax.
       # accum x its share of the batch's tokens makes the average the batch's token mean.
       total = loss_tokens(batch)
 
-      def body(carry, mb):
-        g_sum, l_sum = carry
+      def body(carry, xs):
+        (g_sum, l_sum), (mb, i) = carry, xs
         mb = jax.tree.map(lambda x: sharding.constrain(x, ("act_batch", None)), mb)
-        (_, (l, moe_stats)), g = grad_fn(trained, params, mb)
+        (_, (l, moe_stats)), g = grad_fn(trained, params, mb,
+                                         None if rng is None else jax.random.fold_in(rng, i))
         if "weights" in mb:
           share = accum * loss_tokens(mb) / jnp.maximum(total, 1.0)
           l, g = l * share, jax.tree.map(lambda x: x * share, g)
         return (jax.tree.map(jnp.add, g_sum, g), l_sum + l), moe_stats
 
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trained)
-      (grads, loss), moe_stats = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)
+      (grads, loss), moe_stats = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)),
+                                              (micro, jnp.arange(accum)))
       grads = jax.tree.map(lambda g: g / accum, grads)
       loss = loss / accum
       moe_stats = moe_lib.over_microbatches(moe_stats)
@@ -221,6 +224,15 @@ def train_step_fn(config: ml_collections.ConfigDict, graphdef, optimizer: optax.
     return spikes.guard(config.train, state, new_state, stats)  # skip-step, when on
 
   return train_step
+
+
+def dropout_key(config: ml_collections.ConfigDict, step):
+  """The dropout masks' key of a step: a pure function of (train.seed, step), so a resumed run
+  draws the masks the uninterrupted one drew (microbatch i folds in i); None when
+  model.dropout is 0."""
+  if not config.model.dropout:
+    return None
+  return jax.random.fold_in(jax.random.key(config.train.seed), step)
 
 
 def make_eval_step(setup: Setup) -> Callable:

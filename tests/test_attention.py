@@ -32,12 +32,12 @@ def _segments(b, t, n_docs, seed=0):
   return jnp.asarray(np.sort(rng.integers(0, n_docs, (b, t)), axis=1), jnp.int32)
 
 
-def _attention_and_grads(implementation, q, k, v, segment_ids=None, block=128):
+def _attention_and_grads(implementation, q, k, v, segment_ids=None, block=128, chunk=0):
   weights = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
 
   def f(q, k, v):
     out = attend(q, k, v, segment_ids=segment_ids, is_causal=True,
-                 implementation=implementation, block=block)
+                 implementation=implementation, block=block, chunk=chunk)
     return jnp.sum(out.astype(jnp.float32) * weights), out
 
   (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
@@ -61,6 +61,39 @@ def test_blockwise_matches_xla(b, t, n, k, h, block, n_docs):
   for name, g, g_ref in zip("qkv", grads, grads_ref):
     assert np.abs(g_ref).max() > 0
     np.testing.assert_allclose(g, g_ref, atol=5e-6, rtol=0, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("t,block,chunk,n_docs", [
+    (64, 16, 32, 3),   # chunks of two blocks (blocks skipped before each), packed documents
+    pytest.param(50, 16, 12, 0, marks=pytest.mark.slow),  # neither nests, a ragged last block
+])
+def test_blockwise_chunked_matches_xla(t, block, chunk, n_docs):
+  """Llama 4's chunked layers: blockwise (which skips the blocks before a query's chunk)
+  against the xla path's chunked-causal mask, forward and gradients; the control: the
+  unchunked attention differs."""
+  q, k, v = _qkv(2, t, 6, 2, 8)
+  seg = _segments(2, t, n_docs) if n_docs else None
+  out_ref, grads_ref = _attention_and_grads("xla", q, k, v, seg, chunk=chunk)
+  out, grads = _attention_and_grads("blockwise", q, k, v, seg, block, chunk)
+  np.testing.assert_allclose(out, out_ref, atol=2e-6, rtol=0)
+  for name, g, g_ref in zip("qkv", grads, grads_ref):
+    np.testing.assert_allclose(g, g_ref, atol=5e-6, rtol=0, err_msg=f"d{name}")
+  causal = attend(q, k, v, segment_ids=seg, is_causal=True, implementation="xla")
+  assert np.abs(causal - out_ref).max() > 0.1
+
+
+def test_blockwise_chunked_cost_grows_with_t_times_chunk():
+  """The FLOPs of the chunked blockwise attention (forward and backward, XLA's count of the
+  lowered program) double with T, where the causal one's grow 4x: the blocks before a query's
+  chunk are never computed."""
+  def flops(t, chunk):
+    q, k, v = _qkv(1, t, 2, 2, 16)
+    f = jax.jit(jax.grad(lambda q, k, v: attend(q, k, v, is_causal=True, block=16, chunk=chunk,
+                                                implementation="blockwise").sum(), (0, 1, 2)))
+    return f.lower(q, k, v).cost_analysis()["flops"]
+  chunked = flops(256, 32) / flops(128, 32)
+  causal = flops(256, 0) / flops(128, 0)
+  assert 1.9 < chunked < 2.1 and causal > 3.6, (chunked, causal)
 
 
 def test_blockwise_bf16_close_to_fp32():

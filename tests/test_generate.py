@@ -1,6 +1,7 @@
 """llama_jax.generate: cached decoding against the full forward pass, greedy continuations
 against transformers' LlamaForCausalLM.generate, sampling semantics, EOS, errors, the CLI."""
 
+import dataclasses
 import functools
 import math
 import os
@@ -29,6 +30,14 @@ GQA = ModelConfig(dim=80, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=88, vocab
 # invisible there too (it indexes the position table).
 LEARNED = ModelConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=80, vocab_size=61,
                       max_seq_len=40, position="learned", tie_embeddings=True, scan_layers=False)
+# Llama 4's layers (docs/llama4.md): a dense RoPE layer attending within chunks of 8 (the
+# decoded sequences reach 22 positions) with L2 qk-norm, then an MoE NoPE layer (sigmoid router,
+# shared expert) attending over everything with the attention temperature.
+LLAMA4 = ModelConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=56, vocab_size=97,
+                     max_seq_len=48, moe_experts=3, moe_top_k=1, moe_ffn_dim=40,
+                     moe_shared_experts=1, moe_every=2, moe_router="sigmoid", nope_every=2,
+                     attention_chunk=8, qk_norm="l2", attn_temperature_tuning=True,
+                     floor_scale=4, attn_scale=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +56,8 @@ def _random_model(cfg, seed=0):
 
   def fill(path, x):
     name = path[-1].key
+    if name == "router_bias":  # MoE balancing state, not a weight
+      return np.zeros(x.shape, np.float32)
     if name == "scale":
       return (1 + 0.3 * rng.randn(*x.shape)).astype(np.float32)
     if name in ("embed", "pos_embed"):
@@ -96,14 +107,16 @@ def _next_logits(graphdef, params, carry):
 
 # ---------------------------------------------------------------------------- cache == forward
 
-@pytest.mark.parametrize("cfg", [GQA, LEARNED], ids=["gqa_scan", "learned_tied_unscanned"])
+@pytest.mark.parametrize("cfg", [GQA, LEARNED, pytest.param(LLAMA4, marks=pytest.mark.slow)],
+                         ids=["gqa_scan", "learned_tied_unscanned", "llama4"])
 def test_cached_decoding_matches_full_forward(cfg):
   """Every step's logits (prefill and each one-token cached step) equal the uncached forward
   pass over prompt + the tokens generated so far, for left-padded prompts of three lengths.
   The steps are driven here through the public prefill / decode_step; a step's logits are the
   model's cached step on the carry decode_step receives. generate's two paths (the streamed
   Python loop and the while_loop) run the same step function: both give the same greedy
-  tokens, the argmax of the uncached logits."""
+  tokens, the argmax of the uncached logits. For Llama 4 the control: the same weights
+  without chunks give other logits past the first chunk."""
   m = _random_model(cfg)
   prompts = _prompts(cfg.vocab_size, (5, 13, 1))
   n, width = 9, 16  # width: the output buffer, >= n (generate rounds n up to 16 too)
@@ -127,6 +140,10 @@ def test_cached_decoding_matches_full_forward(cfg):
     want = full[len(p) - 1:]  # the logits that predicted new[0], ..., new[n-1]
     np.testing.assert_allclose(logits[b], want, atol=TOL, rtol=TOL)
     assert new == np.argmax(want, -1).tolist()
+    if cfg.attention_chunk and len(p) + n > cfg.attention_chunk:
+      unchunked = nnx.merge(nnx.graphdef(abstract_model(
+          dataclasses.replace(cfg, attention_chunk=0))), nnx.state(m))
+      assert np.abs(_full_logits(unchunked, p + new[:-1])[len(p) - 1:] - want).max() > 1e-2
   streamed = []
   assert gen.generate(m, prompts, max_new_tokens=n, temperature=0.0,
                       callback=streamed.append) == out.tolist()

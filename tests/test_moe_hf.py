@@ -86,7 +86,9 @@ def test_mixtral_logits_match_transformers_both_ways(case, tmp_path):
 def test_what_mixtral_cannot_express_is_refused_in_one_line(tmp_path):
   cfg = ModelConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=40, vocab_size=101,
                     moe_experts=4, moe_shared_experts=1)
-  with pytest.raises(hf.HFError, match="model.moe_shared_experts=1 cannot be exported"):
+  # A shared expert is Llama 4's (docs/llama4.md), whose router is the sigmoid one.
+  with pytest.raises(hf.HFError, match="model.moe_router='softmax' cannot be exported to a "
+                                       "Llama 4 checkpoint"):
     hf.config_to_hf(cfg)
   with pytest.raises(hf.HFError, match="router bias .* cannot be exported"):
     hf.config_to_hf(ModelConfig(**{**cfg.to_dict(), "moe_shared_experts": 0}), np.ones(4))

@@ -134,6 +134,8 @@ def test_members_must_share_the_shape():
   members.check_members([a, tiny_config(**MEMBERS["b"])], ["A", "B"])  # VARYING only: fine
   with pytest.raises(members.PopulationError, match="LoRA runs cannot train as a population"):
     members.check_members([a, tiny_config(**{"lora.rank": 4})], ["A", "B"])
+  with pytest.raises(members.PopulationError, match="model.dropout > 0 cannot train as a"):
+    members.check_members([a, tiny_config(**{"model.dropout": 0.1})], ["A", "B"])
   with pytest.raises(members.PopulationError, match="runs_devices=3 must divide"):
     loop.population_mesh(a.mesh, 2, 3)
   groups = members.group([a, b, tiny_config(**{"train.seed": 4})], members.group_key)

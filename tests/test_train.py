@@ -1,5 +1,6 @@
 """The training loop, optimizer, metrics and config checks (in process, on 8 CPU devices)."""
 
+import dataclasses
 import json
 import os
 
@@ -14,7 +15,7 @@ from configs import base
 from llama_jax import config as config_lib
 from llama_jax import metrics, optim, train
 from llama_jax.model import sizes
-from llama_jax.model.llama import Llama
+from llama_jax.model.llama import Llama, abstract_model
 from llama_jax.model.config import ModelConfig
 
 
@@ -186,6 +187,58 @@ def test_refuses_resuming_a_different_model(tmp_path):
   c.model.dim = 64
   with pytest.raises(config_lib.ConfigError, match="model.dim"):
     train.train(c, str(tmp_path))
+
+
+# ---------------------------------------------------------------------------- dropout
+
+
+def test_dropout_masks_come_from_seed_and_step_and_are_off_without_a_key():
+  """model.dropout's masks: the train step's key is a pure function of (train.seed, step); the
+  model without a key (eval, generate, lm_eval) is the dropout-free model exactly."""
+  from llama_jax.model.llama import dropout
+  c = tiny_config(**{"model.dropout": 0.5})
+  same = jax.random.key_data(train.dropout_key(c, 3))
+  assert np.array_equal(same, jax.random.key_data(train.dropout_key(c, 3)))
+  assert not np.array_equal(same, jax.random.key_data(train.dropout_key(c, 4)))
+  assert train.dropout_key(tiny_config(), 3) is None  # dropout 0: no key, no masks
+  x = dropout(jnp.ones((100_000,)), 0.1, train.dropout_key(c, 0))
+  assert abs(float(jnp.mean(x == 0)) - 0.1) < 0.005 and abs(float(jnp.mean(x)) - 1) < 0.01
+  cfg = ModelConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=48, vocab_size=64,
+                    max_seq_len=16, dropout=0.5)
+  model = Llama(cfg, rngs=nnx.Rngs(0))
+  off = nnx.merge(nnx.graphdef(abstract_model(dataclasses.replace(cfg, dropout=0.0))),
+                  nnx.state(model))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 16)), jnp.int32)
+  assert np.array_equal(model(tokens), off(tokens))
+  on = model(tokens, dropout_rng=train.dropout_key(c, 1))
+  assert np.array_equal(on, model(tokens, dropout_rng=train.dropout_key(c, 1)))
+  assert np.abs(on - off(tokens)).max() > 0.1  # the control: the masks do change the logits
+
+
+@pytest.mark.slow
+def test_dropout_run_resumes_bitwise(tmp_path):
+  """With dropout 0.1 and 2 microbatches, a run stopped at step 3 and resumed logs the losses
+  (training and eval) of the uninterrupted run exactly and ends on the same parameters."""
+  c = lambda **o: tiny_config(**{"model.dropout": 0.1, "optim.grad_accum": 2, **o})
+  full, part = str(tmp_path / "full"), str(tmp_path / "part")
+  train.train(c(), full)
+  train.train(c(**{"train.steps": 3}), part)
+  train.train(c(), part)
+  logs = [[json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))] for d in (full, part)]
+  by_step = [{(l["step"], k): l[k] for l in log for k in ("loss", "eval_loss") if k in l}
+             for log in logs]
+  assert len(by_step[0]) == 9 and by_step[0] == by_step[1]
+  params = [_checkpointed_params(d, c()) for d in (full, part)]
+  assert jax.tree.all(jax.tree.map(np.array_equal, *params))
+
+
+def _checkpointed_params(workdir, config):
+  from llama_jax import checkpoint
+  setup = train.make_setup(config)
+  ckpt = checkpoint.Checkpointer(workdir, keep=10, async_save=False)
+  state = ckpt.restore(6, setup.abstract_state)
+  ckpt.close()
+  return jax.device_get(state["params"])
 
 
 # ---------------------------------------------------------------------------- config checks

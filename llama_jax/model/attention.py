@@ -4,7 +4,9 @@
 for the training pass (causal, queries and keys at the same positions): queries go in blocks of
 `block` rows, each block attends only to the keys at or before its last row, so the
 above-diagonal blocks are never computed (for T = 4 blocks: 10 of 16 block products, for
-T = n blocks (n + 1) / 2n of them), and only the output and each row's log-sum-exp are saved for
+T = n blocks (n + 1) / 2n of them); with a `chunk` (Llama 4's local layers: causal within chunks
+of that many positions) a block's keys start at its first row's chunk, so the cost grows with
+T x (chunk + block), not T^2, and only the output and each row's log-sum-exp are saved for
 the backward pass, which recomputes the probabilities block by block. Nothing T x T is kept
 between the passes, so a scanned layer stack has nothing quadratic to stack.
 
@@ -44,9 +46,10 @@ def attend(q, k, v, *, mask=None, segment_ids=None, is_causal: bool, implementat
 
   Training passes is_causal=True (optionally with segment_ids [B, T] for packed documents, and
   `chunk` > 0 for attention causal within chunks of that many positions); decoding passes the
-  cache's boolean `mask` [B, 1, T, S]. `splash` handles the training case where its blocks
-  divide T and hands the rest (decoding, odd lengths) to `blockwise`, which handles the causal
-  training case and hands masks it cannot skip over to `xla`. The implementations are
+  cache's boolean `mask` [B, 1, T, S] (a chunked layer's chunks folded into it). `splash`
+  handles the training case where its blocks divide T and hands the rest (decoding, odd
+  lengths) to `blockwise`, which handles the training case, chunked or not, skipping the blocks
+  no query sees, and hands masks to `xla`. The implementations are
   llama_jax.model.config.ATTENTIONS; this is the one place that chooses between them.
   Under a mesh that splits the sequence (mesh.context > 1) the training form runs
   llama_jax.model.context_parallel's attention by `context_strategy`.
@@ -62,18 +65,17 @@ def attend(q, k, v, *, mask=None, segment_ids=None, is_causal: bool, implementat
     if training and splash_block(q.shape[1], block):
       return splash_attention(q, k, v, segment_ids, block=block, chunk=chunk)
     implementation = "blockwise"
-  if chunk:  # only splash skips the other chunks' blocks; elsewhere the chunks are a mask
-    if not training:
-      raise NotImplementedError("chunked attention is for the training form (is_causal, no mask)")
-    t = q.shape[1]
-    mask = jnp.asarray(chunked_causal_mask(t, chunk))[None, None]
+  if chunk and not training:
+    raise NotImplementedError("chunked attention is for the training form (is_causal, no mask)")
+  if implementation == "blockwise":
+    if training:  # skips the blocks above the diagonal and, with a chunk, before its chunk
+      return blockwise_attention(q, k, v, segment_ids, block, chunk)
+    implementation = "xla"
+  if chunk:  # elsewhere the chunks are a mask
+    mask = jnp.asarray(chunked_causal_mask(q.shape[1], chunk))[None, None]
     if segment_ids is not None:
       mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     is_causal, segment_ids, implementation = False, None, "xla"
-  if implementation == "blockwise":
-    if is_causal and mask is None and q.shape[1] == k.shape[1]:
-      return blockwise_attention(q, k, v, segment_ids, block)
-    implementation = "xla"
   if segment_ids is not None and mask is None:
     mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # [B, 1, T, T]
 
@@ -119,15 +121,24 @@ def _from_rows(x, n_heads: int):
   return x.reshape(b, kv, r // g, g, h).transpose(0, 2, 1, 3, 4).reshape(b, r // g, n_heads, h)
 
 
-def _visible(segment_ids, a, e, g, transposed=False):
-  """Which keys [0, e) the rows of query block [a, e) may see, broadcastable against a
-  [B, K, rows, keys] block (or [B, K, keys, rows] transposed). Causal, and within one document
-  when segment_ids is given."""
+def _key_start(a: int, chunk: int) -> int:
+  """The first key query block [a, ...) may see: 0, or with a chunk its first row's chunk."""
+  return a // chunk * chunk if chunk else 0
+
+
+def _visible(segment_ids, a, e, g, transposed=False, chunk=0):
+  """Which keys [lo, e) the rows of query block [a, e) may see (lo = _key_start), broadcastable
+  against a [B, K, rows, keys] block (or [B, K, keys, rows] transposed). Causal, within one
+  document when segment_ids is given, and within one chunk when `chunk` is."""
+  lo = _key_start(a, chunk)
   query = a + jnp.arange((e - a) * g) // g  # each query position repeats for its G heads
-  visible = query[:, None] >= jnp.arange(e)[None, :]  # [rows, keys]
+  keys = jnp.arange(lo, e)
+  visible = query[:, None] >= keys[None, :]  # [rows, keys]
+  if chunk:
+    visible = visible & (query[:, None] // chunk == keys[None, :] // chunk)
   if segment_ids is not None:
     seg_q = jnp.repeat(segment_ids[:, a:e], g, axis=1)  # [B, rows]
-    visible = visible & (seg_q[:, :, None] == segment_ids[:, None, :e])  # [B, rows, keys]
+    visible = visible & (seg_q[:, :, None] == segment_ids[:, None, lo:e])  # [B, rows, keys]
   visible = visible[:, None] if visible.ndim == 3 else visible[None, None]
   return jnp.swapaxes(visible, -1, -2) if transposed else visible
 
@@ -139,22 +150,23 @@ def _product(spec: str, a, b, a_rows=(0, None), b_rows=(0, None)):
                     preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def blockwise_attention(q, k, v, segment_ids, block: int):
-  """Causal attention of q [B, T, N, H] over k, v [B, T, K, H], block by block (module doc)."""
-  return _blockwise_forward(q, k, v, segment_ids, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def blockwise_attention(q, k, v, segment_ids, block: int, chunk: int = 0):
+  """Causal (chunk > 0: causal within chunks) attention of q [B, T, N, H] over k, v
+  [B, T, K, H], block by block (module doc)."""
+  return _blockwise_forward(q, k, v, segment_ids, block, chunk)[0]
 
 
-def _blockwise_forward(q, k, v, segment_ids, block):
+def _blockwise_forward(q, k, v, segment_ids, block, chunk=0):
   t, n, h = q.shape[1:]
   g = n // k.shape[2]
   qr = _query_rows(q * h ** -0.5, k.shape[2])  # scaling q is cheaper than scaling the scores
   kr, vr = _kv_heads_major(k), _kv_heads_major(v)
   outs, lses = [], []
   for a, e in _blocks(t, block):
-    rows, keys = (a * g, e * g), (0, e)  # the block's query rows, the keys they may see
+    rows, keys = (a * g, e * g), (_key_start(a, chunk), e)  # the block's rows, the keys they see
     s = _product("bkrh,bksh->bkrs", qr, kr, rows, keys)
-    s = jnp.where(_visible(segment_ids, a, e, g), s, _MASKED)
+    s = jnp.where(_visible(segment_ids, a, e, g, chunk=chunk), s, _MASKED)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
@@ -169,7 +181,7 @@ def _blockwise_forward(q, k, v, segment_ids, block):
   return out, (q, k, v, segment_ids, out, lse)
 
 
-def _blockwise_bwd(block, residuals, d_out):
+def _blockwise_bwd(block, chunk, residuals, d_out):
   """Flash attention's backward pass, on transposed [keys, rows] blocks.
 
   Computing s^T = k q^T (instead of s = q k^T) makes dv = p^T do and dk = ds^T q plain GEMMs
@@ -190,14 +202,15 @@ def _blockwise_bwd(block, residuals, d_out):
   dv = jnp.zeros(vr.shape, jnp.float32)
   dqs = []
   for a, e in _blocks(t, block):
-    rows, keys = (a * g, e * g), (0, e)  # the block's query rows, the keys they may see
+    lo = _key_start(a, chunk)
+    rows, keys = (a * g, e * g), (lo, e)  # the block's query rows, the keys they may see
     st = _product("bksh,bkrh->bksr", kr, qr, keys, rows)
-    st = jnp.where(_visible(segment_ids, a, e, g, transposed=True), st, _MASKED)
+    st = jnp.where(_visible(segment_ids, a, e, g, transposed=True, chunk=chunk), st, _MASKED)
     pt = jnp.exp(st - lse[:, :, None, a * g:e * g])                        # [B, K, keys, rows]
-    dv = dv.at[:, :, :e].add(_product("bksr,bkrh->bksh", pt, do, b_rows=rows))
+    dv = dv.at[:, :, lo:e].add(_product("bksr,bkrh->bksh", pt, do, b_rows=rows))
     dpt = _product("bksh,bkrh->bksr", vr, do, keys, rows)
     dst = pt * (dpt - delta[:, :, None, a * g:e * g])  # d loss / d (scaled scores), transposed
-    dk = dk.at[:, :, :e].add(_product("bksr,bkrh->bksh", dst, qr, b_rows=rows))
+    dk = dk.at[:, :, lo:e].add(_product("bksr,bkrh->bksh", dst, qr, b_rows=rows))
     dqs.append(_product("bksr,bksh->bkrh", dst, kr, b_rows=keys))
   dq = _from_rows(jnp.concatenate(dqs, axis=2) * scale, n)
   dk, dv = _kv_heads_major(dk), _kv_heads_major(dv)

@@ -5,6 +5,7 @@ reading a config needs no jax."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 NORMS = ("rms", "layer")
@@ -54,6 +55,11 @@ DEPTH_SCALINGS = ("none", "depth_mup", "completep")
 # matmul that runs them (llama_jax.model.moe.expert_ffn dispatches on these: jax.lax.ragged_dot,
 # the Pallas TPU kernel megablox, or every expert on every token as the reference).
 MOE_ROUTERS = ("softmax", "sigmoid")
+# Query / key normalisation (llama_jax.model.llama.Attention): none; 'l2', each head's q and k
+# divided by their RMS without weights after RoPE, on the RoPE layers only (Llama 4's
+# use_qk_norm); 'rms', an RMSNorm with a learned [head_dim] scale before RoPE, on every layer
+# (Qwen3, OLMo 2).
+QK_NORMS = ("none", "l2", "rms")
 MOE_IMPLS = ("ragged", "megablox", "dense")
 # megablox's tile along the contraction and output axes (llama_jax.model.moe). The TPU compiler
 # (libtpu 0.0.42) lowers the kernel and its gradient only when model.dim and the expert hidden
@@ -160,6 +166,19 @@ class ModelConfig:
   moe_aux_loss: float = 0.01     # Switch load-balancing loss coefficient
   moe_z_loss: float = 0.0        # router z-loss coefficient (ST-MoE)
   moe_bias_rate: float = 0.0     # aux-loss-free balancing bias step (DeepSeek-V3); 0 = off
+  # Llama 4 (docs/llama4.md; Hugging Face's Llama4TextConfig names in brackets). The dense
+  # layers' hidden size is ffn_dim [intermediate_size_mlp], the experts' moe_ffn_dim
+  # [intermediate_size].
+  nope_every: int = 0            # every N-th layer has no RoPE [no_rope_layer_interval]; 0 = none
+  attention_chunk: int = 0       # RoPE layers attend within chunks of N [attention_chunk_size]
+  qk_norm: str = "none"          # one of QK_NORMS [use_qk_norm: 'l2']
+  # NoPE layers' queries x (1 + attn_scale * log1p(floor((position + 1) / floor_scale)))
+  attn_temperature_tuning: bool = False
+  floor_scale: int = 8192
+  attn_scale: float = 0.1
+  # Dropout on the embeddings and on each attention / MLP output before its residual add,
+  # training only (llama_jax.train draws its masks from (train.seed, step)); 0 = off.
+  dropout: float = 0.0
 
   def __post_init__(self):
     if isinstance(self.rope_scaling, dict):
@@ -190,6 +209,44 @@ class ModelConfig:
       raise ValueError(f"model.init_scale={self.init_scale} must be positive")
     self._check_base_shape()
     self._check_moe()
+    self._check_llama4()
+
+  def _check_llama4(self):
+    for name in ("nope_every", "attention_chunk"):
+      if int(getattr(self, name)) < 0:
+        raise ValueError(f"model.{name}={getattr(self, name)} must be >= 0 (0 turns it off)")
+    if self.nope_every:
+      if self.position != "rope":
+        raise ValueError(f"model.nope_every={self.nope_every} drops RoPE from every "
+                         f"{self.nope_every}-th layer, but model.position={self.position!r} has "
+                         "no RoPE to drop; set model.position='rope' or model.nope_every=0")
+      if self.n_layers % self.nope_every:
+        raise ValueError(f"model.nope_every={self.nope_every} must divide model.n_layers="
+                         f"{self.n_layers} (the layers repeat in groups with one NoPE layer)")
+    if self.attention_chunk > self.max_seq_len:
+      raise ValueError(f"model.attention_chunk={self.attention_chunk} exceeds model.max_seq_len="
+                       f"{self.max_seq_len}: every chunk would be the whole sequence; set "
+                       "model.attention_chunk=0 for full causal attention, or a smaller chunk")
+    if self.qk_norm not in QK_NORMS:
+      raise ValueError(f"model.qk_norm={self.qk_norm!r} is not one of {QK_NORMS}")
+    if self.attn_temperature_tuning and not self.nope_every:
+      raise ValueError("model.attn_temperature_tuning=True scales the queries of the NoPE layers,"
+                       " and there are none (model.nope_every=0); set model.nope_every")
+    if self.floor_scale <= 0:
+      raise ValueError(f"model.floor_scale={self.floor_scale} must be positive")
+    if not 0 <= self.dropout < 1:
+      raise ValueError(f"model.dropout={self.dropout} must be in [0, 1) (0 turns it off)")
+
+  def is_nope_layer(self, i: int) -> bool:
+    """Whether layer i (from 0) has no RoPE: the last of each group of nope_every layers, as
+    Hugging Face's Llama 4 places them (no_rope_layer_interval); it attends over the whole
+    causal context while the others attend within chunks of attention_chunk."""
+    return bool(self.nope_every) and (i + 1) % self.nope_every == 0
+
+  @property
+  def layer_period(self) -> int:
+    """Layers after which the pattern of MoE and NoPE layers repeats (one scan step)."""
+    return math.lcm(self.moe_every if self.moe_experts else 1, self.nope_every or 1)
 
   def _check_moe(self):
     moe_fields = [f for f in dataclasses.fields(self) if f.name.startswith("moe_")]
@@ -281,6 +338,12 @@ def _rope_scaling_from_dict(d: dict) -> RopeScaling:
   return RopeScaling(**d)
 
 
+_LLAMA4 = dict(dim=5120, n_layers=48, n_heads=40, n_kv_heads=8, ffn_dim=16384, vocab_size=202048,
+               norm_eps=1e-5, rope_theta=500000.0, moe_top_k=1, moe_ffn_dim=8192,
+               moe_shared_experts=1, moe_router="sigmoid", moe_aux_loss=0.001, nope_every=4,
+               attention_chunk=8192, attn_temperature_tuning=True, floor_scale=8192,
+               attn_scale=0.1)
+
 # Published sizes. Llama-2 uses vocab 32000 and rope_theta 1e4; Llama-3 vocab 128256, theta 5e5.
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, vocab_size=512,
@@ -302,4 +365,14 @@ SIZES: dict[str, dict[str, Any]] = {
     "mixtral_8x7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
                          vocab_size=32000, max_seq_len=32768, norm_eps=1e-5,
                          rope_theta=1000000.0, moe_experts=8, moe_top_k=2, moe_aux_loss=0.02),
+    # Llama 4's text models (Hugging Face Llama-4-Scout-17B-16E / Llama-4-Maverick-17B-128E
+    # text_config; MaxText's llama4-17b-16e.yml / -128e.yml): 48 layers of 5120, GQA 40/8,
+    # experts of 8192 with one shared expert and a sigmoid top-1 router, every 4th layer NoPE
+    # with the attention temperature, the others chunked over 8192 tokens. Scout: 16 experts in
+    # every layer, L2 qk-norm, Llama-3.1-style RoPE scaling x16; Maverick: 128 experts in every
+    # 2nd layer (dense layers of 16384 between), no qk-norm, no RoPE scaling.
+    "llama4_scout": dict(_LLAMA4, max_seq_len=10485760, moe_experts=16, qk_norm="l2",
+                         rope_scaling=dict(factor=16.0, low_freq_factor=1.0, high_freq_factor=1.0,
+                                           original_max_position_embeddings=8192)),
+    "llama4_maverick": dict(_LLAMA4, max_seq_len=1048576, moe_experts=128, moe_every=2),
 }

@@ -120,6 +120,23 @@ def natural_order(x, n: int, axis: int = 1):
 # ---------------------------------------------------------------------------- blocks
 
 
+def in_natural_order(forward, tokens, positions, segment_ids, n: int, hidden_states: bool):
+  """forward (a Llama's call taking load_balanced=True) on a sequence given in its natural
+  order: the inputs put in the load-balanced order, the logits (and the hidden states
+  [L + 1, B, T, D] of output_hidden_states) put back."""
+  lb = functools.partial(load_balance, n=n)
+  if positions is None:
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  out = forward(lb(tokens), positions=lb(positions),
+                segment_ids=None if segment_ids is None else lb(segment_ids), load_balanced=True)
+  logits, extra = out if isinstance(out, tuple) else (out, None)
+  logits = natural_order(logits, n)
+  if hidden_states:  # [L + 1, B, T, D]
+    return logits, natural_order(extra, n, axis=2)
+  return logits if extra is None else (logits, extra)
+
+
 def _visible(q_pos, k_pos, q_seg, k_seg, chunk: int):
   """[B or 1, rows, keys] bool from natural positions [rows], [keys] (and segment ids [B, .]):
   causal, within one document, within one chunk of `chunk` positions when chunk > 0."""

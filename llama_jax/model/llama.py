@@ -11,16 +11,19 @@ rules. Activations are constrained with `act_*` names at block boundaries.
 
 The default configuration is LLaMA (RMSNorm, RoPE, SwiGLU, no biases). The variants of the
 original Transformer (LayerNorm, GELU/ReLU MLP, learned or sinusoidal positions) are chosen by
-config for ablations. The config schema (ModelConfig, SIZES) is llama_jax.model.config, the
-attention implementations llama_jax.model.attention, the position encodings
-llama_jax.model.positions, the mixture-of-experts layers llama_jax.model.moe, and parameter
-counts and FLOPs llama_jax.model.sizes.
+config for ablations, and so are Llama 4's (docs/llama4.md): NoPE layers with an attention
+temperature, chunked attention on the others, qk-norm, MoE layers interleaved with dense ones;
+and residual dropout. The config schema (ModelConfig, SIZES) is llama_jax.model.config, the
+attention implementations llama_jax.model.attention, the norms llama_jax.model.norms, the
+position encodings llama_jax.model.positions, the mixture-of-experts layers
+llama_jax.model.moe, and parameter counts and FLOPs llama_jax.model.sizes.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +36,9 @@ from llama_jax.model import moe as moe_lib
 from llama_jax.model import parametrization as param_lib
 from llama_jax.model import remat as remat_lib
 from llama_jax.model.config import ModelConfig
+from llama_jax.model.norms import RMSNorm, make_norm, rms_normalize
 from llama_jax.model.positions import (  # noqa: F401  (rope_frequencies: tests import it here)
-    apply_rope, rope_angles, rope_frequencies, sinusoidal_embedding)
+    apply_rope, attention_temperature, rope_angles, rope_frequencies, sinusoidal_embedding)
 from llama_jax.sharding import ShardingError, constrain
 
 # Parameters get their shardings from `jit(init, out_shardings=...)`, derived from the
@@ -63,43 +67,28 @@ def _fan_in(in_axis, out_axis, names, scale: float = 1.0):
   return nnx.with_partitioning(init, names)
 
 
-# ---------------------------------------------------------------------------- norms
+# ---------------------------------------------------------------------------- layer inputs
 
-class RMSNorm(nnx.Module):
-  """x / rms(x) * scale, computed in fp32 (HF LlamaRMSNorm)."""
-
-  def __init__(self, dim: int, eps: float, param_dtype):
-    self.eps = eps
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
-
-  def __call__(self, x):
-    dtype = x.dtype
-    x = x.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    return (x * self.scale[...].astype(jnp.float32)).astype(dtype)
+def dropout(x, rate: float, key):
+  """Inverted dropout: x with each element zeroed with probability `rate`, the rest scaled by
+  1 / (1 - rate); x itself without a key (eval, decoding) or at rate 0."""
+  if key is None or not rate:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
-class LayerNorm(nnx.Module):
-  """(x - mean) / std * scale + bias, in fp32: the original Transformer's norm."""
+class LayerInputs(NamedTuple):
+  """What every layer reads besides x, built once per forward pass: RoPE's cos and sin (None
+  without RoPE), the decoding mask [B, 1, T, S] of the full-context layers and of the chunked
+  ones (None in training), segment ids [B, T] (training), the NoPE layers' query temperature
+  [B, T] (None when off)."""
 
-  def __init__(self, dim: int, eps: float, param_dtype):
-    self.eps = eps
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
-    self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=("norm",))
-
-  def __call__(self, x):
-    dtype = x.dtype
-    x = x.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    x = (x - mean) * jax.lax.rsqrt(var + self.eps)
-    return (x * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-            ).astype(dtype)
-
-
-def make_norm(cfg: ModelConfig):
-  cls = RMSNorm if cfg.norm == "rms" else LayerNorm
-  return cls(cfg.dim, cfg.norm_eps, _dtype(cfg.param_dtype))
+  rope: tuple[jax.Array, jax.Array] | None
+  mask: jax.Array | None
+  chunk_mask: jax.Array | None
+  segment_ids: jax.Array | None
+  temperature: jax.Array | None
 
 
 # ---------------------------------------------------------------------------- projections
@@ -180,8 +169,14 @@ class Attention(nnx.Module):
                                 scale=1.0 / (2 * param_lib.residual_init_layers(cfg)))(
                                     rngs.params(), (n, h, d), pd))
     self.query_multiplier = param_lib.query_multiplier(cfg)
+    if cfg.qk_norm == "rms":  # one [H] scale each, shared by the heads (Qwen3)
+      self.q_norm = RMSNorm(h, cfg.norm_eps, pd)
+      self.k_norm = RMSNorm(h, cfg.norm_eps, pd)
 
-  def __call__(self, x, rope, mask, segment_ids, cache):
+  def __call__(self, x, inputs: LayerInputs, cache, nope: bool = False):
+    """x [B, T, D] -> (out [B, T, D], cache). A NoPE layer (`nope`, static) skips RoPE and the
+    l2 qk-norm, scales its queries by the attention temperature and attends over the whole
+    causal context; the others attend within chunks of cfg.attention_chunk when it is set."""
     cfg = self.cfg
     dt = x.dtype
     # Named for the remat policies that keep them (llama_jax.model.remat).
@@ -190,8 +185,14 @@ class Attention(nnx.Module):
       q = q * jnp.asarray(self.query_multiplier, dt)
     k = checkpoint_name(project(self, "wk", x), "key_proj")  # [B, T, K, H]
     v = checkpoint_name(project(self, "wv", x), "value_proj")
-    if rope is not None:
-      q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    if cfg.qk_norm == "rms":  # before RoPE (Qwen3, OLMo 2)
+      q, k = self.q_norm(q), self.k_norm(k)
+    if inputs.rope is not None and not nope:
+      q, k = apply_rope(q, *inputs.rope), apply_rope(k, *inputs.rope)
+    if cfg.qk_norm == "l2" and not nope:  # after RoPE, without weights (Llama 4)
+      q, k = rms_normalize(q, cfg.norm_eps), rms_normalize(k, cfg.norm_eps)
+    if nope and inputs.temperature is not None:  # [B, T] fp32
+      q = (q.astype(jnp.float32) * inputs.temperature[:, :, None, None]).astype(dt)
     q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
     k = constrain(k, ("act_batch", "act_seq", "act_kv_heads", None))
     v = constrain(v, ("act_batch", "act_seq", "act_kv_heads", None))
@@ -204,12 +205,15 @@ class Attention(nnx.Module):
       cache = dict(cache, k=ck, v=cv)
       k, v = ck.astype(dt), cv.astype(dt)
 
-    # Training: causal, and within one document when packed. Decoding: the cache's slot mask.
-    is_causal = cache is None
+    # Training: causal, within one document when packed, within a chunk on a chunked layer.
+    # Decoding: the cache's slot mask (the chunked layers' own).
+    chunked = bool(cfg.attention_chunk) and not nope
+    mask = inputs.chunk_mask if chunked and cache is not None else inputs.mask
     out = attention_lib.attend(q, k, v, mask=mask,
-                               segment_ids=segment_ids if cache is None else None,
-                               is_causal=is_causal, implementation=cfg.attention,
+                               segment_ids=inputs.segment_ids if cache is None else None,
+                               is_causal=cache is None, implementation=cfg.attention,
                                block=cfg.attention_block,
+                               chunk=cfg.attention_chunk if chunked and cache is None else 0,
                                context_strategy=cfg.context_strategy)
     out = checkpoint_name(project(self, "wo", out, n_in=2), "out_proj")
     return out, cache
@@ -264,15 +268,18 @@ class Block(nnx.Module):
     else:
       self.mlp = MLP(cfg, rngs=rngs)
     self.branch_multiplier = param_lib.branch_multiplier(cfg)  # depth scaling; 1 without
+    self.rate = cfg.dropout
 
   def _branch(self, h):
     return h if self.branch_multiplier == 1.0 else h * jnp.asarray(self.branch_multiplier, h.dtype)
 
-  def __call__(self, x, rope, mask, segment_ids, cache):
-    """(x, cache, stats): stats are the MoE layer's routing statistics ({} when dense)."""
+  def __call__(self, x, inputs: LayerInputs, cache, nope: bool = False, key=None):
+    """(x, cache, stats): stats are the MoE layer's routing statistics ({} when dense). `key`
+    (training with model.dropout > 0) draws the dropout masks of the two branches."""
     x = checkpoint_name(x, "layer_input")  # the residual stream a remat policy may keep
-    h, cache = self.attn(self.attn_norm(x), rope, mask, segment_ids, cache)
-    x = x + self._branch(h)
+    keys = (None, None) if key is None else jax.random.split(key)
+    h, cache = self.attn(self.attn_norm(x), inputs, cache, nope)
+    x = x + self._branch(dropout(h, self.rate, keys[0]))
     h, stats = self.mlp_norm(x), {}
     if self.moe:
       y, stats = self.mlp(h, decoding=cache is not None)
@@ -280,7 +287,7 @@ class Block(nnx.Module):
         y = y + self.shared_mlp(h)
     else:
       y = self.mlp(h)
-    x = x + self._branch(y)
+    x = x + self._branch(dropout(y, self.rate, keys[1]))
     return constrain(x, ("act_batch", "act_seq", "act_embed")), cache, stats
 
 
@@ -322,19 +329,23 @@ class Llama(nnx.Module):
                                            rngs.params(), (cfg.dim, cfg.vocab_size), pd))
 
   def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None,
-               output_hidden_states=False, return_moe_stats=False, load_balanced=False):
+               output_hidden_states=False, return_moe_stats=False, dropout_rng=None,
+               load_balanced=False):
     """Forward pass.
 
     tokens [B, T] int; positions [B, T] (default 0..T-1, or cache['index'] onward with a cache:
     a decode step needs explicit positions only when rows are padded); segment_ids [B, T] for
     packed documents. With `cache` (see `init_cache`) the T new keys/values and their positions are
     written at slot cache['index']; a query at position p sees every filled slot whose position
-    is <= p (a position of -1 marks padding, seen by nobody), and (logits, cache) is returned
-    with index advanced by T. With output_hidden_states (training form only), (logits, hidden)
+    is <= p (and, on a chunked layer, in p's chunk; a position of -1 marks padding, seen by
+    nobody), and (logits, cache) is returned with index advanced by T. With output_hidden_states
+    (training form only), (logits, hidden)
     is returned, hidden [L + 1, B, T, D] being the embedding output and every block's output
     (HF's output_hidden_states; the μP coordinate check reads their scales). With
     return_moe_stats (training form), (logits, stats) is returned: the MoE layers' routing
     statistics stacked over them ({} for a dense model; llama_jax.model.moe.finalize).
+    `dropout_rng` (a key; training only) turns on model.dropout's masks; without it the model
+    is deterministic (eval, decoding).
 
     Under a mesh that splits the sequence over the context axis (training form only), the
     sequence runs in llama_jax.model.context_parallel's load-balanced order: `load_balanced`
@@ -352,23 +363,18 @@ class Llama(nnx.Module):
           f"axis ({n} devices); decode on a mesh without it (python -m llama_jax.generate "
           "runs on one device)")
     if n > 1 and not load_balanced:
-      lb = functools.partial(context_parallel.load_balance, n=n)
-      if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-      out = self(lb(tokens), positions=lb(positions),
-                 segment_ids=None if segment_ids is None else lb(segment_ids),
-                 output_hidden_states=output_hidden_states, return_moe_stats=return_moe_stats,
-                 load_balanced=True)
-      logits, extra = out if isinstance(out, tuple) else (out, None)
-      logits = context_parallel.natural_order(logits, n)
-      if output_hidden_states:  # [L + 1, B, T, D]
-        return logits, context_parallel.natural_order(extra, n, axis=2)
-      return logits if extra is None else (logits, extra)
+      return context_parallel.in_natural_order(
+          functools.partial(self, output_hidden_states=output_hidden_states,
+                            return_moe_stats=return_moe_stats, dropout_rng=dropout_rng),
+          tokens, positions, segment_ids, n, output_hidden_states)
     if positions is None:
       start = 0 if cache is None else cache["index"]
       positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
       if load_balanced:
         positions = context_parallel.load_balance(positions, n)
+    keys = None
+    if cfg.dropout and dropout_rng is not None:  # one key for the embeddings, one per layer
+      keys = jax.random.split(dropout_rng, cfg.n_layers + 1)
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)  # [B, T, D]
     if cfg.position == "learned":
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
@@ -377,19 +383,24 @@ class Llama(nnx.Module):
       # (N(0, 1/dim) scaled by sqrt(dim)). Ours have std EMBED_STD; scaling the sinusoids by it
       # keeps their ratio, and keeps the token embeddings identical across position variants.
       x = x + EMBED_STD * sinusoidal_embedding(positions, cfg.dim).astype(dt)
+    x = dropout(x, cfg.dropout, None if keys is None else keys[0])
     x = constrain(x, ("act_batch", "act_seq", "act_embed"))
     rope = rope_angles(cfg, positions) if cfg.position == "rope" else None
-    mask = None
+    mask = chunk_mask = None
     if cache is not None:
       slot_pos = jax.lax.dynamic_update_slice_in_dim(
           cache["pos"], positions.astype(jnp.int32), cache["index"], 1)  # [B, S]
-      mask = ((slot_pos[:, None, None, :] >= 0)
-              & (slot_pos[:, None, None, :] <= positions[:, None, :, None]))  # [B, 1, T, S]
+      slots, query = slot_pos[:, None, None, :], positions[:, None, :, None]
+      mask = (slots >= 0) & (slots <= query)  # [B, 1, T, S]
+      if cfg.attention_chunk:  # Llama 4's chunks: by position, the same in every row
+        chunk_mask = mask & (slots // cfg.attention_chunk == query // cfg.attention_chunk)
       cache = dict(cache, pos=slot_pos)
+    temperature = attention_temperature(cfg, positions) if cfg.attn_temperature_tuning else None
+    inputs = LayerInputs(rope, mask, chunk_mask, segment_ids, temperature)
 
     x0 = x
-    x, cache, hidden, stats = self._run_layers(x, rope, mask, segment_ids, cache,
-                                               output_hidden_states)
+    x, cache, hidden, stats = self._run_layers(x, inputs, cache, output_hidden_states,
+                                               None if keys is None else keys[1:])
 
     x = self.final_norm(x)
     head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
@@ -403,29 +414,43 @@ class Llama(nnx.Module):
       return logits, stats
     return logits if cache is None else (logits, cache)
 
-  def _run_layers(self, x, rope, mask, segment_ids, cache, output_hidden_states=False):
+  def _run_layers(self, x, inputs, cache, output_hidden_states=False, keys=None):
     """The blocks in order: (x, cache, hidden [L, B, T, D] or None, MoE stats [L_moe, ...]).
-    One scan step (or loop iteration) runs a group of n layers: one block of `layers`, or with
-    moe_every = n > 1, n - 1 blocks of `layers` and one of `moe_layers`."""
+    One scan step (or loop iteration) runs a group of cfg.layer_period layers, in which each
+    layer's kind (dense or MoE, RoPE or NoPE) is fixed: the dense ones from the stack `layers`,
+    the MoE ones from `moe_layers` (or `layers` when every layer is MoE). keys [L]: the layers'
+    dropout keys, or None."""
     cfg = self.cfg
-    n = cfg.moe_every if cfg.n_moe_layers and cfg.moe_every > 1 else 1
-    stacks = [nnx.split(self.layers)] + ([nnx.split(self.moe_layers)] if n > 1 else [])
-    layers = [self._layer(graphdef, cache, rope, mask, segment_ids) for graphdef, _ in stacks]
-    split = lambda m: lambda a: a.reshape(-1, m, *a.shape[1:])  # noqa: E731 [L..] -> [G, m..]
-    xs = (jax.tree.map(split(max(n - 1, 1)), stacks[0][1]), stacks[-1][1] if n > 1 else None,
-          None if cache is None else jax.tree.map(split(n), {"k": cache["k"], "v": cache["v"]}))
+    n = cfg.layer_period
+    kinds = [cfg.is_moe_layer(j) for j in range(n)]  # MoE or not, by place in the group
+    all_moe = cfg.n_moe_layers == cfg.n_layers
+    graphdefs, states = {}, {}
+    for moe in sorted(set(kinds)):
+      # `layers` holds the dense blocks, or the MoE ones when every layer is MoE
+      graphdef, state = nnx.split(self.layers if moe == all_moe else self.moe_layers)
+      m = kinds.count(moe)  # [L_kind, ...] -> [G, m, ...]
+      graphdefs[moe] = graphdef
+      states[moe] = jax.tree.map(lambda a: a.reshape(-1, m, *a.shape[1:]), state)
+    layers = [self._layer(graphdefs[kinds[j]], cache, inputs, cfg.is_nope_layer(j))
+              for j in range(n)]
+    split = lambda a: a.reshape(-1, n, *a.shape[1:])  # noqa: E731 [L..] -> [G, n..]
+    xs = (states, None if cache is None else jax.tree.map(split, {"k": cache["k"],
+                                                                 "v": cache["v"]}),
+          None if keys is None else split(keys))
 
     def group(x, xs):  # layers g*n, ..., g*n + n - 1
-      dense, moe_state, kv = xs
-      outs = []
+      states, kv, keys = xs
+      outs, moe_stats, taken = [], [], {False: 0, True: 0}
       for j in range(n):
+        state = jax.tree.map(lambda a: a[taken[kinds[j]]], states[kinds[j]])
+        taken[kinds[j]] += 1
         kv_j = None if kv is None else jax.tree.map(lambda a: a[j], kv)
-        if n > 1 and j == n - 1:
-          x, kv_j, stats = layers[1](x, moe_state, kv_j)
-        else:
-          x, kv_j, stats = layers[0](x, jax.tree.map(lambda a: a[j], dense), kv_j)
+        x, kv_j, stats = layers[j](x, state, kv_j, None if keys is None else keys[j])
         outs.append((kv_j, x))
+        if kinds[j]:
+          moe_stats.append(stats)
       kv, hidden = (jax.tree.map(lambda *a: jnp.stack(a), *o) for o in zip(*outs))
+      stats = jax.tree.map(lambda *a: jnp.stack(a), *moe_stats) if moe_stats else {}
       return x, (kv, stats, hidden if output_hidden_states else None)
 
     if cfg.scan_layers:
@@ -436,18 +461,20 @@ class Llama(nnx.Module):
         x, out = group(x, jax.tree.map(lambda a: a[i], xs))
         outs.append(out)
       new_kv, stats, hidden = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-    new_kv, hidden = (jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), t)  # [G, n..] -> [L..]
-                      for t in (new_kv, hidden))
+    # [G, n..] -> [L..]; the MoE stats [G, m..] -> [L_moe..]
+    new_kv, hidden, stats = (jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), t)
+                             for t in (new_kv, hidden, stats))
     if cache is None:
       return x, None, hidden, stats
     return x, dict(cache, **new_kv, index=cache["index"] + x.shape[1]), None, stats
 
-  def _layer(self, graphdef, cache, rope, mask, segment_ids):
-    """(x, one block's state, its kv or None) -> (x, kv, stats), checkpointed per cfg.remat."""
-    def layer(x, layer_state, kv):
+  def _layer(self, graphdef, cache, inputs, nope: bool):
+    """(x, one block's state, its kv or None, its dropout key or None) -> (x, kv, stats),
+    checkpointed per cfg.remat."""
+    def layer(x, layer_state, kv, key):
       block = nnx.merge(graphdef, layer_state)
       kv = None if kv is None else dict(kv, index=cache["index"])
-      x, kv, stats = block(x, rope, mask, segment_ids, kv)
+      x, kv, stats = block(x, inputs, kv, nope, key)
       return x, (None if kv is None else {"k": kv["k"], "v": kv["v"]}), stats
     if self.cfg.remat != "none":
       layer = jax.checkpoint(layer, policy=remat_lib.policy(self.cfg.remat))

@@ -1,5 +1,6 @@
-"""Position encodings: RoPE (with Llama-3.1 frequency scaling) and the original Transformer's
-sinusoids; llama.py adds them (learned positions are a parameter there). Axis letters as in
+"""Position encodings: RoPE (with Llama-3.1 frequency scaling), the original Transformer's
+sinusoids, and Llama 4's attention temperature (the position signal of its NoPE layers);
+llama.py adds them (learned positions are a parameter there). Axis letters as in
 llama.py."""
 
 from __future__ import annotations
@@ -52,3 +53,10 @@ def sinusoidal_embedding(positions: jax.Array, dim: int) -> jax.Array:
   inv = 1.0 / (10000.0 ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
   angles = positions.astype(jnp.float32)[..., None] * inv  # [B, T, D/2]
   return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*positions.shape, dim)
+
+
+def attention_temperature(cfg: ModelConfig, positions):
+  """The NoPE layers' query scale [B, T] (fp32) at integer positions [B, T]: 1 + attn_scale *
+  log1p(floor((position + 1) / floor_scale)) (Llama 4; 1 up to floor_scale - 1)."""
+  p = positions.astype(jnp.float32)
+  return 1.0 + cfg.attn_scale * jnp.log1p(jnp.floor((p + 1.0) / cfg.floor_scale))

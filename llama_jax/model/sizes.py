@@ -16,13 +16,15 @@ from llama_jax.model.config import NAMED_REMATS, OFFLOAD_REMATS, ModelConfig
 
 
 def _layer_flops(cfg: ModelConfig, seq_len: int, causal_half: bool = False,
-                 moe: bool = False) -> dict[str, float]:
+                 moe: bool = False, chunked: bool = False) -> dict[str, float]:
   """One layer's matmul FLOPs per token (2 per MAC) by the activation each produces. An MoE
   layer's feed-forward is its router (2*D*E) and, per token, its top-k routed and its shared
-  experts, each a gated MLP of moe_ffn_dim (llama_jax.model.moe)."""
+  experts, each a gated MLP of moe_ffn_dim (llama_jax.model.moe). A chunked layer's queries
+  attend over their chunk of model.attention_chunk positions, not the whole sequence."""
   d, n, k, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  span = min(seq_len, cfg.attention_chunk) if chunked else seq_len
   out = {"q": 2 * d * n * h, "kv": 2 * d * 2 * k * h,
-         "attention": 2 * 2 * n * h * seq_len / (2 if causal_half else 1),
+         "attention": 2 * 2 * n * h * span / (2 if causal_half else 1),
          "out": 2 * n * h * d}
   if moe:
     active, fe = cfg.moe_top_k + cfg.moe_shared_experts, cfg.expert_ffn_dim
@@ -35,10 +37,12 @@ def _layer_flops(cfg: ModelConfig, seq_len: int, causal_half: bool = False,
 
 
 def _layers(cfg: ModelConfig, seq_len: int, causal_half: bool = False):
-  """(how many, one's FLOPs by activation) of the dense layers and of the MoE layers."""
-  n_moe = cfg.n_moe_layers
-  return [(cfg.n_layers - n_moe, _layer_flops(cfg, seq_len, causal_half)),
-          (n_moe, _layer_flops(cfg, seq_len, causal_half, moe=True))]
+  """(how many, one's FLOPs by activation) of each kind of layer: dense or MoE, attending over
+  the whole sequence or (model.attention_chunk, not a NoPE layer) within chunks."""
+  kinds = [(cfg.is_moe_layer(i), bool(cfg.attention_chunk) and not cfg.is_nope_layer(i))
+           for i in range(cfg.n_layers)]
+  return [(kinds.count((moe, chunked)), _layer_flops(cfg, seq_len, causal_half, moe, chunked))
+          for moe in (False, True) for chunked in (False, True)]
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_half: bool = False) -> float:
@@ -46,7 +50,7 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int, *, causal_half: bool
 
   Per layer: q, k, v, o projections 2*D*H*(2N + 2K); attention scores and the weighted sum
   2 * 2*N*H*T each token attending over the full T (XLA computes the whole T x T block even
-  though half is masked); the MLP 2*D*F times 3 (gated) or 2 matrices. Plus the LM head 2*D*V.
+  though half is masked), or over its chunk C of a chunked layer (2 * 2*N*H*min(C, T)); the MLP 2*D*F times 3 (gated) or 2 matrices. Plus the LM head 2*D*V.
   An MoE layer's MLP is the active experts': the router 2*D*E, the top_k experts' and the shared
   experts' SwiGLU 3 * 2*D*F_e each (moe_impl='dense' computes all E; these are the model's
   FLOPs, the ones MFU counts). Norms, RoPE, softmax and the embedding lookup are not matmuls and
@@ -83,7 +87,7 @@ def recompute_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   if cfg.remat in ("none", "dots"):
     return 0.0
   if cfg.remat == "dots_no_batch":
-    return float(cfg.n_layers * _layer_flops(cfg, seq_len)["attention"]
+    return float(sum(count * layer["attention"] for count, layer in _layers(cfg, seq_len))
                  if cfg.attention == "xla" else 0.0)
   kept = set(NAMED_REMATS.get(cfg.remat, OFFLOAD_REMATS.get(cfg.remat, ())))  # 'full': none
   rerun = [("q", "query_proj"), ("kv", "key_proj"), ("out", "out_proj"),
@@ -159,9 +163,10 @@ def _count(c: ModelConfig, non_embedding: bool, experts: int) -> int:
   mlp = (3 if c.mlp == "swiglu" else 2) * d * c.ffn_dim
   moe = d * c.moe_experts + 3 * d * c.expert_ffn_dim * (experts + c.moe_shared_experts)
   norm = (1 if c.norm == "rms" else 2) * d
+  qk_norm = 2 * h if c.qk_norm == "rms" else 0  # the q and k scales ('l2' has none)
   n_moe = c.n_moe_layers
-  total = (c.n_layers * (attention + 2 * norm) + (c.n_layers - n_moe) * mlp + n_moe * moe
-           + norm)
+  total = (c.n_layers * (attention + 2 * norm + qk_norm) + (c.n_layers - n_moe) * mlp
+           + n_moe * moe + norm)
   if not non_embedding:
     total += c.vocab_size * d * (1 if c.tie_embeddings else 2)
     if c.position == "learned":

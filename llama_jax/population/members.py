@@ -49,6 +49,10 @@ def check_members(configs: Sequence[ml_collections.ConfigDict], names: Sequence[
   if any(int(c.lora.rank) > 0 for c in configs):
     raise PopulationError("LoRA runs cannot train as a population yet (its frozen base and "
                           "adapter-only optimizer state are not stacked); run them separately")
+  if any(float(c.model.dropout) > 0 for c in configs):
+    raise PopulationError("runs with model.dropout > 0 cannot train as a population yet (every "
+                          "member would draw the first member's dropout masks, not its own "
+                          "train.seed's); run them separately")
   if any(int(c.model.moe_experts) > 0 for c in configs):
     raise PopulationError("MoE runs (model.moe_experts > 0) cannot train as a population yet "
                           "(their expert-parallel layers are not vmapped); run them separately")

@@ -41,7 +41,7 @@ import sys
 CONFIG = "configs/default.py"
 SEEDS = (0, 1)
 
-# Shorter than configs/default.py (300 steps of 16 x 256) so that 12 runs cost what 4 of its
+# Shorter than configs/default.py (300 steps of 16 x 256) so that 14 runs cost what 5 of its
 # runs do: 200 steps of 8 x 256 tokens = 410k tokens per run (flops_per_token 26.8M -> 1.1e13).
 BASE = {
     "data.batch_size": 8,

@@ -39,7 +39,7 @@ def _qkv(t, b=2, n_heads=4, n_kv=2, h=8, seed=0):
   return q, k, v, seg
 
 
-def _split(mesh, rules, n, impl, strategy="all_gather", block=128, balanced=True):
+def _split(mesh, rules, n, impl, strategy="all_gather", block=128, balanced=True, chunk=0):
   """Attention under the context mesh on inputs in their natural order (reordered in and out
   unless `balanced` is False: the control), and its q/k/v gradient of sum(out^2), each a
   function jitted under the mesh."""
@@ -48,7 +48,7 @@ def _split(mesh, rules, n, impl, strategy="all_gather", block=128, balanced=True
     nat = (lambda x: cp.natural_order(x, n)) if balanced else (lambda x: x)
     out = attention.attend(lb(q), lb(k), lb(v), segment_ids=None if seg is None else lb(seg),
                            is_causal=True, implementation=impl, block=block,
-                           context_strategy=strategy)
+                           context_strategy=strategy, chunk=chunk)
     return nat(out)
 
   def under_mesh(fn):
@@ -63,8 +63,9 @@ def _grad(f):
   return jax.grad(lambda q, k, v, s: jnp.sum(f(q, k, v, s) ** 2), argnums=(0, 1, 2))
 
 
-def _ref(q, k, v, seg):
-  return attention.attend(q, k, v, segment_ids=seg, is_causal=True, implementation="xla")
+def _ref(q, k, v, seg, chunk=0):
+  return attention.attend(q, k, v, segment_ids=seg, is_causal=True, implementation="xla",
+                          chunk=chunk)
 
 
 def test_the_load_balanced_order_and_its_inverse():
@@ -85,16 +86,20 @@ def test_attention_under_context_equals_the_unsplit_attention():
   context 4 beside tensor 2, with segment ids, and xla under context 2 without: values within
   2e-6 of the unsplit attention (4 query heads on 2 kv heads; the gradients are checked
   through the training losses below). The control: inputs not put in the load-balanced order
-  give another result."""
+  give another result. Llama 4's chunked attention (chunks of 12 positions, which the
+  context's chunks of 8 do not nest in) follows the same order."""
   q, k, v, seg = _qkv(32)
-  for n, fsdp, tensor, impl, strategy, s in [
-      (2, 2, 2, "blockwise", "all_gather", seg),
-      (4, 1, 2, "blockwise", "ring", seg),
-      (2, 2, 1, "xla", "all_gather", None)]:
+  for n, fsdp, tensor, impl, strategy, s, chunk in [
+      (2, 2, 2, "blockwise", "all_gather", seg, 0),
+      (4, 1, 2, "blockwise", "ring", seg, 0),
+      (2, 2, 1, "xla", "all_gather", None, 0),
+      (2, 1, 2, "blockwise", "all_gather", seg, 12)]:
     mesh, rules = _mesh(n, fsdp, tensor)
-    f = _split(mesh, rules, n, impl, strategy)[0]
-    what = f"context {n} {impl} {strategy} segments={s is not None}"
-    np.testing.assert_allclose(f(q, k, v, s), _ref(q, k, v, s), atol=2e-6, err_msg=what)
+    f = _split(mesh, rules, n, impl, strategy, chunk=chunk)[0]
+    what = f"context {n} {impl} {strategy} segments={s is not None} chunk={chunk}"
+    np.testing.assert_allclose(f(q, k, v, s), _ref(q, k, v, s, chunk), atol=2e-6, err_msg=what)
+    if chunk:  # the control: the chunks change the result
+      assert float(jnp.max(jnp.abs(_ref(q, k, v, s) - _ref(q, k, v, s, chunk)))) > 0.1
   wrong = _split(mesh, rules, n, "xla", balanced=False)[0](q, k, v, None)
   assert float(jnp.max(jnp.abs(wrong - _ref(q, k, v, None)))) > 0.1
 

@@ -34,6 +34,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from llama_jax.mixtral import require_exportable
+
 ARCH = "Llama4ForCausalLM"
 # A Llama4ForConditionalGeneration checkpoint (model_type 'llama4') holds the text model under
 # this prefix, beside its vision tower and projector, which a text model does not read.
@@ -116,14 +118,8 @@ def hf_fields(cfg, bias=None) -> dict[str, Any]:
   """The config.json entries of a Llama4TextConfig beyond the Llama ones llama_jax.hf writes;
   a model Llama 4 cannot express is a ValueError naming the field."""
   if cfg.moe_experts:
-    for name, want in (("moe_router", "sigmoid"), ("moe_shared_experts", 1)):
-      if getattr(cfg, name) != want:
-        raise ValueError(f"model.{name}={getattr(cfg, name)!r} cannot be exported to a Llama 4 "
-                         f"checkpoint, which needs model.{name}={want!r}")
-    if bias is not None and np.any(np.asarray(bias) != 0):
-      raise ValueError("the model's router bias (model.moe_bias_rate > 0) changes which experts "
-                       "it picks and Llama 4 has none: it cannot be exported to a Llama 4 "
-                       "checkpoint")
+    require_exportable(cfg, bias, "Llama 4", (("moe_router", "sigmoid"),
+                                              ("moe_shared_experts", 1)))
   if cfg.qk_norm == "rms":
     raise ValueError("model.qk_norm='rms' (learned q/k scales) cannot be exported to a Llama 4 "
                      "checkpoint, whose qk-norm has no weights: use model.qk_norm='l2'")

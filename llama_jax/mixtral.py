@@ -48,18 +48,25 @@ def config_kwargs(c: Mapping[str, Any]) -> dict[str, Any]:
               moe_aux_loss=float(c.get("router_aux_loss_coef", 0.001)))
 
 
+def require_exportable(cfg, bias, family: str, wants) -> None:
+  """A ValueError naming the first field (name, wanted value) of `wants` that `cfg` does not
+  have, or a router bias that moved from 0: what `family`'s checkpoints cannot express."""
+  for name, want in wants:
+    if getattr(cfg, name) != want:
+      raise ValueError(f"model.{name}={getattr(cfg, name)!r} cannot be exported to a {family} "
+                       f"checkpoint, which needs model.{name}={want!r}")
+  if bias is not None and np.any(np.asarray(bias) != 0):
+    raise ValueError(f"the model's router bias (model.moe_bias_rate > 0) changes which experts "
+                     f"it picks and {family} has none: it cannot be exported to a {family} "
+                     "checkpoint")
+
+
 def hf_fields(cfg, bias=None) -> dict[str, Any]:
   """The config.json entries that make a Llama's a Mixtral's, for an MoE ModelConfig; a model
   Mixtral cannot express (shared experts, MoE every N layers, a sigmoid router, a router bias
   that moved from 0) is a ValueError naming the field."""
-  for name, want in (("moe_shared_experts", 0), ("moe_every", 1), ("moe_router", "softmax")):
-    if getattr(cfg, name) != want:
-      raise ValueError(f"model.{name}={getattr(cfg, name)!r} cannot be exported to a Mixtral "
-                       f"checkpoint, which needs model.{name}={want!r}")
-  if bias is not None and np.any(np.asarray(bias) != 0):
-    raise ValueError("the model's router bias (model.moe_bias_rate > 0) changes which experts "
-                     "it picks and Mixtral has none: it cannot be exported to a Mixtral "
-                     "checkpoint")
+  require_exportable(cfg, bias, "Mixtral", (("moe_shared_experts", 0), ("moe_every", 1),
+                                             ("moe_router", "softmax")))
   return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
           "num_local_experts": cfg.moe_experts, "num_experts_per_tok": cfg.moe_top_k,
           "intermediate_size": cfg.expert_ffn_dim, "router_aux_loss_coef": cfg.moe_aux_loss,

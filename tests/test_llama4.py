@@ -7,7 +7,6 @@ import dataclasses
 import json
 import math
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -21,6 +20,7 @@ from llama_jax.generate import decode as gen
 from llama_jax.model import sizes
 from llama_jax.model.config import SIZES, ModelConfig, RopeScaling
 from llama_jax.model.llama import abstract_model
+from tests.test_moe_hf import _logits
 
 TOL = 1e-4
 COMMON = dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
@@ -59,16 +59,6 @@ def _llama4(case) -> transformers.Llama4ForCausalLM:
   return model
 
 
-def _logits(model, tokens: np.ndarray) -> np.ndarray:
-  if isinstance(model, transformers.PreTrainedModel):
-    with torch.no_grad():
-      return model(torch.from_numpy(tokens)).logits.numpy()
-  return np.asarray(_forward(model, jnp.asarray(tokens, jnp.int32)))
-
-
-@nnx.jit
-def _forward(model, tokens):  # one compile per config: every load builds the same model
-  return model(tokens)
 
 
 def _as_conditional_generation(directory):

@@ -44,6 +44,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "/tmp/passkey_demo", "Data and the run
 _OUT = flags.DEFINE_string("out", "experiments/results/passkey", "The results folder.")
 _STEPS = flags.DEFINE_integer("steps", 300, "Training steps.")
 _SAMPLES = flags.DEFINE_integer("samples", 8, "Scored prompts per (length, depth).")
+_SCORE_ONLY = flags.DEFINE_bool("score_only", False,
+                                "Score WORKDIR/run's newest checkpoint without training.")
 
 DOCS, TOKENS = 500, 1024
 LENGTHS = "256,512,1024,1536,2048"
@@ -84,15 +86,16 @@ def main(argv):
   data_file = os.path.join(workdir, "data", "passkey.jsonl")
   os.makedirs(os.path.dirname(data_file), exist_ok=True)
   os.makedirs(out, exist_ok=True)
-  with open(data_file, "w") as f:
-    for text in passkey.texts(DOCS, (TOKENS - 1,), seed=0):
-      f.write(json.dumps({"text": text}) + "\n")
-
   run = os.path.join(workdir, "run")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   train = [sys.executable, "run_train.py", "--config=configs/default.py", f"--workdir={run}",
            *overrides(data_file, os.path.join(workdir, "data"), _STEPS.value)]
-  _, train_s = timed(train, env)
+  train_s = None
+  if not _SCORE_ONLY.value:
+    with open(data_file, "w") as f:
+      for text in passkey.texts(DOCS, (TOKENS - 1,), seed=0):
+        f.write(json.dumps({"text": text}) + "\n")
+    _, train_s = timed(train, env)
   score = [sys.executable, "-m", "llama_jax.passkey", f"--workdir={run}",
            f"--lengths={LENGTHS}", f"--depths={DEPTHS}", f"--samples={_SAMPLES.value}",
            f"--out={os.path.join(out, 'passkey')}"]
@@ -102,11 +105,13 @@ def main(argv):
     metrics = [json.loads(line) for line in f]
   losses = [(m["step"], m["loss"]) for m in metrics if "loss" in m and "step" in m]
   evals = [m for m in metrics if any(k.startswith("eval") for k in m)]
+  scored = max(int(d) for d in os.listdir(os.path.join(run, "checkpoints")) if d.isdigit())
   result = dict(cells=cells, trained_length=TOKENS, documents=DOCS, steps=_STEPS.value,
+                scored_step=scored,
                 first_loss=losses[0] if losses else None,
                 last_loss=losses[-1] if losses else None, eval=evals[-1] if evals else None,
                 train_command=" ".join(train[1:]), score_command=" ".join(score[1:]),
-                train_seconds=round(train_s), score_seconds=round(score_s))
+                train_seconds=train_s and round(train_s), score_seconds=round(score_s))
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump(result, f, indent=1)
   print(passkey.table(cells))

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from llama_jax.scaling.fit import PowerLaw, ScalingError
+from llama_jax.scaling.fit import OptimumExponents, PowerLaw, ScalingError
 
 
 @dataclasses.dataclass
@@ -52,7 +52,7 @@ def curve(name: str, n: float, flops_per_token: float, group: float,
 
 
 @dataclasses.dataclass
-class EnvelopeFit:
+class EnvelopeFit(OptimumExponents):
   log_c: np.ndarray            # the grid
   log_n: np.ndarray            # N of the run with the lowest loss at each grid point
   log_d: np.ndarray
@@ -63,14 +63,6 @@ class EnvelopeFit:
   n_runs: int
   n_bootstrap: int
   n_bootstrap_used: int
-
-  @property
-  def a(self) -> float:
-    return self.n_opt.exponent
-
-  @property
-  def b(self) -> float:
-    return self.d_opt.exponent
 
 
 def _losses(curves: Sequence[Curve], grid: np.ndarray, tolerance: float) -> np.ndarray:

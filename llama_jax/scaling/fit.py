@@ -209,8 +209,22 @@ class PowerLaw:
     return 10 ** (self.exponent * np.log10(c) + self.intercept)
 
 
+class OptimumExponents:
+  """a and b of N_opt ∝ C^a and D_opt ∝ C^b, for a fit that holds them as n_opt and d_opt."""
+  n_opt: PowerLaw
+  d_opt: PowerLaw
+
+  @property
+  def a(self) -> float:
+    return self.n_opt.exponent
+
+  @property
+  def b(self) -> float:
+    return self.d_opt.exponent
+
+
 @dataclasses.dataclass
-class IsoFLOPFit:
+class IsoFLOPFit(OptimumExponents):
   convention: str
   budgets: list[BudgetFit]
   used: list[float]                    # budgets entering the exponent fits
@@ -220,14 +234,6 @@ class IsoFLOPFit:
   n_bootstrap_used: int
   notes: list[str]
   bootstrap_method: str = "residual"
-
-  @property
-  def a(self) -> float:
-    return self.n_opt.exponent
-
-  @property
-  def b(self) -> float:
-    return self.d_opt.exponent
 
 
 def _group(points: Sequence[Point]) -> dict[float, list[Point]]:

@@ -19,6 +19,12 @@ def _pyplot():
   return plt
 
 
+def _save(fig, path: str) -> None:
+  fig.tight_layout()
+  storage.write_png(path, fig, dpi=120)
+  _pyplot().close(fig)
+
+
 def plot_isoflop(fit: IsoFLOPFit, points: Sequence[Point], path: str) -> None:
   """Loss against N for each budget, the fitted parabolas and their minima."""
   plt = _pyplot()
@@ -42,9 +48,7 @@ def plot_isoflop(fit: IsoFLOPFit, points: Sequence[Point], path: str) -> None:
   ax.set_title("IsoFLOP curves (stars: fitted minima; red edge: not interior)")
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3, which="both")
-  fig.tight_layout()
-  storage.write_png(path, fig, dpi=120)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def plot_optimal(fits: Sequence[IsoFLOPFit], path: str) -> None:
@@ -75,9 +79,7 @@ def plot_optimal(fits: Sequence[IsoFLOPFit], path: str) -> None:
       ax.set_title(f"{fit.convention} convention")
       ax.legend(fontsize=8)
       ax.grid(alpha=0.3, which="both")
-  fig.tight_layout()
-  storage.write_png(path, fig, dpi=120)
-  plt.close(fig)
+  _save(fig, path)
 
 
 _STYLES = [("o", "-"), ("^", "--"), ("s", ":"), ("D", "-.")]
@@ -111,9 +113,7 @@ def plot_families(families: Mapping[str, tuple[IsoFLOPFit, Sequence[Point]]], pa
   ax.set_title("IsoFLOP curves by family (stars: fitted minima)")
   ax.legend(fontsize=8, ncol=2)
   ax.grid(alpha=0.3, which="both")
-  fig.tight_layout()
-  storage.write_png(path, fig, dpi=120)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def plot_multiplier(comparisons: Sequence[Comparison], path: str) -> None:
@@ -152,6 +152,4 @@ def plot_multiplier(comparisons: Sequence[Comparison], path: str) -> None:
   ax2.set_title("loss gap at each budget (95% intervals)")
   ax2.legend(fontsize=8)
   ax2.grid(alpha=0.3, which="both")
-  fig.tight_layout()
-  storage.write_png(path, fig, dpi=120)
-  plt.close(fig)
+  _save(fig, path)

@@ -345,17 +345,24 @@ def _byte_level_tokenizer_json(path):
   return tk.get_vocab_size()
 
 
+def _hf_llama_dir(path, dim: int, ffn: int, layers: int, max_seq_len: int):
+  """A saved transformers Llama (seed 0, GQA 4/2) with _byte_level_tokenizer_json's tokenizer
+  in `path`; returns the torch model."""
+  config = transformers.LlamaConfig(
+      hidden_size=dim, num_attention_heads=4, num_key_value_heads=2, intermediate_size=ffn,
+      vocab_size=_byte_level_tokenizer_json(path), num_hidden_layers=layers,
+      max_position_embeddings=max_seq_len, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(config)
+  model.save_pretrained(path)
+  return model
+
+
 @pytest.mark.slow
 def test_cli_hf_dir(tmp_path):
   """python -m llama_jax.generate --hf_dir: a saved transformers model and its tokenizer.json;
   the greedy text equals our in-process greedy continuation decoded by the same tokenizer."""
-  vocab = _byte_level_tokenizer_json(tmp_path)
-  config = transformers.LlamaConfig(
-      hidden_size=48, num_attention_heads=4, num_key_value_heads=2, intermediate_size=80,
-      vocab_size=vocab, num_hidden_layers=2, max_position_embeddings=32, bos_token_id=1,
-      eos_token_id=2, pad_token_id=0)
-  torch.manual_seed(0)
-  transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+  _hf_llama_dir(tmp_path, dim=48, ffn=80, layers=2, max_seq_len=32)
   cmd = [sys.executable, "-m", "llama_jax.generate", f"--hf_dir={tmp_path}",
          "--prompt=the lazy", "--max_new_tokens=6", "--temperature=0"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -382,14 +389,7 @@ def test_load_reads_an_hf_dir_and_refuses_what_it_cannot_read(tmp_path):
   weights (the logits of transformers' model) and tokenizer; bad arguments are one line."""
   from llama_jax.errors import UserError
   from llama_jax.generate.load import load
-  vocab = _byte_level_tokenizer_json(tmp_path)
-  config = transformers.LlamaConfig(
-      hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
-      vocab_size=vocab, num_hidden_layers=1, max_position_embeddings=16, bos_token_id=1,
-      eos_token_id=2, pad_token_id=0)
-  torch.manual_seed(0)
-  theirs = transformers.LlamaForCausalLM(config)
-  theirs.save_pretrained(tmp_path)
+  theirs = _hf_llama_dir(tmp_path, dim=32, ffn=48, layers=1, max_seq_len=16)
   model, tok = load(None, str(tmp_path), None, None)
   ids = tok.encode("the lazy dog")
   with torch.no_grad():

@@ -30,7 +30,7 @@ def fake_cpu_devices(n: int) -> None:
                              + f" --xla_force_host_platform_device_count={n}")
 
 
-def _lower(config, devices):
+def lower(config, devices):
   """(setup, lowered, seconds) of train_step on abstract inputs for a mesh over `devices`."""
   import jax
   import jax.numpy as jnp
@@ -79,7 +79,7 @@ def dry_run(config, n_devices: int) -> dict:
   """XLA:CPU's plan on n fake CPU devices; per-device bytes from the shardings."""
   import jax
 
-  setup, lowered, lower_s = _lower(config, jax.devices()[:n_devices])
+  setup, lowered, lower_s = lower(config, jax.devices()[:n_devices])
   t0 = time.perf_counter()
   compiled = lowered.compile()
   compile_s = lower_s + time.perf_counter() - t0  # lowering included, as it always was
@@ -138,7 +138,7 @@ def topology_plan(config, topology, num_slices: int = 1, devices=None) -> dict:
   gen = topology.generation
   if devices is None:
     devices = tpu_topology.devices(topology, num_slices)
-  setup, lowered, lower_s = _lower(config, devices)
+  setup, lowered, lower_s = lower(config, devices)
   t0 = time.perf_counter()
   usable = gen.usable_hbm_bytes
   try:

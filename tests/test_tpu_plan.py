@@ -17,7 +17,7 @@ import jax
 import pytest
 
 from configs import base
-from llama_jax import dry_run, errors, fit_search, metrics, tpu_topology
+from llama_jax import collective_overlap, dry_run, errors, fit_search, metrics, tpu_topology
 from llama_jax.model import sizes
 from llama_jax.model.config import REMATS, SIZES, ModelConfig
 
@@ -288,7 +288,7 @@ def test_splash_and_offload_compile_for_a_tpu_slice():
   # Mosaic refuses bf16 matmuls at conftest's process-wide 'highest' precision (fp32
   # contraction: "Bad lhs type"); a run's default precision is jax's own.
   with jax.default_matmul_precision("default"):
-    lowered = dry_run._lower(config("splash", "dots"), devices)[1]
+    lowered = dry_run.lower(config("splash", "dots"), devices)[1]
     splash = lowered.compile().memory_analysis()
   assert 0 < splash.peak_memory_in_bytes < topology.generation.usable_hbm_bytes
   assert splash.host_temp_size_in_bytes == 0  # the control: nothing offloaded
@@ -308,3 +308,25 @@ def test_accum_options_keep_microbatches_split_evenly():
   config = _fit_config(64, 2)
   config.mesh.update(dict(data=2, fsdp=-1, tensor=2))
   assert fit_search.batch_split(config, 16) == 8  # act_batch -> (data, fsdp) = 2 x 4
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_the_ring_sends_the_next_shard_while_the_blocks_of_this_one_run():
+  """The TPU compiler's schedule of a train step under context 8 with the ring
+  (llama_jax.collective_overlap): the forward transfers of keys and values of every ring step
+  but the first two have attention matmuls between their start and their done (the first
+  two have only the diagonal blocks to hide behind). Without the barrier that ties each send
+  to its step's blocks the compiler ran the whole ring's transfers back to back before any
+  block (1 of 14 overlapped at Llama-3-8B's shapes, docs/long_context.md)."""
+  n = 8
+  c = _fit_config(1, 1)
+  c.model.update(dict(max_seq_len=4096, attention="blockwise", attention_block=128,
+                      context_strategy="ring", remat="full"))
+  c.data.seq_len = 4096
+  c.mesh.update(dict(fsdp=1, context=n))
+  compiled = dry_run.lower(c, tpu_topology.devices(tpu_topology.parse("v5p-16")))[1].compile()
+  found = collective_overlap.overlap(compiled.as_text())
+  key = "collective-permute (ppermute, forward)"
+  assert found["collectives"][key] == 2 * (n - 1)  # keys and values, n - 1 steps
+  assert found["overlapped"][key] >= 2 * (n - 3), {k: v[key] for k, v in found.items()}

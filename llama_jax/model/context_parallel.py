@@ -207,10 +207,14 @@ def _balanced(q, k, v, seg, *, axes, n, strategy, chunk, block):
   held = (k, v) + (() if seg is None else (seg,))
   if strategy == "all_gather":
     gathered = jax.lax.all_gather(held, axes)  # each [n, b, 2C, ...]
+  send = functools.partial(jax.lax.ppermute, axis_name=axes,
+                           perm=[(x, (x + 1) % n) for x in range(n)])
+  if strategy == "ring":  # device x sends to x + 1: after s steps it holds shard i - s's
+    arriving = send(held)
   for s in range(1, n):
     j = (i - s) % n  # the shard whose keys this step sees
-    if strategy == "ring":  # device x sends to x + 1: after s steps this is shard i - s's
-      held = jax.lax.ppermute(held, axes, [(x, (x + 1) % n) for x in range(n)])
+    if strategy == "ring":
+      held = arriving
     else:
       held = tuple(jax.lax.dynamic_index_in_dim(g, j, 0, keepdims=False) for g in gathered)
     kj, vj = held[0], held[1]
@@ -224,6 +228,13 @@ def _balanced(q, k, v, seg, *, axes, n, strategy, chunk, block):
     # Block 2: chunk 2n-1-i against chunk j (early) or against chunk 2n-1-j (late).
     o2, l2 = part(qb, _select(early, kj0, kj1), _select(early, vj0, vj1), pb,
                   jnp.where(early, pj[:c], pj[c:]), sb, _select(early, sj0, sj1))
+    if strategy == "ring" and s < n - 1:
+      # The next shard is sent while this step's blocks run, and is used (and sent on) only
+      # once they are done: the barrier ties the two, so the compiler neither serialises the
+      # whole ring ahead of the blocks (all n shards held at once, no overlap: what the TPU
+      # compiler scheduled without it, benchmarks/ring_overlap.py) nor waits for a transfer
+      # it could hide.
+      arriving, o1, l1, o2, l2 = jax.lax.optimization_barrier((send(held), o1, l1, o2, l2))
     rows_a.append((o1, jnp.where(early, l1, MASKED)))
     rows_b += [(o1, jnp.where(early, MASKED, l1)), (o2, l2)]
   return jnp.concatenate([_combine(rows_a), _combine(rows_b)], axis=1)

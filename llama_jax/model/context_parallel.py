@@ -23,8 +23,10 @@ batch, sequence and head axes:
       for the whole causal sequence in one piece: balanced, with nothing above the diagonal
       computed but the one masked half of each of the two diagonal blocks.
   ring: the same blocks, each shard's keys and values arriving from the neighbour by a
-      collective permute, one shard a step (so a step's transfer can overlap the previous
-      step's blocks) instead of all at once; never more than two shards' keys held.
+      collective permute, one shard a step instead of all at once: the next shard is sent
+      while this step's blocks run and is used only after them (an optimization barrier ties
+      the two), so the transfer hides behind the blocks and never more than two shards' keys
+      are held.
 
 The partial results (each block's output and log-sum-exp) are combined by their log-sum-exps,
 as flash attention combines its blocks. `xla` under context computes every query against every

@@ -5,15 +5,18 @@ chosen depth of filler text of a chosen length and the model is asked for it; ac
     python -m llama_jax.passkey --workdir=DIR --lengths=256,512,1024 --depths=0,0.5,1 \
         --samples=8 --out=DIR/passkey
 
-prints one JSON line per (length, depth) and writes OUT.md (the table) and OUT.png (the heat
-map). `--hf_dir` reads a Hugging Face Llama instead of a run, as python -m llama_jax.generate.
+prints one JSON line per (length, depth) and writes OUT.md (the tables: whole keys right, and
+key tokens right) and OUT.png (the heat map of whole keys). `--hf_dir` reads a Hugging Face
+Llama instead of a run, as python -m llama_jax.generate.
 
 A length counts the prompt's tokens, answer included; depth 0 puts the key right after the
 task's first sentence, depth 1 right before the question. An answer is right when greedy
 decoding would write the whole key: each of its tokens is the argmax of the model's
 next-token logits given the prompt and the key's earlier tokens (one forward pass per batch,
-the same verdict as decoding token by token). `texts` writes such prompts with their answers
-as training documents, for fine-tuning a model on the task. Guide: docs/long_context.md.
+the same verdict as decoding token by token); `token_accuracy` is the share of key tokens
+right, each given the earlier ones. `texts` writes such prompts with their answers as
+training documents and `records` as prompt/completion records (the loss on the answer), for
+fine-tuning a model on the task. Guide: docs/long_context.md.
 """
 
 from __future__ import annotations
@@ -50,48 +53,92 @@ def example(tokenizer, length: int, depth: float, key: str) -> tuple[np.ndarray,
   return np.asarray(tokens, np.int32), length - len(answer)
 
 
-def texts(n: int, lengths: tuple[int, ...], seed: int = 0, tokenizer=None) -> list[str]:
-  """`n` passkey prompts with their answers as text documents (lengths in tokens of
-  `tokenizer`, bytes without one), keys and depths drawn from `seed`: fine-tuning data."""
+def _drawn(n: int, lengths: tuple[int, ...], seed: int, tokenizer):
+  """(tokenizer, [(tokens, answer start)] * n): prompts with keys, depths and lengths drawn
+  from `seed` (the byte tokenizer without one)."""
   from llama_jax.data.tokenizer import ByteTokenizer
   tokenizer = tokenizer or ByteTokenizer()
   rng = np.random.default_rng(seed)
+  return tokenizer, [example(tokenizer, int(rng.choice(lengths)), float(rng.random()),
+                             str(rng.integers(10_000, 100_000))) for _ in range(n)]
+
+
+def texts(n: int, lengths: tuple[int, ...], seed: int = 0, tokenizer=None,
+          row: int | None = None) -> list[str]:
+  """`n` passkey prompts with their answers as text documents (lengths in tokens of
+  `tokenizer`, bytes without one), keys and depths drawn from `seed`: pretraining-style data,
+  every token in the loss. With `row`, each is the prompt and completion of `records(...,
+  row=row)`: BOS + text + EOS is exactly `row` tokens."""
+  if row is not None:
+    return [r["prompt"] + r["completion"] for r in records(n, lengths, seed, tokenizer, row)]
+  tokenizer, rows = _drawn(n, lengths, seed, tokenizer)
+  return [tokenizer.decode(tokens[1:]) for tokens, _ in rows]
+
+
+def records(n: int, lengths: tuple[int, ...], seed: int = 0, tokenizer=None,
+            row: int | None = None) -> list[dict]:
+  """The same prompts as `texts` as {"prompt", "completion"} SFT records
+  (llama_jax/data/sft.py), the loss on the completion only: the key, then EOS (a record is
+  BOS + prompt + key + EOS, length + 1 tokens). With `row`, every record is exactly `row`
+  tokens: the key is followed by as much filler as fills the row (". " and the filler from
+  its start, counted too: local n-grams predict it), so that equal records tile the
+  loader's windows of data.seq_len = row (none is cut by a window's edge, which would leave
+  its answer without its prompt) while the answer's position still varies with the drawn
+  length. Lengths are exact for the byte tokenizer."""
+  tokenizer, rows = _drawn(n, lengths, seed, tokenizer)
   out = []
-  for _ in range(n):
-    tokens, _ = example(tokenizer, int(rng.choice(lengths)), float(rng.random()),
-                        str(rng.integers(10_000, 100_000)))
-    out.append(tokenizer.decode(tokens[1:]))
+  for tokens, start in rows:
+    completion = tokenizer.decode(tokens[start:])
+    if row is not None:
+      room = row - 1 - len(tokens)  # tokens: BOS to the key; EOS closes the record
+      if room < 0:
+        raise ValueError(f"a row of {row} tokens cannot hold a prompt of {len(tokens)}")
+      tail = tokenizer.encode(". " + FILLER)
+      completion += tokenizer.decode((tail * (room // len(tail) + 1))[:room])
+    out.append({"prompt": tokenizer.decode(tokens[1:start]), "completion": completion})
   return out
 
 
-def accuracy(forward, tokenizer, length: int, depth: float, samples: int, seed: int = 0,
-             batch: int = 8) -> float:
-  """The fraction of `samples` prompts (keys drawn from seed, length, depth) whose key greedy
-  decoding gets whole; forward(tokens [B, T]) -> logits [B, T, V]."""
+def verdicts(forward, tokenizer, length: int, depth: float, samples: int, seed: int = 0,
+             batch: int = 8) -> np.ndarray:
+  """[samples, key tokens] bool: whether greedy decoding gets each key token of `samples`
+  prompts (keys drawn from seed, length, depth) right, given the prompt and the key's earlier
+  tokens; forward(tokens [B, T]) -> logits [B, T, V]."""
   rng = np.random.default_rng([seed, length, int(depth * 1000)])
   rows = [example(tokenizer, length, depth, str(rng.integers(10_000, 100_000)))
           for _ in range(samples)]
-  right = 0
+  out = []
   for a in range(0, samples, batch):
     tokens = np.stack([r[0] for r in rows[a:a + batch]])
     start = rows[a][1]  # the same for every row of one length
     guess = np.argmax(np.asarray(forward(tokens))[:, start - 1:-1], axis=-1)
-    right += int(np.all(guess == tokens[:, start:], axis=1).sum())
-  return right / samples
+    out.append(guess == tokens[:, start:])
+  return np.concatenate(out)
+
+
+def accuracy(forward, tokenizer, length: int, depth: float, samples: int, seed: int = 0,
+             batch: int = 8) -> float:
+  """The fraction of `samples` prompts whose key greedy decoding gets whole (verdicts)."""
+  return float(verdicts(forward, tokenizer, length, depth, samples, seed, batch).all(1).mean())
 
 
 def grid(forward, tokenizer, lengths, depths, samples: int, seed: int = 0) -> list[dict]:
-  """One {'length', 'depth', 'accuracy', 'samples'} per (length, depth)."""
-  return [dict(length=int(n), depth=float(d), samples=samples,
-               accuracy=accuracy(forward, tokenizer, int(n), float(d), samples, seed))
-          for n in lengths for d in depths]
+  """One {'length', 'depth', 'accuracy' (whole keys), 'token_accuracy' (key tokens, each
+  given the earlier ones), 'samples'} per (length, depth)."""
+  out = []
+  for n in lengths:
+    for d in depths:
+      right = verdicts(forward, tokenizer, int(n), float(d), samples, seed)
+      out.append(dict(length=int(n), depth=float(d), samples=samples,
+                      accuracy=float(right.all(1).mean()), token_accuracy=float(right.mean())))
+  return out
 
 
-def table(results: list[dict]) -> str:
-  """Markdown: a row per depth, a column per length, accuracy in each cell."""
+def table(results: list[dict], field: str = "accuracy") -> str:
+  """Markdown: a row per depth, a column per length, `field` in each cell."""
   lengths = sorted({r["length"] for r in results})
   depths = sorted({r["depth"] for r in results})
-  acc = {(r["length"], r["depth"]): r["accuracy"] for r in results}
+  acc = {(r["length"], r["depth"]): r[field] for r in results}
   lines = ["| depth \\ length | " + " | ".join(map(str, lengths)) + " |",
            "|---" * (len(lengths) + 1) + "|"]
   for d in depths:
@@ -143,7 +190,8 @@ def main(argv):
   if f.out:
     os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
     with open(f.out + ".md", "w") as fh:
-      fh.write(table(results) + "\n")
+      fh.write("Whole keys right:\n\n" + table(results) + "\n\nKey tokens right (each "
+               "given the earlier ones):\n\n" + table(results, "token_accuracy") + "\n")
     heatmap(results, f.out + ".png")
 
 
@@ -156,7 +204,7 @@ def _flags():
   flags.DEFINE_list("depths", ["0", "0.25", "0.5", "0.75", "1"], "Depths of the key (0..1).")
   flags.DEFINE_integer("samples", 8, "Prompts per (length, depth).")
   flags.DEFINE_integer("seed", 0, "Draws the keys.")
-  flags.DEFINE_string("out", "", "Writes OUT.md (the table) and OUT.png (the heat map).")
+  flags.DEFINE_string("out", "", "Writes OUT.md (the tables) and OUT.png (the heat map).")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ the heat-map PNG."""
 import jax
 import matplotlib.pyplot as plt
 import numpy as np
+import pytest
 from flax import nnx
 
 from llama_jax import passkey
+from llama_jax.data import sft
 from llama_jax.data.tokenizer import ByteTokenizer
 from llama_jax.model.config import ModelConfig
 from llama_jax.model.llama import Llama
@@ -50,7 +52,9 @@ def test_prompts_scorer_table_and_heat_map(tmp_path):
   lengths, depths = (256, 300), (0.0, 0.5, 1.0)
   results = passkey.grid(_oracle(tok), tok, lengths, depths, samples=3)
   assert [r["accuracy"] for r in results] == [1.0] * 6
-  assert {r["accuracy"] for r in passkey.grid(_oracle(tok, True), tok, lengths, depths, 3)} == {0}
+  assert {r["token_accuracy"] for r in results} == {1.0}
+  wrong = passkey.grid(_oracle(tok, True), tok, lengths, depths, 3)
+  assert {r["accuracy"] for r in wrong} == {0} and {r["token_accuracy"] for r in wrong} == {0.8}
   cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=259,
                     max_seq_len=512)
   model = Llama(cfg, rngs=nnx.Rngs(0))
@@ -59,7 +63,40 @@ def test_prompts_scorer_table_and_heat_map(tmp_path):
   md = passkey.table(results)
   assert md.splitlines()[0] == "| depth \\ length | 256 | 300 |"
   assert md.splitlines()[3] == "| 0.5 | 1.00 | 1.00 |"
+  assert passkey.table(wrong, "token_accuracy").splitlines()[3] == "| 0.5 | 0.80 | 0.80 |"
   image = plt.imread(passkey.heatmap(results, str(tmp_path / "p.png")))
   assert image.ndim == 3 and image.shape[0] > 100
   docs = passkey.texts(4, (256, 300), seed=1)
   assert {len(d.encode()) + 1 for d in docs} <= {256, 300} and all("pass key is" in d for d in docs)
+
+
+def test_records_count_the_key_alone_and_render_to_the_prompt_plus_the_key():
+  """passkey.records: SFT prompt/completion records that render (llama_jax.data.sft) as a
+  scorer's prompt of the drawn length, BOS to the key, then EOS; the loss on the key and EOS
+  only; the same records from the same seed."""
+  tok = ByteTokenizer()
+  recs = passkey.records(6, (256, 300, 301), seed=3)
+  assert recs == passkey.records(6, (256, 300, 301), seed=3)
+  assert len({r["completion"] for r in recs}) == 6
+  for rec in recs:
+    ids, weights = sft.render(sft.record(sft.document(rec, "passkey")), tok)
+    assert len(ids) - 1 in (256, 300, 301) and ids[-1] == tok.eos_id
+    key = rec["completion"]
+    assert len(key) == 5 and key.isdigit() and passkey.needle(key) in rec["prompt"]
+    assert rec["prompt"].endswith(passkey.QUESTION)
+    assert weights == [0] * (len(ids) - 6) + [1] * 6  # the key's 5 bytes and EOS
+    assert rec["prompt"].startswith(passkey.INTRO)
+  # row=: every record exactly one row, the key first in a completion padded with filler.
+  rows = passkey.records(8, tuple(range(250, 320)), seed=3, row=320)
+  starts = set()
+  for rec in rows:
+    ids, weights = sft.render(sft.record(sft.document(rec, "passkey")), tok)
+    assert len(ids) == 320 and rec["completion"][5:7] == ". " and rec["completion"][:5].isdigit()
+    assert passkey.needle(rec["completion"][:5]) in rec["prompt"]
+    starts.add(weights.index(1))
+  assert len(starts) > 4  # the answer sits at varying positions of equal rows
+  docs = passkey.texts(8, tuple(range(250, 320)), seed=3, row=320)
+  assert docs == [r["prompt"] + r["completion"] for r in rows]
+  assert {len(tok.encode(d)) + 2 for d in docs} == {320}
+  with pytest.raises(ValueError, match="cannot hold"):
+    passkey.records(1, (400,), row=320)

@@ -51,6 +51,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "/tmp/passkey_demo", "Data and the run
 _OUT = flags.DEFINE_string("out", "experiments/results/passkey", "The results folder.")
 _BASE_STEPS = flags.DEFINE_integer("base_steps", 6000, "Training steps of the base run.")
 _LONG_STEPS = flags.DEFINE_integer("long_steps", 400, "Training steps of the fine-tune.")
+_LONG_LR = flags.DEFINE_float("long_lr", 1e-3, "Peak learning rate of the fine-tune (the base's "
+                              "is 3e-3).")
 _SAMPLES = flags.DEFINE_integer("samples", 16, "Scored prompts per (length, depth).")
 _SCORE_ONLY = flags.DEFINE_bool("score_only", False,
                                 "Score both runs' newest checkpoints without training.")
@@ -76,7 +78,7 @@ def overrides(stage: str, data_dir: str, steps: int, init_from: str = "") -> lis
       "data.data_dir": data_dir, "data.tokenizer": "byte", "data.seq_len": seq_len,
       "data.batch_size": rows, "data.packing": True, **MODEL,
       "mesh.context": context, "mesh.data": 1,
-      "optim.lr": 3e-3, "optim.warmup_steps": 50,
+      "optim.lr": _LONG_LR.value if stage == "long" else 3e-3, "optim.warmup_steps": 50,
       "train.steps": steps, "train.log_every": 25, "train.eval_every": steps,
       "train.eval_steps": 1, "train.checkpoint_every": 100, "train.sample_tokens": 0,
   }
@@ -126,7 +128,7 @@ def main(argv):
   result = dict(stages={s: dict(zip(("documents", "lengths", "seed", "seq_len", "rows",
                                      "context", "kind"), v), steps=steps[s])
                         for s, v in STAGES.items()},
-                model=MODEL, samples=_SAMPLES.value)
+                model=MODEL, samples=_SAMPLES.value, long_lr=_LONG_LR.value)
   for stage in STAGES:
     data_dir = os.path.join(workdir, "data", stage)
     context = STAGES[stage][5]

@@ -51,7 +51,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "/tmp/passkey_demo", "Data and the run
 _OUT = flags.DEFINE_string("out", "experiments/results/passkey", "The results folder.")
 _BASE_STEPS = flags.DEFINE_integer("base_steps", 6000, "Training steps of the base run.")
 _LONG_STEPS = flags.DEFINE_integer("long_steps", 400, "Training steps of the fine-tune.")
-_LONG_LR = flags.DEFINE_float("long_lr", 1e-3, "Peak learning rate of the fine-tune (the base's "
+_LONG_LR = flags.DEFINE_float("long_lr", 3e-3, "Peak learning rate of the fine-tune (the base's "
                               "is 3e-3).")
 _SAMPLES = flags.DEFINE_integer("samples", 16, "Scored prompts per (length, depth).")
 _SCORE_ONLY = flags.DEFINE_bool("score_only", False,
@@ -65,7 +65,7 @@ MODEL = {"model.vocab_size": 259, "model.dim": 128, "model.n_layers": 2, "model.
 # length, rows a step, mesh.context, documents as "text" (every token counted) or "records"
 # (prompt/completion: the completion counted))
 STAGES = {"base": (4000, (250, 319), 7, 320, 16, 1, "text"),
-          "long": (400, (1792, 2047), 8, 2048, 4, 2, "records")}
+          "long": (400, (1792, 2047), 8, 2048, 4, 2, "text")}
 LENGTHS = "256,512,1024,1536,2048,3072,4096"
 DEPTHS = "0,0.25,0.5,0.75,1"
 

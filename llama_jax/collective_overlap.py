@@ -8,7 +8,7 @@ computations hold one): a transfer with matmuls in its window runs beside them; 
 none (or a synchronous collective) is waited for. Collectives are keyed `op (primitive,
 pass)`: the jax primitive of their metadata's op_name (`ppermute` for the context ring;
 `dot_general` for the compiler's own collective matmuls) and forward / remat / backward.
-Used by benchmarks/ring_overlap.py and tests/test_context.py.
+Used by benchmarks/ring_overlap.py and tests/test_tpu_plan.py.
 """
 
 from __future__ import annotations
@@ -69,9 +69,9 @@ def _source(line: str) -> str:
 
 
 def overlap(hlo: str) -> dict:
-  """For each collective, keyed `op (jax primitive)`: how many there are, how many have a
-  matmul fusion scheduled between their start and done (a synchronous one has none), and how
-  many such fusions there are in all."""
+  """For each collective, keyed `op (primitive, pass)`: how many there are, how many have a
+  matmul scheduled between their start and done (a synchronous one has none), and how many
+  such matmuls there are in all."""
   comps = computations(hlo)
   pairs, overlapped, between = {}, {}, {}
 
